@@ -1,0 +1,190 @@
+"""The invariants of method.md, on the paged implementation against the dense reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vllm_layershare.attention.portable import LayerInputs, PagedPart, paged_pod_attention
+from vllm_layershare.attention.reference import dense_attention, dense_pod_attention
+
+HEADS, KV_HEADS, DIM = 4, 2, 8
+SCALE = 1.0 / math.sqrt(DIM)
+
+
+def random_sequence(length: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """q, k, v of a follower and q, k of its leader."""
+    def r(*shape):
+        return torch.randn(*shape, generator=gen)
+    return {
+        "q": r(length, HEADS, DIM), "k": r(length, KV_HEADS, DIM), "v": r(length, KV_HEADS, DIM),
+        "qa": r(length, HEADS, DIM), "ka": r(length, KV_HEADS, DIM),
+    }
+
+
+class PagedBatch:
+    """Sequences laid into paged caches through shuffled block tables, like vLLM's."""
+
+    def __init__(self, lengths: list[int], block_size: int, gen: torch.Generator,
+                 keep=None):
+        self.block_size = block_size
+        blocks_per_seq = [math.ceil(n / block_size) for n in lengths]
+        num_blocks = sum(blocks_per_seq) + 3
+        ids = torch.randperm(num_blocks, generator=gen)[: sum(blocks_per_seq)]
+        width = max(blocks_per_seq)
+        self.block_table = torch.zeros(len(lengths), width, dtype=torch.int64)
+        offset = 0
+        for row, nb in enumerate(blocks_per_seq):
+            self.block_table[row, :nb] = ids[offset : offset + nb]
+            offset += nb
+        self.num_blocks = num_blocks
+        self.keep = keep  # keep(position, length) -> whether a follower key is stored
+
+    def part(self, per_seq: list[torch.Tensor], keyed: bool = False) -> PagedPart:
+        """A cache holding per_seq[row] [L, Hkv, D]; unkept follower keys are NaN."""
+        cache = torch.full((self.num_blocks, KV_HEADS, self.block_size, DIM), float("nan"))
+        for row, data in enumerate(per_seq):
+            for pos in range(data.shape[0]):
+                if keyed and self.keep is not None and not self.keep(pos, data.shape[0]):
+                    continue
+                block = self.block_table[row, pos // self.block_size]
+                cache[block, :, pos % self.block_size] = data[pos]
+        return PagedPart(cache, 0, DIM, self.block_table, self.block_size)
+
+
+def run_paged(seqs, feed, block_size, gen, *, sink, recent, share="scores", tau=None,
+              leader=False):
+    """Feed sequences in steps; feed[row] lists query counts per step. Returns outputs."""
+    lengths = [s["q"].shape[0] for s in seqs]
+    # A follower key survives at the end only if it is a sink or in the last window;
+    # per step we check only the keys a step may read (window of that step).
+    batch = PagedBatch(lengths, block_size, gen)
+    outs = [torch.zeros(n, HEADS, DIM) for n in lengths]
+    done = [0] * len(seqs)
+    for step in range(max(len(f) for f in feed)):
+        rows = [r for r in range(len(seqs)) if step < len(feed[r])]
+        q_parts, qd_parts, loc, seq_lens, spans = [], [], [0], [], []
+        for r in rows:
+            n = feed[r][step]
+            a, b = done[r], done[r] + n
+            q_parts.append(seqs[r]["q"][a:b])
+            qd_parts.append((seqs[r]["qa"] if share == "scores" else seqs[r]["q"])[a:b])
+            loc.append(loc[-1] + n)
+            seq_lens.append(b)
+            spans.append((r, a, b))
+        # Keys a follower may hold at this step: sinks and the window of its first query.
+        sub = PagedBatch.__new__(PagedBatch)
+        sub.__dict__.update(batch.__dict__)
+        sub.block_table = batch.block_table[rows]
+        firsts = {i: done[r] for i, r in enumerate(rows)}
+        k_prox_data = []
+        for i, r in enumerate(rows):
+            k = seqs[r]["k"][: seq_lens[i]].clone()
+            if not leader:
+                for pos in range(k.shape[0]):
+                    if pos >= sink and pos <= firsts[i] - recent:
+                        k[pos] = float("nan")
+            k_prox_data.append(k)
+        inputs = LayerInputs(
+            q=torch.cat(q_parts), scale=SCALE,
+            k_prox=sub.part(k_prox_data),
+            v=sub.part([seqs[r]["v"][: seq_lens[i]] for i, r in enumerate(rows)]),
+        )
+        if not leader:
+            inputs.sink, inputs.recent = sink, recent
+            inputs.q_distant = torch.cat(qd_parts)
+            inputs.k_distant = sub.part([seqs[r]["ka"][: seq_lens[i]] for i, r in enumerate(rows)])
+            inputs.gate_skip_threshold = tau
+        out = torch.zeros(loc[-1], HEADS, DIM)
+        paged_pod_attention(inputs, loc, seq_lens, out)
+        for i, (r, a, b) in enumerate(spans):
+            outs[r][a:b] = out[loc[i] : loc[i + 1]]
+            done[r] = b
+    return outs
+
+
+def reference(seq, *, sink, recent, share="scores", tau=None):
+    return dense_pod_attention(seq["q"], seq["k"], seq["v"], seq["qa"], seq["ka"], SCALE,
+                               sink=sink, recent=recent, share=share, gate_skip_threshold=tau)
+
+
+FEEDS = {
+    "one_prefill": lambda n: [n],
+    "chunks_of_7": lambda n: [7] * (n // 7) + ([n % 7] if n % 7 else []),
+    "prefill_then_decode": lambda n: [n // 2] + [1] * (n - n // 2),
+    "token_by_token": lambda n: [1] * n,
+}
+
+
+@pytest.mark.parametrize("share", ["scores", "keys"])
+@pytest.mark.parametrize("feed", list(FEEDS))
+@pytest.mark.parametrize("block_size", [3, 16])
+def test_paged_equals_dense_reference(share, feed, block_size):
+    """Invariants 3 and 4: any feeding, GQA, several lengths, odd block sizes."""
+    gen = torch.Generator().manual_seed(hash((share, feed, block_size)) % 1000)
+    lengths = [37, 20, 51]
+    seqs = [random_sequence(n, gen) for n in lengths]
+    outs = run_paged(seqs, [FEEDS[feed](n) for n in lengths], block_size, gen,
+                     sink=3, recent=9, share=share)
+    for seq, out in zip(seqs, outs, strict=False):
+        ref = reference(seq, sink=3, recent=9, share=share)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.7, 1.0])
+def test_gate_skip_matches_reference(tau):
+    gen = torch.Generator().manual_seed(7)
+    seqs = [random_sequence(n, gen) for n in (40, 29)]
+    outs = run_paged(seqs, [[13, 1, 1, 25], [29]], 5, gen, sink=2, recent=6, tau=tau)
+    for seq, out in zip(seqs, outs, strict=False):
+        torch.testing.assert_close(out.double(), reference(seq, sink=2, recent=6, tau=tau),
+                                   atol=2e-5, rtol=1e-4)
+
+
+def test_gate_skip_changes_rows():
+    """The gate skip is not a no-op: with tau small enough rows lose their distant part."""
+    gen = torch.Generator().manual_seed(3)
+    seq = random_sequence(30, gen)
+    plain = reference(seq, sink=1, recent=4)
+    skipped = reference(seq, sink=1, recent=4, tau=0.05)
+    assert (plain - skipped).abs().max() > 1e-3
+
+
+def test_no_distant_tokens_is_ordinary_attention():
+    """Invariant 1: with n_s + n_r beyond every position, a follower is plain attention."""
+    gen = torch.Generator().manual_seed(11)
+    seqs = [random_sequence(n, gen) for n in (25, 18)]
+    outs = run_paged(seqs, [[10, 15], [1] * 18], 4, gen, sink=4, recent=30)
+    for seq, out in zip(seqs, outs, strict=False):
+        expected = dense_attention(seq["q"], seq["k"], seq["v"], SCALE)
+        torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_leader_is_ordinary_attention():
+    """Invariant 2, through the paged leader path (no distant branch)."""
+    gen = torch.Generator().manual_seed(5)
+    seqs = [random_sequence(n, gen) for n in (33, 9)]
+    outs = run_paged(seqs, [[20, 1, 12], [4, 5]], 8, gen, sink=0, recent=1, leader=True)
+    for seq, out in zip(seqs, outs, strict=False):
+        expected = dense_attention(seq["q"], seq["k"], seq["v"], SCALE)
+        torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_follower_equal_to_leader_gives_leader_output():
+    """Invariant 5: share=scores, follower q, K, V equal to the leader's -> leader output."""
+    gen = torch.Generator().manual_seed(13)
+    seq = random_sequence(45, gen)
+    seq["qa"], seq["ka"] = seq["q"], seq["k"]
+    out = run_paged([seq], [[20, 1, 1, 23]], 6, gen, sink=2, recent=7)[0]
+    expected = dense_attention(seq["q"], seq["k"], seq["v"], SCALE)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_reference_differs_from_plain_attention():
+    """Sanity: the follower rule really changes outputs once distant tokens exist."""
+    gen = torch.Generator().manual_seed(17)
+    seq = random_sequence(30, gen)
+    plain = dense_attention(seq["q"], seq["k"], seq["v"], SCALE)
+    assert (reference(seq, sink=2, recent=5) - plain).abs().max() > 1e-2

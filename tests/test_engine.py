@@ -1,0 +1,80 @@
+"""The backend inside real vLLM (in-process engine, tiny random Llama, fp32)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import close_llm, make_llm, write_grouping
+from hf_reference import reference_logprobs
+from vllm import SamplingParams
+
+from vllm_layershare import backend
+from vllm_layershare.config import load_config
+
+
+def random_prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 250) for _ in range(length + 7 * i)] for i in range(n)]
+
+
+def generate(llm, prompts, max_tokens=24):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def test_no_distant_tokens_is_token_identical_to_stock(tiny_model, tmp_path):
+    """Invariant 1 end to end: recent window beyond the context -> stock outputs."""
+    prompts = random_prompts(3, 60, seed=1)
+    stock = make_llm(tiny_model, None)
+    expected = generate(stock, prompts)
+    close_llm(stock)
+
+    grouping = write_grouping(tmp_path / "g.yaml", recent_tokens=2048)
+    calls = backend.FORWARD_CALLS
+    llm = make_llm(tiny_model, grouping)
+    got = generate(llm, prompts)
+    close_llm(llm)
+    assert backend.FORWARD_CALLS > calls, "the layershare impl never ran"
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"share": "keys"},
+        {"gate_skip_threshold": 0.6, "sink_tokens": 0},
+    ],
+    ids=["scores", "keys", "gate_skip"],
+)
+def test_prompt_logprobs_match_hf_reference(tiny_model, tmp_path, overrides):
+    """Real sharing, chunked prefill and a mixed batch: prompt logprobs equal the HF
+    forward pass with PoD attention (to 1e-3)."""
+    grouping = write_grouping(tmp_path / "g.yaml", **overrides)
+    config = load_config(grouping)
+    prompts = random_prompts(2, 70, seed=2)
+    llm = make_llm(tiny_model, grouping, max_num_batched_tokens=48, max_num_seqs=4)
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    close_llm(llm)
+    for prompt, out in zip(prompts, outs):
+        got = [entry_for(d, t) for d, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+        expected = reference_logprobs(tiny_model, config, prompt)
+        assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-3
+
+
+def entry_for(logprobs: dict, token: int) -> float:
+    return logprobs[token].logprob
+
+
+def test_sharing_changes_outputs(tiny_model, tmp_path):
+    """The reference comparison above is not vacuous: sharing moves the logprobs."""
+    grouping = write_grouping(tmp_path / "g.yaml")  # the grouping of the test above
+    prompt = random_prompts(1, 70, seed=2)[0]
+    shared = reference_logprobs(tiny_model, load_config(grouping), prompt)
+    plain = reference_logprobs(
+        tiny_model, load_config(write_grouping(tmp_path / "p.yaml", recent_tokens=4096)), prompt
+    )
+    assert max(abs(a - b) for a, b in zip(shared, plain)) > 1e-2

@@ -1,0 +1,69 @@
+"""Dense reference of PoD attention, written from the definitions in method.md.
+
+This is the yardstick the paged implementation is tested against, so it shares no
+code with it: one softmax over a logit matrix whose entries come from the proximal
+or the distant rule, in float64, one query row at a time.
+
+For a follower layer l with leader a and a query at position i:
+
+    s[j] = scale * q_l[i] . k_l[j]      j in P(i) = {j < n_s} U {i - n_r < j <= i}
+    s[j] = scale * qd[i]  . k_a[j]      j in D(i) = {n_s <= j <= i - n_r}
+    qd = q_a (share: scores) or q_l (share: keys)
+    o[i] = sum_j softmax(s)[j] v_l[j]
+
+With a gate-skip threshold tau, g = sum_P exp(s) / sum exp(s); where g >= tau the
+row attends to P(i) alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Ordinary causal attention; q [L, H, D], k and v [L, Hkv, D] -> [L, H, D]."""
+    return dense_pod_attention(q, k, v, q, k, scale, sink=0, recent=q.shape[0] + 1)
+
+
+def dense_pod_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_lead: torch.Tensor,
+    k_lead: torch.Tensor,
+    scale: float,
+    *,
+    sink: int,
+    recent: int,
+    share: str = "scores",
+    gate_skip_threshold: float | None = None,
+) -> torch.Tensor:
+    """Follower attention of a whole sequence at positions 0..L-1.
+
+    q, q_lead: [L, H, D]; k, v, k_lead: [L, Hkv, D]. Returns [L, H, D] in float64.
+    """
+    length, num_heads, _ = q.shape
+    group = num_heads // k.shape[1]
+    q, k, v = q.double(), k.double(), v.double()
+    q_lead, k_lead = q_lead.double(), k_lead.double()
+    q_distant = q_lead if share == "scores" else q
+    out = torch.zeros(length, num_heads, v.shape[-1], dtype=torch.float64)
+    for i in range(length):
+        for h in range(num_heads):
+            kv = h // group
+            logits = torch.full((i + 1,), float("-inf"), dtype=torch.float64)
+            proximal = torch.zeros(i + 1, dtype=torch.bool)
+            for j in range(i + 1):
+                if j < sink or j > i - recent:
+                    proximal[j] = True
+                    logits[j] = scale * torch.dot(q[i, h], k[j, kv])
+                else:
+                    logits[j] = scale * torch.dot(q_distant[i, h], k_lead[j, kv])
+            weights = torch.softmax(logits, dim=0)
+            if gate_skip_threshold is not None and weights[proximal].sum() >= gate_skip_threshold:
+                weights = torch.where(proximal, weights, torch.zeros_like(weights))
+                weights = weights / weights.sum()
+            out[i, h] = weights @ v[: i + 1, kv]
+    return out

@@ -1,0 +1,250 @@
+"""The `layershare` attention backend: backend class, metadata builder and impl.
+
+Shaped like vLLM's own `v1/attention/backends/*`. One builder runs per KV-cache
+group (leaders, follower values, follower keys); each layer's impl finds the
+caches and metadata of the other layers it reads (its leader, its key companion)
+in the step's forward context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.forward_context import get_forward_context
+from vllm.logger import init_logger
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from vllm_layershare.attention.portable import LayerInputs, PagedPart, paged_pod_attention
+from vllm_layershare.config import LayershareConfig
+from vllm_layershare.layout import COMPANION_SUFFIX, layer_name_at
+from vllm_layershare.settings import config_for
+
+logger = init_logger(__name__)
+
+# Name under which vLLM knows this backend: the CUSTOM slot (see integration.py).
+BACKEND_NAME = "CUSTOM"
+# Forward-context key where a leader leaves its queries for its followers.
+LEADER_QUERY_KEY = "layershare_leader_query"
+# Forward calls with real metadata in this process: tests use it to prove this code ran.
+FORWARD_CALLS = 0
+
+
+class LayershareBackend(AttentionBackend):
+    """PoD attention: followers borrow the leader's distant-token scores."""
+
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[LayershareImpl]:
+        return LayershareImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[LayershareMetadataBuilder]:
+        return LayershareMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(1)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return []  # the portable path takes any head size
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+
+@dataclass
+class LayershareMetadata:
+    """One KV-cache group's view of a step."""
+
+    num_actual_tokens: int
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_size: int
+
+
+class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
+    """Turns vLLM's common metadata into the host lists the portable path loops over."""
+
+    def __init__(
+        self,
+        kv_cache_spec: AttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_size = kv_cache_spec.block_size
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> LayershareMetadata:
+        m = common_attn_metadata
+        return LayershareMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            query_start_loc=m.query_start_loc_cpu[: m.num_reqs + 1].tolist(),
+            seq_lens=m.seq_lens[: m.num_reqs].cpu().tolist(),
+            block_table=m.block_table_tensor[: m.num_reqs].long(),
+            slot_mapping=m.slot_mapping[: m.num_actual_tokens].long(),
+            block_size=self.block_size,
+        )
+
+
+@dataclass(frozen=True)
+class LayerRole:
+    """Where a layer reads from: its leader's layer name, and its key companion."""
+
+    leader: str | None  # None for a leader or a one-layer group
+    key_cache: str | None  # the companion layer holding a follower's keys
+
+
+def write_cache(cache: torch.Tensor, lo: int, hi: int, data: torch.Tensor,
+                meta: LayershareMetadata) -> None:
+    """Store data [T, Hkv, hi-lo] at the slots of the group's slot mapping."""
+    slots = meta.slot_mapping
+    data = data[: slots.shape[0]]
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, data = slots[keep], data[keep]
+    cache[..., lo:hi][slots // meta.block_size, :, slots % meta.block_size] = data.to(cache.dtype)
+
+
+class LayershareImpl(AttentionImpl[LayershareMetadata]):
+    """Leaders run ordinary attention; followers run the PoD two-branch attention."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **kwargs,
+    ) -> None:
+        unsupported = [
+            name for name, present in (
+                ("ALiBi", alibi_slopes is not None),
+                ("sliding-window attention", sliding_window is not None),
+                ("logit softcapping", bool(logits_soft_cap)),
+                (f"{attn_type} attention", attn_type != AttentionType.DECODER),
+                ("cross-layer KV sharing", kv_sharing_target_layer_name is not None),
+                ("attention sinks", kwargs.get("sinks") is not None),
+            ) if present
+        ]
+        if unsupported:
+            raise ValueError(f"layershare does not support {', '.join(unsupported)}.")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.config: LayershareConfig = config_for(get_current_vllm_config())
+        self.role: LayerRole | None = None
+
+    def _role(self, layer_name: str) -> LayerRole:
+        if self.role is None:
+            index = extract_layer_index(layer_name)
+            leader = self.config.leader_of(index)
+            if leader == index:
+                self.role = LayerRole(None, None)
+            else:
+                self.role = LayerRole(layer_name_at(layer_name, index, leader),
+                                      layer_name + COMPANION_SUFFIX)
+        return self.role
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: LayershareMetadata,
+        output: torch.Tensor | None = None,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        assert output is not None
+        if attn_metadata is None:  # profiling run: no cache yet
+            return output.fill_(0)
+        global FORWARD_CALLS
+        FORWARD_CALLS += 1
+        name = layer.layer_name
+        role = self._role(name)
+        n = attn_metadata.num_actual_tokens
+        query = query[:n]
+        ctx = get_forward_context()
+        d = self.head_size
+        if role.leader is None:
+            write_cache(kv_cache, 0, d, key, attn_metadata)
+            write_cache(kv_cache, d, kv_cache.shape[-1], value, attn_metadata)
+            ctx.additional_kwargs[(LEADER_QUERY_KEY, name)] = query
+            inputs = LayerInputs(
+                q=query, scale=self.scale,
+                k_prox=self._part(kv_cache, 0, d, attn_metadata),
+                v=self._part(kv_cache, d, kv_cache.shape[-1], attn_metadata),
+            )
+        else:
+            inputs = self._follower_inputs(ctx, role, query, key, value, kv_cache, attn_metadata)
+        paged_pod_attention(inputs, attn_metadata.query_start_loc, attn_metadata.seq_lens,
+                            output[:n])
+        return output
+
+    def _follower_inputs(self, ctx, role: LayerRole, query, key, value, kv_cache,
+                         meta: LayershareMetadata) -> LayerInputs:
+        assert role.leader is not None and role.key_cache is not None
+        key_cache = ctx.no_compile_layers[role.key_cache].kv_cache
+        key_meta = ctx.attn_metadata[role.key_cache]
+        lead_cache = ctx.no_compile_layers[role.leader].kv_cache
+        lead_meta = ctx.attn_metadata[role.leader]
+        write_cache(kv_cache, 0, kv_cache.shape[-1], value, meta)
+        write_cache(key_cache, 0, self.head_size, key, key_meta)
+        config = self.config
+        q_distant = (
+            ctx.additional_kwargs[(LEADER_QUERY_KEY, role.leader)]
+            if config.share == "scores" else query
+        )
+        return LayerInputs(
+            q=query, scale=self.scale,
+            k_prox=self._part(key_cache, 0, self.head_size, key_meta),
+            v=self._part(kv_cache, 0, kv_cache.shape[-1], meta),
+            sink=config.sink_tokens, recent=config.recent_tokens,
+            q_distant=q_distant,
+            k_distant=self._part(lead_cache, 0, self.head_size, lead_meta),
+            gate_skip_threshold=config.gate_skip_threshold,
+        )
+
+    @staticmethod
+    def _part(cache: torch.Tensor, lo: int, hi: int, meta: LayershareMetadata) -> PagedPart:
+        return PagedPart(cache, lo, hi, meta.block_table, meta.block_size)

@@ -1,0 +1,248 @@
+"""The layer-grouping file: which layers lead, which follow, and the window sizes.
+
+A grouping file is YAML with exactly these keys::
+
+    num_layers: 30            # must equal the model's layer count
+    sink_tokens: 16           # n_s >= 0
+    recent_tokens: 1008       # n_r >= 1
+    share: scores             # scores | keys
+    gate_skip_threshold: null # optional; 0 < tau <= 1 turns the gate skip on
+    groups:                   # consecutive layer indices; the first is the leader
+      - [0, 1, 2]
+      - [3, 4, 5]
+
+Every problem is reported as one :class:`LayershareConfigError` naming the file,
+the key and the fix, before vLLM allocates anything.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_VAR = "VLLM_LAYERSHARE_CONFIG"
+SHARE_MODES = ("scores", "keys")
+REQUIRED_KEYS = ("num_layers", "sink_tokens", "recent_tokens", "share", "groups")
+OPTIONAL_KEYS = ("gate_skip_threshold",)
+
+
+class LayershareConfigError(ValueError):
+    """A grouping file (or the way it was given) cannot be used."""
+
+
+@dataclass(frozen=True)
+class LayershareConfig:
+    """A validated grouping: roles of layers and the proximal window."""
+
+    num_layers: int
+    sink_tokens: int
+    recent_tokens: int
+    share: str
+    groups: tuple[tuple[int, ...], ...]
+    gate_skip_threshold: float | None = None
+    source: str = "<inline>"
+
+    def leader_of(self, layer: int) -> int:
+        """The leader of the group that holds `layer` (itself for a leader)."""
+        return self._leaders[layer]
+
+    def is_follower(self, layer: int) -> bool:
+        return self.leader_of(layer) != layer
+
+    @property
+    def followers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_follower(i)]
+
+    @property
+    def proximal_tokens(self) -> int:
+        """n_s + n_r: tokens whose keys every layer keeps."""
+        return self.sink_tokens + self.recent_tokens
+
+    @property
+    def _leaders(self) -> dict[int, int]:
+        return {layer: group[0] for group in self.groups for layer in group}
+
+    def kv_fraction(self, context_len: int) -> float:
+        """Bytes of the whole cache at `context_len`, as a fraction of full attention.
+
+        A follower keeps V of every token and K of min(L, n_s + n_r) tokens, so it
+        costs (1 + min(L, n_s + n_r) / L) / 2 of a full layer (method.md).
+        """
+        kept = min(context_len, self.proximal_tokens) / context_len
+        follower_cost = (1.0 + kept) / 2.0
+        num_followers = len(self.followers)
+        return (self.num_layers - num_followers + num_followers * follower_cost) / (
+            self.num_layers
+        )
+
+    def describe(self, context_len: int) -> str:
+        """One line for the start-up log."""
+        groups = " ".join(
+            "[" + ",".join(str(i) for i in g) + "]" for g in self.groups
+        )
+        saved = 1.0 - self.kv_fraction(context_len)
+        tau = self.gate_skip_threshold
+        return (
+            f"layershare: {len(self.groups)} groups {groups}; "
+            f"{len(self.groups)} leaders, {len(self.followers)} followers; "
+            f"sink {self.sink_tokens} + recent {self.recent_tokens} tokens; "
+            f"share={self.share}; gate_skip={'off' if tau is None else tau}; "
+            f"KV bytes saved at {context_len} tokens: {saved:.1%} "
+            f"({1.0 / (1.0 - saved):.2f}x tokens in the same memory)"
+        )
+
+    def check_model(self, num_layers: int, unsupported: list[str]) -> None:
+        """Refuse a model whose layer count or attention features do not fit."""
+        if num_layers != self.num_layers:
+            raise _error(
+                self.source,
+                "num_layers",
+                f"is {self.num_layers} but the model has {num_layers} layers",
+                f"set num_layers: {num_layers} and group all {num_layers} layers",
+            )
+        if unsupported:
+            raise LayershareConfigError(
+                f"layershare ({self.source}): the model uses "
+                f"{', '.join(unsupported)}, which the layershare method does not "
+                "support. Fix: serve this model with the stock attention backend."
+            )
+
+
+def _error(source: str, key: str, problem: str, fix: str) -> LayershareConfigError:
+    return LayershareConfigError(
+        f"layershare config {source}: key '{key}' {problem}. Fix: {fix}."
+    )
+
+
+def _int_field(raw: dict[str, Any], source: str, key: str, minimum: int) -> int:
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _error(source, key, f"must be an integer, got {value!r}",
+                     f"write a whole number >= {minimum}")
+    if value < minimum:
+        raise _error(source, key, f"must be >= {minimum}, got {value}",
+                     f"use a value >= {minimum}")
+    return value
+
+
+def _tau_field(raw: dict[str, Any], source: str) -> float | None:
+    tau = raw.get("gate_skip_threshold")
+    if tau is None:
+        return None
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise _error(source, "gate_skip_threshold", f"must be a number or null, got {tau!r}",
+                     "use null (off) or a number in (0, 1]")
+    if not 0.0 < float(tau) <= 1.0:
+        raise _error(source, "gate_skip_threshold", f"must be in (0, 1], got {tau}",
+                     "use null (off) or a number in (0, 1]")
+    return float(tau)
+
+
+def _groups_field(raw: dict[str, Any], source: str, num_layers: int) -> tuple[tuple[int, ...], ...]:
+    groups = raw["groups"]
+    fix = f"list groups of consecutive layers covering 0..{num_layers - 1} in order"
+    if not isinstance(groups, list) or not groups:
+        raise _error(source, "groups", f"must be a non-empty list, got {groups!r}", fix)
+    expected = 0
+    result = []
+    for group in groups:
+        if (
+            not isinstance(group, list)
+            or not group
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in group)
+        ):
+            raise _error(source, "groups", f"entry {group!r} is not a list of layer indices", fix)
+        if group != list(range(group[0], group[0] + len(group))):
+            raise _error(source, "groups", f"group {group} is not consecutive", fix)
+        if group[0] != expected:
+            problem = (
+                f"layer {expected} is missing" if group[0] > expected
+                else f"layer {group[0]} appears twice"
+            )
+            raise _error(source, "groups", f"{problem} (group {group})", fix)
+        expected = group[-1] + 1
+        result.append(tuple(group))
+    if expected != num_layers:
+        problem = (
+            f"covers layers up to {expected - 1} but num_layers is {num_layers}"
+        )
+        raise _error(source, "groups", problem, fix)
+    return tuple(result)
+
+
+def parse_config(raw: Any, source: str = "<inline>") -> LayershareConfig:
+    """Validate a parsed YAML mapping into a :class:`LayershareConfig`."""
+    if not isinstance(raw, dict):
+        raise LayershareConfigError(
+            f"layershare config {source}: expected a YAML mapping with keys "
+            f"{', '.join(REQUIRED_KEYS)}, got {type(raw).__name__}. "
+            "Fix: see configs/ for an example."
+        )
+    unknown = sorted(set(raw) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise _error(source, unknown[0], "is not a known key",
+                     f"remove it; known keys are {', '.join(REQUIRED_KEYS + OPTIONAL_KEYS)}")
+    for key in REQUIRED_KEYS:
+        if key not in raw:
+            raise _error(source, key, "is missing", f"add '{key}:' (see configs/ for an example)")
+    num_layers = _int_field(raw, source, "num_layers", 1)
+    sink = _int_field(raw, source, "sink_tokens", 0)
+    recent = _int_field(raw, source, "recent_tokens", 1)
+    share = raw["share"]
+    if share not in SHARE_MODES:
+        raise _error(source, "share", f"must be one of {', '.join(SHARE_MODES)}, got {share!r}",
+                     "write 'share: scores' (the paper) or 'share: keys'")
+    return LayershareConfig(
+        num_layers=num_layers,
+        sink_tokens=sink,
+        recent_tokens=recent,
+        share=share,
+        groups=_groups_field(raw, source, num_layers),
+        gate_skip_threshold=_tau_field(raw, source),
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> LayershareConfig:
+    """Read and validate a grouping file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise LayershareConfigError(
+            f"layershare config {source}: cannot be read ({exc.strerror}). "
+            "Fix: pass an existing file."
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise LayershareConfigError(
+            f"layershare config {source}: is not valid YAML ({exc}). Fix: correct the syntax."
+        ) from None
+    return parse_config(raw, source)
+
+
+def config_path_from(additional_config: dict[str, Any] | None) -> str:
+    """Where the grouping file was given: additional_config first, then the env var."""
+    section = (additional_config or {}).get("layershare")
+    if section is not None:
+        if not isinstance(section, dict) or not isinstance(section.get("config"), str):
+            raise LayershareConfigError(
+                "layershare: additional_config['layershare'] must be "
+                "{'config': 'PATH/TO/grouping.yaml'}, got "
+                f"{section!r}. Fix: --additional-config "
+                "'{\"layershare\": {\"config\": \"PATH\"}}'."
+            )
+        return section["config"]
+    path = os.environ.get(ENV_VAR)
+    if path:
+        return path
+    raise LayershareConfigError(
+        "layershare: the layershare attention backend needs a layer-grouping file. "
+        "Fix: pass --additional-config '{\"layershare\": {\"config\": \"PATH\"}}' "
+        f"or set {ENV_VAR}=PATH (examples in configs/)."
+    )

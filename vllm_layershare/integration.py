@@ -1,0 +1,108 @@
+"""Registration with vLLM and the few patches it needs, all in one place.
+
+Each patch is idempotent, wraps one vLLM function, and says why no hook exists.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from vllm.logger import init_logger
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+logger = init_logger(__name__)
+
+BACKEND_PATH = "vllm_layershare.backend.LayershareBackend"
+ALIAS = "LAYERSHARE"
+_PATCHED = "_layershare_patched"
+
+
+def selected(vllm_config: Any) -> bool:
+    """Whether this vLLM instance asked for the layershare backend."""
+    attention = getattr(vllm_config, "attention_config", None)
+    return getattr(attention, "backend", None) is AttentionBackendEnum.CUSTOM and (
+        AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
+    )
+
+
+def _wrap(owner: type, name: str, make) -> None:
+    """Replace owner.name by make(original) once (attribute marked as patched)."""
+    original = owner.__dict__[name]
+    func = original.__func__ if isinstance(original, classmethod) else original
+    if getattr(func, _PATCHED, False):
+        return
+    wrapped = make(func)
+    functools.update_wrapper(wrapped, func)
+    setattr(wrapped, _PATCHED, True)
+    setattr(owner, name, classmethod(wrapped) if isinstance(original, classmethod) else wrapped)
+
+
+def _register_name() -> None:
+    # A new enum member would not survive pickling into spawned engine processes
+    # before plugins load there; an alias of CUSTOM does (docs/vllm-0.32.md).
+    AttentionBackendEnum._member_map_[ALIAS] = AttentionBackendEnum.CUSTOM
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+
+
+def _patch_cpu_backend_choice() -> None:
+    # CpuPlatform.get_attn_backend_cls ignores any selected backend (no hook).
+    from vllm.platforms.cpu import CpuPlatform
+
+    def make(original):
+        def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+            if selected_backend is AttentionBackendEnum.CUSTOM:
+                return AttentionBackendEnum.CUSTOM.get_path()
+            return original(cls, selected_backend, attn_selector_config, *args, **kwargs)
+        return get_attn_backend_cls
+
+    _wrap(CpuPlatform, "get_attn_backend_cls", make)
+
+
+def _patch_config_check() -> None:
+    # Platform.check_and_update_config is the first point where model and backend are
+    # both known, in the process that parses the CLI, before any engine starts.
+    from vllm.platforms import current_platform
+
+    def make(original):
+        def check_and_update_config(cls, vllm_config):
+            if selected(vllm_config) and vllm_config.model_config is not None:
+                from vllm_layershare.settings import check_vllm_config
+
+                check_vllm_config(vllm_config)
+            return original(cls, vllm_config)
+        return check_and_update_config
+
+    for owner in type(current_platform).__mro__:
+        if "check_and_update_config" in owner.__dict__:
+            _wrap(owner, "check_and_update_config", make)
+            return
+
+
+def _patch_kv_cache_specs() -> None:
+    # GPUModelRunner.get_kv_cache_spec asks each layer for one spec; a follower
+    # needs two caches (values, and a key window), which no layer hook can declare.
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def make(original):
+        def get_kv_cache_spec(self):
+            specs = original(self)
+            if selected(self.vllm_config):
+                from vllm_layershare.plan import split_follower_specs
+
+                specs = split_follower_specs(self.vllm_config, specs)
+            return specs
+        return get_kv_cache_spec
+
+    _wrap(GPUModelRunner, "get_kv_cache_spec", make)
+
+
+def register() -> None:
+    """vllm.general_plugins entry point; runs in every vLLM process."""
+    _register_name()
+    from vllm_layershare.layout import register_specs
+
+    register_specs()
+    _patch_cpu_backend_choice()
+    _patch_config_check()
+    _patch_kv_cache_specs()

@@ -1,0 +1,112 @@
+"""KV-cache layout: what each layer keeps, declared so that vLLM's planner sees it.
+
+| layer              | spec                                      | holds                 |
+|--------------------|-------------------------------------------|-----------------------|
+| leader / singleton | FullAttentionSpec (K and V)               | K, V of every token   |
+| follower           | FullAttentionSpec, V channels only        | V of every token      |
+| follower companion | FollowerKeySpec (a sink-keeping window)   | K of sinks and window |
+
+A follower's companion is a weightless layer object named `<layer>.layershare_k`
+that lives only in vLLM's static forward context, so vLLM gives it its own
+KV-cache group, block table and slot mapping. Its manager frees a key block once
+all of its tokens are distant, and keeps the blocks of the sink tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from vllm_layershare.config import LayershareConfig
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+COMPANION_SUFFIX = ".layershare_k"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FollowerKeySpec(SlidingWindowSpec):
+    """Keys of a follower: the last `sliding_window` tokens plus the first `sink_tokens`."""
+
+    sink_tokens: int = 0
+
+    def max_admission_blocks_per_request(
+        self, max_in_flight_tokens: int, max_model_len: int
+    ) -> int:
+        window = super().max_admission_blocks_per_request(max_in_flight_tokens, max_model_len)
+        return min(window + cdiv(self.sink_tokens, self.block_size),
+                   cdiv(max_model_len, self.block_size))
+
+
+class SinkWindowManager(SlidingWindowManager):
+    """A sliding-window manager that never frees the blocks holding sink tokens."""
+
+    def remove_skipped_blocks(
+        self,
+        request_id: str,
+        processed_computed_tokens: int,
+        num_prompt_tokens: int | None = None,
+    ) -> None:
+        skipped = self.get_num_skipped_tokens(processed_computed_tokens)
+        spec = self.kv_cache_spec
+        assert isinstance(spec, FollowerKeySpec)
+        first = cdiv(spec.sink_tokens, self.block_size)
+        self._remove_blocks_in_range(request_id, first, skipped // self.block_size)
+
+
+def register_specs() -> None:
+    """Make vLLM's spec registry know FollowerKeySpec (built-ins registered first)."""
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(FollowerKeySpec, SinkWindowManager,
+                                 uniform_type_base_spec=FollowerKeySpec)
+
+
+def follower_specs(
+    full: FullAttentionSpec, config: LayershareConfig
+) -> tuple[FullAttentionSpec, FollowerKeySpec]:
+    """Split a full K+V spec into a follower's V spec and its companion's K spec.
+
+    Each keeps the full spec's page size (block size doubled, half the channels),
+    so vLLM can pool all pages together without padding.
+    """
+    block_size = full.block_size * 2
+    value_bytes = full.head_size_v * full.dtype.itemsize
+    key_bytes = full.head_size * full.dtype.itemsize
+    values = replace(full, block_size=block_size, state_content_bytes=value_bytes)
+    keys = FollowerKeySpec(
+        block_size=block_size,
+        num_kv_heads=full.num_kv_heads,
+        head_size=full.head_size,
+        head_size_v=full.head_size_v,
+        dtype=full.dtype,
+        kv_quant_mode=full.kv_quant_mode,
+        state_content_bytes=key_bytes,
+        sliding_window=config.recent_tokens,
+        sink_tokens=config.sink_tokens,
+    )
+    if {values.page_size_bytes, keys.page_size_bytes} != {full.page_size_bytes}:
+        raise ValueError(
+            "layershare needs equal key and value head sizes (page sizes "
+            f"{full.page_size_bytes}, {values.page_size_bytes}, {keys.page_size_bytes})."
+        )
+    return values, keys
+
+
+def layer_name_at(name: str, layer: int, index: int) -> str:
+    """The name of layer `index` in the naming scheme of `name` (layer `layer`)."""
+    marker = f".{layer}."
+    head, sep, tail = name.rpartition(marker)
+    if not sep:
+        raise ValueError(f"layershare cannot find layer index {layer} in name {name!r}")
+    return f"{head}.{index}.{tail}"
+
+
+def planned_capacity_note(vllm_config: VllmConfig, config: LayershareConfig) -> str:
+    """Start-up description at max_model_len."""
+    return config.describe(vllm_config.model_config.max_model_len)

@@ -1,0 +1,66 @@
+"""Glue between vLLM's configuration and the grouping file: load once, check early."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import TYPE_CHECKING
+
+from vllm.logger import init_logger
+
+from vllm_layershare.config import LayershareConfig, config_path_from, load_config
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = init_logger(__name__)
+
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+
+
+@cache
+def _load(path: str) -> LayershareConfig:
+    return load_config(path)
+
+
+def config_for(vllm_config: VllmConfig) -> LayershareConfig:
+    """The grouping file this vLLM instance was given (parsed once per process)."""
+    return _load(config_path_from(vllm_config.additional_config))
+
+
+def unsupported_features(vllm_config: VllmConfig) -> list[str]:
+    """Model and engine features the method does not cover (method.md)."""
+    model_config = vllm_config.model_config
+    hf = model_config.hf_text_config
+    found = []
+    if model_config.get_sliding_window() is not None or getattr(hf, "layer_types", None) and any(
+        t != "full_attention" for t in hf.layer_types
+    ):
+        found.append("sliding-window attention")
+    if getattr(hf, "attn_logit_softcapping", None):
+        found.append("attention logit softcapping")
+    if getattr(hf, "alibi", False) or getattr(hf, "use_alibi", False) or hf.model_type in (
+        "bloom", "mpt"
+    ):
+        found.append("ALiBi")
+    if model_config.use_mla:
+        found.append("multi-head latent attention (MLA)")
+    if vllm_config.cache_config.cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        found.append(f"kv-cache dtype {vllm_config.cache_config.cache_dtype}")
+    if vllm_config.speculative_config is not None:
+        found.append("speculative decoding")
+    return found
+
+
+def check_vllm_config(vllm_config: VllmConfig) -> LayershareConfig:
+    """Validate the grouping against the model, adjust vLLM settings, log the plan."""
+    config = config_for(vllm_config)
+    model_config = vllm_config.model_config
+    config.check_model(model_config.hf_text_config.num_hidden_layers,
+                       unsupported_features(vllm_config))
+    cache_config = vllm_config.cache_config
+    if cache_config.enable_prefix_caching:
+        # Sink-keeping key windows have no prefix-cache hit rule in vLLM yet.
+        logger.warning("layershare: prefix caching is not supported yet; turning it off.")
+        cache_config.enable_prefix_caching = False
+    logger.info(config.describe(model_config.max_model_len))
+    return config
