@@ -59,10 +59,10 @@ def test_prompt_logprobs_match_hf_reference(tiny_model, tmp_path, overrides):
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     close_llm(llm)
-    for prompt, out in zip(prompts, outs):
-        got = [entry_for(d, t) for d, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+    for prompt, out in zip(prompts, outs, strict=True):
+        got = [entry_for(d, t) for d, t in zip(out.prompt_logprobs[1:], prompt[1:], strict=True)]
         expected = reference_logprobs(tiny_model, config, prompt)
-        assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-3
+        assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-3
 
 
 def entry_for(logprobs: dict, token: int) -> float:
@@ -77,4 +77,4 @@ def test_sharing_changes_outputs(tiny_model, tmp_path):
     plain = reference_logprobs(
         tiny_model, load_config(write_grouping(tmp_path / "p.yaml", recent_tokens=4096)), prompt
     )
-    assert max(abs(a - b) for a, b in zip(shared, plain)) > 1e-2
+    assert max(abs(a - b) for a, b in zip(shared, plain, strict=True)) > 1e-2

@@ -200,6 +200,8 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             return output.fill_(0)
         global FORWARD_CALLS
         FORWARD_CALLS += 1
+        if FORWARD_CALLS == 1:
+            logger.info("layershare: attention impl running in this process")
         name = layer.layer_name
         role = self._role(name)
         n = attn_metadata.num_actual_tokens
