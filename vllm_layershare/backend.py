@@ -32,7 +32,7 @@ from vllm_layershare.config import LayershareConfig
 from vllm_layershare.layout import COMPANION_SUFFIX, layer_name_at
 from vllm_layershare.settings import config_for
 
-logger = init_logger(__name__)
+logger = init_logger("vllm." + __name__)  # under vLLM's log handlers
 
 # Name under which vLLM knows this backend: the CUSTOM slot (see integration.py).
 BACKEND_NAME = "CUSTOM"

@@ -11,7 +11,7 @@ from typing import Any
 from vllm.logger import init_logger
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-logger = init_logger(__name__)
+logger = init_logger("vllm." + __name__)  # under vLLM's log handlers
 
 BACKEND_PATH = "vllm_layershare.backend.LayershareBackend"
 ALIAS = "LAYERSHARE"

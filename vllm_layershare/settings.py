@@ -12,7 +12,7 @@ from vllm_layershare.config import LayershareConfig, config_path_from, load_conf
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-logger = init_logger(__name__)
+logger = init_logger("vllm." + __name__)  # under vLLM's log handlers
 
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 
