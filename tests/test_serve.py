@@ -127,3 +127,20 @@ def test_concurrent_requests(server):
 
     with ThreadPoolExecutor(max_workers=6) as pool:
         assert list(pool.map(ask, range(6))) == [20] * 6
+
+
+def test_bad_grouping_file_stops_serve_with_one_message(tiny_model, tmp_path):
+    """`vllm serve` with a wrong file: one clear error line, no traceback, exit code 1."""
+    bad = write_grouping(tmp_path / "bad.yaml", share="values")
+    vllm = Path(sys.executable).parent / "vllm"
+    proc = subprocess.run(
+        [str(vllm), "serve", str(tiny_model), "--attention-backend", "layershare",
+         "--max-model-len", "256", "--additional-config",
+         json.dumps({"layershare": {"config": str(bad)}})],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert "Traceback" not in output
+    assert f"layershare config {bad}: key 'share' must be one of scores, keys" in output

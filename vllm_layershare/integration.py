@@ -6,10 +6,13 @@ Each patch is idempotent, wraps one vLLM function, and says why no hook exists.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 from vllm.logger import init_logger
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+from vllm_layershare.config import LayershareConfigError
 
 logger = init_logger("vllm." + __name__)  # under vLLM's log handlers
 
@@ -69,7 +72,14 @@ def _patch_config_check() -> None:
             if selected(vllm_config) and vllm_config.model_config is not None:
                 from vllm_layershare.settings import check_vllm_config
 
-                check_vllm_config(vllm_config)
+                try:
+                    check_vllm_config(vllm_config)
+                except LayershareConfigError as exc:
+                    if "vllm.entrypoints.cli.main" not in sys.modules:
+                        raise
+                    # `vllm serve`: one clear line, not a traceback through pydantic.
+                    logger.error("%s", exc)
+                    raise SystemExit(1) from None
             return original(cls, vllm_config)
         return check_and_update_config
 

@@ -33,9 +33,15 @@ def build_tokenizer():
     return tokenizer
 
 
+SMOLLM2_135M_GEOMETRY = dict(hidden_size=576, intermediate_size=1536, num_heads=9,
+                             num_kv_heads=3, head_dim=64)
+
+
 def build_tiny_llama(out: str | Path, num_layers: int = 6, seed: int = 0,
-                     max_positions: int = 4096) -> Path:
-    """Write a random fp32 Llama (GQA: 4 query heads, 2 KV heads, head dim 32)."""
+                     max_positions: int = 4096, hidden_size: int = 128,
+                     intermediate_size: int = 256, num_heads: int = 4, num_kv_heads: int = 2,
+                     head_dim: int = 32, dtype: str = "float32") -> Path:
+    """Write a random Llama (default: GQA with 4 query heads, 2 KV heads, head dim 32)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -44,11 +50,12 @@ def build_tiny_llama(out: str | Path, num_layers: int = 6, seed: int = 0,
         return out
     tokenizer = build_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=32, max_position_embeddings=max_positions, tie_word_embeddings=True,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, head_dim=head_dim,
+        max_position_embeddings=max_positions, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, rope_theta=10000.0, torch_dtype="float32",
+        pad_token_id=tokenizer.pad_token_id, rope_theta=10000.0, torch_dtype=dtype,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
