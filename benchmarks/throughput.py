@@ -98,7 +98,7 @@ def main() -> None:
           f"{args.prompt_len} prompt tokens, {args.decode_tokens} decode steps, "
           f"max_num_batched_tokens {args.batched_tokens}, {args.dtype}, "
           f"medians of {args.repeats}; formula capacity ratio {formula:.3f}x\n")
-    print(f"| metric | stock | layershare | ratio |\n|---|---|---|---|")
+    print("| metric | stock | layershare | ratio |\n|---|---|---|---|")
     for key, label in (("kv_tokens", "KV cache tokens (vLLM plan)"),
                        ("concurrency", f"max concurrency at {args.context}"),
                        ("prefill_tok_s", "prefill tokens/s"),
