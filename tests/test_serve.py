@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,13 +13,9 @@ import pytest
 import requests
 from conftest import write_grouping
 
+from vllm_layershare.tools.demo import free_port, wait_healthy
+
 MAX_LEN = 512
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +38,7 @@ def server(tiny_model, tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.time() + 240
-            while time.time() < deadline:
-                if proc.poll() is not None:
-                    pytest.fail(f"server exited:\n{log_path.read_text()[-3000:]}")
-                try:
-                    if requests.get(f"{url}/health", timeout=2).ok:
-                        break
-                except requests.ConnectionError:
-                    pass
-                time.sleep(1)
-            else:
-                pytest.fail(f"server did not start:\n{log_path.read_text()[-3000:]}")
+            wait_healthy(url, proc, log_path, limit=240)
             yield url, log_path
         finally:
             proc.terminate()

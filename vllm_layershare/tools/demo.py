@@ -32,17 +32,18 @@ def free_port() -> int:
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, limit: float = 300) -> None:
+    """Poll /health until the server answers; RuntimeError with the log tail if it dies."""
     deadline = time.time() + limit
     while time.time() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"vllm serve exited early; last lines:\n{log.read_text()[-2000:]}")
+            raise RuntimeError(f"vllm serve exited early; last lines:\n{log.read_text()[-3000:]}")
         try:
             if requests.get(f"{url}/health", timeout=2).ok:
                 return
         except requests.ConnectionError:
             pass
         time.sleep(1)
-    sys.exit("vllm serve did not become healthy in time")
+    raise RuntimeError(f"vllm serve did not become healthy; last lines:\n{log.read_text()[-3000:]}")
 
 
 def main() -> None:
@@ -63,7 +64,10 @@ def main() -> None:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc, log)
+        try:
+            wait_healthy(url, proc, log)
+        except RuntimeError as exc:
+            sys.exit(str(exc))
         name = requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         question = "Tell me about long contexts. " * 12
         reply = requests.post(f"{url}/v1/chat/completions", timeout=120, json={
