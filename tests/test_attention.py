@@ -7,11 +7,21 @@ import math
 import pytest
 import torch
 
+from vllm_layershare.attention import native
 from vllm_layershare.attention.portable import LayerInputs, PagedPart, paged_pod_attention
 from vllm_layershare.attention.reference import dense_attention, dense_pod_attention
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
 SCALE = 1.0 / math.sqrt(DIM)
+IMPLEMENTATIONS = {"portable": paged_pod_attention, "native": native.native_pod_attention}
+
+
+@pytest.fixture(params=list(IMPLEMENTATIONS))
+def impl(request):
+    """Each paged implementation; the native one must be built (make install builds it)."""
+    if request.param == "native":
+        assert native.available(torch.device("cpu")), "the CPU kernel was not built"
+    return IMPLEMENTATIONS[request.param]
 
 
 def random_sequence(length: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -28,8 +38,9 @@ class PagedBatch:
     """Sequences laid into paged caches through shuffled block tables, like vLLM's."""
 
     def __init__(self, lengths: list[int], block_size: int, gen: torch.Generator,
-                 keep=None):
+                 keep=None, dtype=torch.float32):
         self.block_size = block_size
+        self.dtype = dtype
         blocks_per_seq = [math.ceil(n / block_size) for n in lengths]
         num_blocks = sum(blocks_per_seq) + 3
         ids = torch.randperm(num_blocks, generator=gen)[: sum(blocks_per_seq)]
@@ -44,7 +55,8 @@ class PagedBatch:
 
     def part(self, per_seq: list[torch.Tensor], keyed: bool = False) -> PagedPart:
         """A cache holding per_seq[row] [L, Hkv, D]; unkept follower keys are NaN."""
-        cache = torch.full((self.num_blocks, KV_HEADS, self.block_size, DIM), float("nan"))
+        cache = torch.full((self.num_blocks, KV_HEADS, self.block_size, DIM), float("nan"),
+                           dtype=self.dtype)
         for row, data in enumerate(per_seq):
             for pos in range(data.shape[0]):
                 if keyed and self.keep is not None and not self.keep(pos, data.shape[0]):
@@ -54,13 +66,13 @@ class PagedBatch:
         return PagedPart(cache, 0, DIM, self.block_table, self.block_size)
 
 
-def run_paged(seqs, feed, block_size, gen, *, sink, recent, share="scores", tau=None,
-              leader=False):
+def run_paged(impl, seqs, feed, block_size, gen, *, sink, recent, share="scores", tau=None,
+              leader=False, cache_dtype=torch.float32):
     """Feed sequences in steps; feed[row] lists query counts per step. Returns outputs."""
     lengths = [s["q"].shape[0] for s in seqs]
     # A follower key survives at the end only if it is a sink or in the last window;
     # per step we check only the keys a step may read (window of that step).
-    batch = PagedBatch(lengths, block_size, gen)
+    batch = PagedBatch(lengths, block_size, gen, dtype=cache_dtype)
     outs = [torch.zeros(n, HEADS, DIM) for n in lengths]
     done = [0] * len(seqs)
     for step in range(max(len(f) for f in feed)):
@@ -98,7 +110,7 @@ def run_paged(seqs, feed, block_size, gen, *, sink, recent, share="scores", tau=
             inputs.k_distant = sub.part([seqs[r]["ka"][: seq_lens[i]] for i, r in enumerate(rows)])
             inputs.gate_skip_threshold = tau
         out = torch.zeros(loc[-1], HEADS, DIM)
-        paged_pod_attention(inputs, loc, seq_lens, out)
+        impl(inputs, loc, seq_lens, out)
         for i, (r, a, b) in enumerate(spans):
             outs[r][a:b] = out[loc[i] : loc[i + 1]]
             done[r] = b
@@ -121,12 +133,12 @@ FEEDS = {
 @pytest.mark.parametrize("share", ["scores", "keys"])
 @pytest.mark.parametrize("feed", list(FEEDS))
 @pytest.mark.parametrize("block_size", [3, 16])
-def test_paged_equals_dense_reference(share, feed, block_size):
+def test_paged_equals_dense_reference(impl, share, feed, block_size):
     """Invariants 3 and 4: any feeding, GQA, several lengths, odd block sizes."""
     gen = torch.Generator().manual_seed(hash((share, feed, block_size)) % 1000)
     lengths = [37, 20, 51]
     seqs = [random_sequence(n, gen) for n in lengths]
-    outs = run_paged(seqs, [FEEDS[feed](n) for n in lengths], block_size, gen,
+    outs = run_paged(impl, seqs, [FEEDS[feed](n) for n in lengths], block_size, gen,
                      sink=3, recent=9, share=share)
     for seq, out in zip(seqs, outs, strict=False):
         ref = reference(seq, sink=3, recent=9, share=share)
@@ -134,10 +146,10 @@ def test_paged_equals_dense_reference(share, feed, block_size):
 
 
 @pytest.mark.parametrize("tau", [0.3, 0.7, 1.0])
-def test_gate_skip_matches_reference(tau):
+def test_gate_skip_matches_reference(impl, tau):
     gen = torch.Generator().manual_seed(7)
     seqs = [random_sequence(n, gen) for n in (40, 29)]
-    outs = run_paged(seqs, [[13, 1, 1, 25], [29]], 5, gen, sink=2, recent=6, tau=tau)
+    outs = run_paged(impl, seqs, [[13, 1, 1, 25], [29]], 5, gen, sink=2, recent=6, tau=tau)
     for seq, out in zip(seqs, outs, strict=False):
         torch.testing.assert_close(out.double(), reference(seq, sink=2, recent=6, tau=tau),
                                    atol=2e-5, rtol=1e-4)
@@ -152,32 +164,32 @@ def test_gate_skip_changes_rows():
     assert (plain - skipped).abs().max() > 1e-3
 
 
-def test_no_distant_tokens_is_ordinary_attention():
+def test_no_distant_tokens_is_ordinary_attention(impl):
     """Invariant 1: with n_s + n_r beyond every position, a follower is plain attention."""
     gen = torch.Generator().manual_seed(11)
     seqs = [random_sequence(n, gen) for n in (25, 18)]
-    outs = run_paged(seqs, [[10, 15], [1] * 18], 4, gen, sink=4, recent=30)
+    outs = run_paged(impl, seqs, [[10, 15], [1] * 18], 4, gen, sink=4, recent=30)
     for seq, out in zip(seqs, outs, strict=False):
         expected = dense_attention(seq["q"], seq["k"], seq["v"], SCALE)
         torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
 
 
-def test_leader_is_ordinary_attention():
+def test_leader_is_ordinary_attention(impl):
     """Invariant 2, through the paged leader path (no distant branch)."""
     gen = torch.Generator().manual_seed(5)
     seqs = [random_sequence(n, gen) for n in (33, 9)]
-    outs = run_paged(seqs, [[20, 1, 12], [4, 5]], 8, gen, sink=0, recent=1, leader=True)
+    outs = run_paged(impl, seqs, [[20, 1, 12], [4, 5]], 8, gen, sink=0, recent=1, leader=True)
     for seq, out in zip(seqs, outs, strict=False):
         expected = dense_attention(seq["q"], seq["k"], seq["v"], SCALE)
         torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
 
 
-def test_follower_equal_to_leader_gives_leader_output():
+def test_follower_equal_to_leader_gives_leader_output(impl):
     """Invariant 5: share=scores, follower q, K, V equal to the leader's -> leader output."""
     gen = torch.Generator().manual_seed(13)
     seq = random_sequence(45, gen)
     seq["qa"], seq["ka"] = seq["q"], seq["k"]
-    out = run_paged([seq], [[20, 1, 1, 23]], 6, gen, sink=2, recent=7)[0]
+    out = run_paged(impl, [seq], [[20, 1, 1, 23]], 6, gen, sink=2, recent=7)[0]
     expected = dense_attention(seq["q"], seq["k"], seq["v"], SCALE)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
 
@@ -188,3 +200,20 @@ def test_reference_differs_from_plain_attention():
     seq = random_sequence(30, gen)
     plain = dense_attention(seq["q"], seq["k"], seq["v"], SCALE)
     assert (reference(seq, sink=2, recent=5) - plain).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_half_precision_caches(dtype):
+    """The CPU kernel reads bf16/fp16 caches; compare with the reference on the same
+    rounded inputs."""
+    assert native.available(torch.device("cpu")), "the CPU kernel was not built"
+    gen = torch.Generator().manual_seed(23)
+    seqs = [random_sequence(n, gen) for n in (41, 26)]
+    for seq in seqs:
+        for key in seq:
+            seq[key] = seq[key].to(dtype).float()
+    outs = run_paged(native.native_pod_attention, seqs, [[17, 1, 1, 22], [26]], 8, gen,
+                     sink=3, recent=9, cache_dtype=dtype)
+    for seq, out in zip(seqs, outs, strict=True):
+        torch.testing.assert_close(out.double(), reference(seq, sink=3, recent=9),
+                                   atol=2e-5, rtol=1e-4)

@@ -27,6 +27,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+from vllm_layershare.attention import native
 from vllm_layershare.attention.portable import LayerInputs, PagedPart, paged_pod_attention
 from vllm_layershare.config import LayershareConfig
 from vllm_layershare.layout import COMPANION_SUFFIX, layer_name_at
@@ -219,8 +220,10 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             )
         else:
             inputs = self._follower_inputs(ctx, role, query, key, value, kv_cache, attn_metadata)
-        paged_pod_attention(inputs, attn_metadata.query_start_loc, attn_metadata.seq_lens,
-                            output[:n])
+        attend = native.native_pod_attention if native.available(query.device) else (
+            paged_pod_attention
+        )
+        attend(inputs, attn_metadata.query_start_loc, attn_metadata.seq_lens, output[:n])
         return output
 
     def _follower_inputs(self, ctx, role: LayerRole, query, key, value, kv_cache,

@@ -1,0 +1,346 @@
+// Paged PoD attention for CPUs: both branches of method.md in one pass, no gathers.
+//
+// For a query at position p of a follower layer (leader: sink = 0, recent = inf,
+// no distant cache):
+//   proximal  P = [0, min(sink, p+1)) U [max(sink, p-recent+1), p]  own q, own K
+//   distant   D = [sink, p-recent]                                 q_dist, leader K
+// Each branch keeps its own online softmax (max m, sum l, accumulator over own V);
+// the branches merge by log-sum-exp: g = l_P e^{m_P} / (l_P e^{m_P} + l_D e^{m_D}),
+// o = g o_P + (1-g) o_D, with o = o_P where g >= tau (gate skip, tau > 0).
+// One task per (tile of up to 16 query tokens of one sequence, KV head): the tile's
+// query vectors (tokens x the G heads sharing the KV head) read each key and value once.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kChunk = 32;  // keys scored together before one rescale
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+inline float to_float(double x) { return static_cast<float>(x); }
+
+// One layer's paged cache restricted to some channels: [blocks, heads, tokens, C].
+template <typename T>
+struct Paged {
+  const T* data = nullptr;
+  int64_t s_block = 0, s_head = 0, s_token = 0;
+  const int64_t* table = nullptr;  // [rows, table_width]
+  int64_t table_width = 0, block_size = 1;
+
+  const T* at(int64_t row, int64_t head, int64_t pos) const {
+    int64_t block = table[row * table_width + pos / block_size];
+    return data + block * s_block + head * s_head + (pos % block_size) * s_token;
+  }
+  // Tokens from pos to the end of its block.
+  int64_t run_length(int64_t pos) const { return block_size - pos % block_size; }
+};
+
+template <typename T>
+Paged<T> make_paged(const at::Tensor& cache, const at::Tensor& table, int64_t block_size) {
+  TORCH_CHECK(cache.dim() == 4 && cache.stride(3) == 1, "cache must be [B,H,N,C], C dense");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous(), "int64 block table");
+  Paged<T> p;
+  p.data = cache.data_ptr<T>();
+  p.s_block = cache.stride(0);
+  p.s_head = cache.stride(1);
+  p.s_token = cache.stride(2);
+  p.table = table.data_ptr<int64_t>();
+  p.table_width = table.size(1);
+  p.block_size = block_size;
+  return p;
+}
+
+// exp for x <= 0 (arguments here are logit - running max): 2^(x log2 e) with a
+// degree-6 polynomial on [-1/2, 1/2]; relative error ~2e-7, and it vectorizes.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float t = x * 1.44269504f;
+  const float whole = std::floor(t + 0.5f);
+  const float f = t - whole;  // in [-0.5, 0.5]: Taylor terms of 2^f up to f^6
+  const float poly =
+      1.0f + f * (0.693147181f + f * (0.240226507f + f * (0.0555041087f +
+                  f * (0.00961812911f + f * (0.00133335581f + f * 0.000154035304f)))));
+  const int32_t bits = (static_cast<int32_t>(whole) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return poly * scale;
+}
+
+// Dot product of two float rows (decode scores: few queries, so one row at a time).
+#if defined(__AVX512F__)
+inline float dot(const float* a, const float* b, int n) {
+  __m512 acc = _mm512_setzero_ps();
+  int d = 0;
+  for (; d + 16 <= n; d += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+#else
+inline float dot(const float* a, const float* b, int n) {
+  float lanes[8] = {0.f};
+  int d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += a[d + l] * b[d + l];
+  for (; d < n; ++d) lanes[d % 8] += a[d] * b[d];
+  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+         ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+}
+#endif
+
+// Online-softmax state of a tile's query vectors (tokens x heads) over one branch.
+struct Branch {
+  int n, dim_v;
+  std::vector<float> m, l, acc;
+  Branch(int rows, int dv) : n(rows), dim_v(dv), m(rows, kNegInf), l(rows, 0.f), acc(rows * dv, 0.f) {}
+};
+
+constexpr int kLanes = 16;    // floats per vector register (AVX-512); loops are written in these
+constexpr int kWideTile = 8;  // from this many query vectors, score keys column-wise
+
+// The query vectors of one tile: `n` rows of `dim`, also transposed ([dim][npad]).
+struct TileQueries {
+  int n = 0, npad = 0, dim = 0;
+  std::vector<float> rows, cols;
+  std::vector<int64_t> pos;  // position of each query vector; -1 for padding lanes
+};
+
+// Add keys [first, last] to a branch. proximal: visible iff j <= p and (j < sink or
+// j > p - recent); distant: visible iff j <= p - recent (j >= sink by the range).
+// Logits are kept key-major ([key][query]) so masking and softmax vectorize over queries.
+template <typename T>
+void attend_range(Branch& st, const TileQueries& tq, const Paged<T>& keys,
+                  const Paged<T>& values, int64_t row, int64_t kv_head, int64_t first,
+                  int64_t last, bool proximal, int64_t sink, int64_t recent, float scale) {
+  const int N = tq.n, Np = tq.npad, D = tq.dim, Dv = st.dim_v;
+  std::vector<float> lg(static_cast<size_t>(kChunk) * Np);
+  std::vector<float> m_new(Np), rescale(Np);
+  std::vector<int32_t> hi(Np), sink_hi(Np), window_lo(Np);
+  float kbuf[kChunk][256];
+  float vbuf[kChunk][256];
+  for (int64_t start = first; start <= last;) {
+    // A chunk never crosses a block boundary, so two lookups serve all its tokens.
+    const int n = static_cast<int>(std::min<int64_t>(
+        std::min<int64_t>(kChunk, last - start + 1),
+        std::min(keys.run_length(start), values.run_length(start))));
+    const T* k0 = keys.at(row, kv_head, start);
+    const T* v0 = values.at(row, kv_head, start);
+    for (int j = 0; j < n; ++j) {
+      const T* __restrict k = k0 + j * keys.s_token;
+      const T* __restrict v = v0 + j * values.s_token;
+      for (int d = 0; d < D; ++d) kbuf[j][d] = to_float(k[d]);
+      for (int d = 0; d < Dv; ++d) vbuf[j][d] = to_float(v[d]);
+    }
+    // Scores, lg[j][i] = scale * q_i . k_j.
+    if (N >= kWideTile) {
+      for (int i0 = 0; i0 < Np; i0 += kLanes) {
+        for (int j = 0; j < n; ++j) {
+          float a[kLanes] = {0.f};
+          for (int d = 0; d < D; ++d) {
+            const float kd = kbuf[j][d];
+            const float* qd = tq.cols.data() + static_cast<size_t>(d) * Np + i0;
+            for (int l = 0; l < kLanes; ++l) a[l] += qd[l] * kd;
+          }
+          float* out = lg.data() + static_cast<size_t>(j) * Np + i0;
+          for (int l = 0; l < kLanes; ++l) out[l] = a[l] * scale;
+        }
+      }
+    } else {
+      for (int j = 0; j < n; ++j) {
+        for (int i = 0; i < N; ++i)
+          lg[j * Np + i] = dot(tq.rows.data() + static_cast<size_t>(i) * D, kbuf[j], D) * scale;
+        for (int i = N; i < Np; ++i) lg[j * Np + i] = 0.f;
+      }
+    }
+    // Visibility bounds of each query, as chunk offsets in int32 (vectorizes).
+    for (int i = 0; i < Np; ++i) {
+      const int64_t p = tq.pos[i];
+      const auto clamp = [](int64_t x) {
+        return static_cast<int32_t>(std::max<int64_t>(-1, std::min<int64_t>(x, kChunk)));
+      };
+      hi[i] = p < 0 ? -1 : clamp(proximal ? p - start : p - recent - start);
+      sink_hi[i] = proximal ? clamp(sink - 1 - start) : kChunk;
+      window_lo[i] = proximal ? clamp(p - recent + 1 - start) : 0;
+      m_new[i] = st.m[i < N ? i : 0];
+    }
+    for (int j = 0; j < n; ++j) {
+      float* row_lg = lg.data() + static_cast<size_t>(j) * Np;
+      for (int i = 0; i < Np; ++i) {
+        const bool visible = j <= hi[i] && (j <= sink_hi[i] || j >= window_lo[i]);
+        row_lg[i] = visible ? row_lg[i] : kNegInf;
+        m_new[i] = std::max(m_new[i], row_lg[i]);
+      }
+    }
+    for (int i = 0; i < Np; ++i) {
+      const float m_old = st.m[i < N ? i : 0];
+      rescale[i] = m_old == kNegInf ? 0.f : exp_nonpositive(m_old - m_new[i]);
+    }
+    for (int j = 0; j < n; ++j) {
+      float* row_lg = lg.data() + static_cast<size_t>(j) * Np;
+      for (int i = 0; i < Np; ++i) {
+        const float e = exp_nonpositive(row_lg[i] - m_new[i]);
+        row_lg[i] = row_lg[i] == kNegInf ? 0.f : e;
+      }
+    }
+    for (int i = 0; i < N; ++i) {
+      float sum = 0.f;
+      for (int j = 0; j < n; ++j) sum += lg[j * Np + i];
+      st.l[i] = st.l[i] * rescale[i] + sum;
+      st.m[i] = m_new[i];
+      // acc_i = acc_i * rescale + sum_j p_ji v_j, 64 channels at a time in registers.
+      float* acc = st.acc.data() + static_cast<size_t>(i) * Dv;
+      for (int d0 = 0; d0 < Dv; d0 += 64) {
+        const int w = std::min(64, Dv - d0);
+        float a[64];
+        for (int l = 0; l < 64; ++l) a[l] = l < w ? acc[d0 + l] * rescale[i] : 0.f;
+        for (int j = 0; j < n; ++j) {
+          const float pj = lg[j * Np + i];
+          const float* vj = vbuf[j] + d0;
+          for (int l = 0; l < 64; ++l) a[l] += pj * vj[l];
+        }
+        for (int l = 0; l < w; ++l) acc[d0 + l] = a[l];
+      }
+    }
+    start += n;
+  }
+}
+
+constexpr int64_t kTileTokens = 16;  // query tokens of one sequence scored together
+
+struct Task {
+  int64_t row, token_begin, token_end, kv_head;
+};
+
+template <typename T>
+void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const at::Tensor& k_prox,
+         const at::Tensor& k_prox_table, int64_t k_prox_bs, const at::Tensor& v,
+         const at::Tensor& v_table, int64_t v_bs, const c10::optional<at::Tensor>& k_dist,
+         const c10::optional<at::Tensor>& k_dist_table, int64_t k_dist_bs,
+         const at::Tensor& query_start_loc, const at::Tensor& seq_lens, double scale,
+         int64_t sink, int64_t recent, double tau) {
+  const int64_t H = q.size(1), D = q.size(2), Dv = out.size(2);
+  const int64_t Hkv = k_prox.size(1), G = H / Hkv;
+  TORCH_CHECK(D <= 256 && Dv <= 256, "head size <= 256");
+  const Paged<T> kp = make_paged<T>(k_prox, k_prox_table, k_prox_bs);
+  const Paged<T> vv = make_paged<T>(v, v_table, v_bs);
+  const bool has_distant = k_dist.has_value();
+  Paged<T> kd;
+  if (has_distant) kd = make_paged<T>(*k_dist, *k_dist_table, k_dist_bs);
+  const float* qp = q.data_ptr<float>();
+  const float* qdp = q_dist.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t rows = seq_lens.size(0);
+  const int64_t* qsl = query_start_loc.data_ptr<int64_t>();
+  const int64_t* sl = seq_lens.data_ptr<int64_t>();
+  std::vector<Task> tasks;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = qsl[r]; t < qsl[r + 1]; t += kTileTokens)
+      for (int64_t g = 0; g < Hkv; ++g)
+        tasks.push_back({r, t, std::min(t + kTileTokens, qsl[r + 1]), g});
+  const int64_t q_tok = q.stride(0), q_head = q.stride(1);
+  const int64_t o_tok = out.stride(0), o_head = out.stride(1);
+  const float fscale = static_cast<float>(scale);
+
+  auto load = [&](const float* base, const Task& task, int64_t first_pos) {
+    TileQueries tq;
+    tq.n = static_cast<int>((task.token_end - task.token_begin) * G);
+    tq.npad = (tq.n + kLanes - 1) / kLanes * kLanes;
+    tq.dim = static_cast<int>(D);
+    tq.rows.assign(static_cast<size_t>(tq.n) * D, 0.f);
+    tq.cols.assign(static_cast<size_t>(tq.npad) * D, 0.f);
+    tq.pos.assign(tq.npad, -1);
+    int i = 0;
+    for (int64_t t = task.token_begin; t < task.token_end; ++t)
+      for (int64_t h = 0; h < G; ++h, ++i) {
+        const float* src = base + t * q_tok + (task.kv_head * G + h) * q_head;
+        for (int64_t d = 0; d < D; ++d) {
+          tq.rows[i * D + d] = src[d];
+          tq.cols[d * tq.npad + i] = src[d];
+        }
+        tq.pos[i] = first_pos + (t - task.token_begin);
+      }
+    return tq;
+  };
+
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const Task& task = tasks[idx];
+      const int64_t row = task.row, g = task.kv_head;
+      const int64_t p0 = sl[row] - (qsl[row + 1] - task.token_begin);
+      const int64_t p1 = p0 + (task.token_end - task.token_begin) - 1;
+      const TileQueries tq = load(qp, task, p0);
+      Branch prox(tq.n, static_cast<int>(Dv));
+      const int64_t sinks_end = std::min(sink, p1 + 1);
+      const int64_t window_start = std::max(sink, p0 - recent + 1);
+      if (sinks_end > 0)
+        attend_range(prox, tq, kp, vv, row, g, 0, std::min(sinks_end, window_start) - 1, true,
+                     sink, recent, fscale);
+      attend_range(prox, tq, kp, vv, row, g, window_start, p1, true, sink, recent, fscale);
+      Branch dist(tq.n, static_cast<int>(Dv));
+      if (has_distant && p1 - recent >= sink) {
+        const TileQueries tqd = load(qdp, task, p0);
+        attend_range(dist, tqd, kd, vv, row, g, sink, p1 - recent, false, sink, recent, fscale);
+      }
+      for (int i = 0; i < tq.n; ++i) {
+        const int64_t t = task.token_begin + i / G, h = g * G + i % G;
+        float* o = op + t * o_tok + h * o_head;
+        float gate = 1.f;
+        if (dist.l[i] > 0.f) {
+          // g = sigmoid(lse_P - lse_D), lse = m + log l
+          const float diff =
+              (prox.m[i] + std::log(prox.l[i])) - (dist.m[i] + std::log(dist.l[i]));
+          gate = 1.f / (1.f + std::exp(-diff));
+          if (tau > 0 && gate >= tau) gate = 1.f;
+        }
+        const float wp = gate / prox.l[i];
+        const float wd = gate < 1.f ? (1.f - gate) / dist.l[i] : 0.f;
+        const float* ap = prox.acc.data() + static_cast<size_t>(i) * Dv;
+        const float* ad = dist.acc.data() + static_cast<size_t>(i) * Dv;
+        for (int64_t d = 0; d < Dv; ++d) o[d] = wp * ap[d] + wd * ad[d];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// out [T, H, Dv] float32; q, q_dist [T, H, D] float32; caches as channel-sliced views.
+void pod_attention(at::Tensor out, at::Tensor q, at::Tensor q_dist, at::Tensor k_prox,
+                   at::Tensor k_prox_table, int64_t k_prox_bs, at::Tensor v, at::Tensor v_table,
+                   int64_t v_bs, c10::optional<at::Tensor> k_dist,
+                   c10::optional<at::Tensor> k_dist_table, int64_t k_dist_bs,
+                   at::Tensor query_start_loc, at::Tensor seq_lens, double scale, int64_t sink,
+                   int64_t recent, double tau) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && q.scalar_type() == at::kFloat, "float32 q/out");
+  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "dense head dim");
+  TORCH_CHECK(k_prox.scalar_type() == v.scalar_type(), "caches share a dtype");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "pod_attention", [&] {
+    run<scalar_t>(out, q, q_dist, k_prox, k_prox_table, k_prox_bs, v, v_table, v_bs, k_dist,
+                  k_dist_table, k_dist_bs, query_start_loc, seq_lens, scale, sink, recent, tau);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pod_attention", &pod_attention, "Paged PoD attention (CPU)");
+}

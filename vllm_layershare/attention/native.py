@@ -1,0 +1,42 @@
+"""The compiled CPU kernel (csrc/pod_attention_cpu.cpp), same contract as portable.py.
+
+It walks the paged caches directly (no gathers) with one online softmax per branch.
+Absent when the package was built without PyTorch; then portable.py is used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_layershare.attention.portable import LayerInputs
+
+try:
+    from vllm_layershare import _C
+except ImportError:  # built without the extension
+    _C = None
+
+
+def available(device: torch.device) -> bool:
+    return _C is not None and device.type == "cpu"
+
+
+def native_pod_attention(
+    inputs: LayerInputs, query_start_loc: list[int], seq_lens: list[int], output: torch.Tensor
+) -> None:
+    """Write attention of every scheduled token into `output` [T, H, Dv]."""
+    kp, v, kd = inputs.k_prox, inputs.v, inputs.k_distant
+    q = inputs.q.float()
+    out = torch.empty(output.shape, dtype=torch.float32)
+    distant = kd is not None
+    _C.pod_attention(
+        out, q, inputs.q_distant.float() if distant else q,
+        kp.cache[..., kp.lo : kp.hi], kp.block_table, kp.block_size,
+        v.cache[..., v.lo : v.hi], v.block_table, v.block_size,
+        kd.cache[..., kd.lo : kd.hi] if distant else None,
+        kd.block_table if distant else None, kd.block_size if distant else 1,
+        torch.tensor(query_start_loc, dtype=torch.int64),
+        torch.tensor(seq_lens, dtype=torch.int64),
+        inputs.scale, inputs.sink, inputs.recent,
+        -1.0 if inputs.gate_skip_threshold is None else inputs.gate_skip_threshold,
+    )
+    output.copy_(out)
