@@ -26,7 +26,7 @@
 
 namespace {
 
-constexpr int kChunk = 32;  // keys scored together before one rescale
+constexpr int kChunk = 64;  // keys scored together before one rescale
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline float to_float(float x) { return x; }
@@ -134,36 +134,58 @@ void attend_range(Branch& st, const TileQueries& tq, const Paged<T>& keys,
                   const Paged<T>& values, int64_t row, int64_t kv_head, int64_t first,
                   int64_t last, bool proximal, int64_t sink, int64_t recent, float scale) {
   const int N = tq.n, Np = tq.npad, D = tq.dim, Dv = st.dim_v;
-  std::vector<float> lg(static_cast<size_t>(kChunk) * Np);
+  std::vector<float> lg(static_cast<size_t>(kChunk + 4) * Np);
   std::vector<float> m_new(Np), rescale(Np);
   std::vector<int32_t> hi(Np), sink_hi(Np), window_lo(Np);
-  float kbuf[kChunk][256];
+  float kbuf[kChunk + 4][256] = {};  // rows past a short chunk are scored, then ignored
   float vbuf[kChunk][256];
   for (int64_t start = first; start <= last;) {
-    // A chunk never crosses a block boundary, so two lookups serve all its tokens.
-    const int n = static_cast<int>(std::min<int64_t>(
-        std::min<int64_t>(kChunk, last - start + 1),
-        std::min(keys.run_length(start), values.run_length(start))));
-    const T* k0 = keys.at(row, kv_head, start);
-    const T* v0 = values.at(row, kv_head, start);
+    const int n = static_cast<int>(std::min<int64_t>(kChunk, last - start + 1));
+    // Walk the pages: a table lookup only where a block starts, no division per key.
+    const T* k = nullptr;
+    const T* v = nullptr;
+    int64_t k_left = 0, v_left = 0;
     for (int j = 0; j < n; ++j) {
-      const T* __restrict k = k0 + j * keys.s_token;
-      const T* __restrict v = v0 + j * values.s_token;
+      const int64_t pos = start + j;
+      if (k_left == 0) {
+        k = keys.at(row, kv_head, pos);
+        k_left = keys.run_length(pos);
+      }
+      if (v_left == 0) {
+        v = values.at(row, kv_head, pos);
+        v_left = values.run_length(pos);
+      }
       for (int d = 0; d < D; ++d) kbuf[j][d] = to_float(k[d]);
       for (int d = 0; d < Dv; ++d) vbuf[j][d] = to_float(v[d]);
+      k += keys.s_token;
+      v += values.s_token;
+      --k_left;
+      --v_left;
     }
     // Scores, lg[j][i] = scale * q_i . k_j.
     if (N >= kWideTile) {
+      // Four keys at a time: four independent accumulator chains per query vector.
       for (int i0 = 0; i0 < Np; i0 += kLanes) {
-        for (int j = 0; j < n; ++j) {
-          float a[kLanes] = {0.f};
+        for (int j = 0; j < n; j += 4) {
+          float a0[kLanes] = {0.f}, a1[kLanes] = {0.f}, a2[kLanes] = {0.f}, a3[kLanes] = {0.f};
           for (int d = 0; d < D; ++d) {
-            const float kd = kbuf[j][d];
             const float* qd = tq.cols.data() + static_cast<size_t>(d) * Np + i0;
-            for (int l = 0; l < kLanes; ++l) a[l] += qd[l] * kd;
+            const float k0 = kbuf[j][d], k1 = kbuf[j + 1][d];
+            const float k2 = kbuf[j + 2][d], k3 = kbuf[j + 3][d];
+            for (int l = 0; l < kLanes; ++l) {
+              a0[l] += qd[l] * k0;
+              a1[l] += qd[l] * k1;
+              a2[l] += qd[l] * k2;
+              a3[l] += qd[l] * k3;
+            }
           }
           float* out = lg.data() + static_cast<size_t>(j) * Np + i0;
-          for (int l = 0; l < kLanes; ++l) out[l] = a[l] * scale;
+          for (int l = 0; l < kLanes; ++l) {
+            out[l] = a0[l] * scale;
+            out[Np + l] = a1[l] * scale;
+            out[2 * Np + l] = a2[l] * scale;
+            out[3 * Np + l] = a3[l] * scale;
+          }
         }
       }
     } else {
@@ -212,14 +234,26 @@ void attend_range(Branch& st, const TileQueries& tq, const Paged<T>& keys,
       float* acc = st.acc.data() + static_cast<size_t>(i) * Dv;
       for (int d0 = 0; d0 < Dv; d0 += 64) {
         const int w = std::min(64, Dv - d0);
-        float a[64];
-        for (int l = 0; l < 64; ++l) a[l] = l < w ? acc[d0 + l] * rescale[i] : 0.f;
-        for (int j = 0; j < n; ++j) {
-          const float pj = lg[j * Np + i];
-          const float* vj = vbuf[j] + d0;
-          for (int l = 0; l < 64; ++l) a[l] += pj * vj[l];
+        float a[64], b[64];  // even and odd keys: two independent chains
+        for (int l = 0; l < 64; ++l) {
+          a[l] = l < w ? acc[d0 + l] * rescale[i] : 0.f;
+          b[l] = 0.f;
         }
-        for (int l = 0; l < w; ++l) acc[d0 + l] = a[l];
+        int j = 0;
+        for (; j + 1 < n; j += 2) {
+          const float p0 = lg[j * Np + i], p1 = lg[(j + 1) * Np + i];
+          const float* v0 = vbuf[j] + d0;
+          const float* v1 = vbuf[j + 1] + d0;
+          for (int l = 0; l < 64; ++l) {
+            a[l] += p0 * v0[l];
+            b[l] += p1 * v1[l];
+          }
+        }
+        if (j < n) {
+          const float p0 = lg[j * Np + i];
+          for (int l = 0; l < 64; ++l) a[l] += p0 * vbuf[j][d0 + l];
+        }
+        for (int l = 0; l < w; ++l) acc[d0 + l] = a[l] + b[l];
       }
     }
     start += n;

@@ -38,7 +38,7 @@ class PagedBatch:
     """Sequences laid into paged caches through shuffled block tables, like vLLM's."""
 
     def __init__(self, lengths: list[int], block_size: int, gen: torch.Generator,
-                 keep=None, dtype=torch.float32):
+                 dtype=torch.float32):
         self.block_size = block_size
         self.dtype = dtype
         blocks_per_seq = [math.ceil(n / block_size) for n in lengths]
@@ -51,27 +51,22 @@ class PagedBatch:
             self.block_table[row, :nb] = ids[offset : offset + nb]
             offset += nb
         self.num_blocks = num_blocks
-        self.keep = keep  # keep(position, length) -> whether a follower key is stored
 
-    def part(self, per_seq: list[torch.Tensor], keyed: bool = False) -> PagedPart:
-        """A cache holding per_seq[row] [L, Hkv, D]; unkept follower keys are NaN."""
+    def part(self, rows: list[int], per_seq: list[torch.Tensor]) -> PagedPart:
+        """A NaN-filled cache holding per_seq[i] [L, Hkv, D] for request rows[i]."""
+        table = self.block_table[rows]
         cache = torch.full((self.num_blocks, KV_HEADS, self.block_size, DIM), float("nan"),
                            dtype=self.dtype)
-        for row, data in enumerate(per_seq):
+        for i, data in enumerate(per_seq):
             for pos in range(data.shape[0]):
-                if keyed and self.keep is not None and not self.keep(pos, data.shape[0]):
-                    continue
-                block = self.block_table[row, pos // self.block_size]
-                cache[block, :, pos % self.block_size] = data[pos]
-        return PagedPart(cache, 0, DIM, self.block_table, self.block_size)
+                cache[table[i, pos // self.block_size], :, pos % self.block_size] = data[pos]
+        return PagedPart(cache, 0, DIM, table, self.block_size)
 
 
 def run_paged(impl, seqs, feed, block_size, gen, *, sink, recent, share="scores", tau=None,
               leader=False, cache_dtype=torch.float32):
     """Feed sequences in steps; feed[row] lists query counts per step. Returns outputs."""
     lengths = [s["q"].shape[0] for s in seqs]
-    # A follower key survives at the end only if it is a sink or in the last window;
-    # per step we check only the keys a step may read (window of that step).
     batch = PagedBatch(lengths, block_size, gen, dtype=cache_dtype)
     outs = [torch.zeros(n, HEADS, DIM) for n in lengths]
     done = [0] * len(seqs)
@@ -86,28 +81,24 @@ def run_paged(impl, seqs, feed, block_size, gen, *, sink, recent, share="scores"
             loc.append(loc[-1] + n)
             seq_lens.append(b)
             spans.append((r, a, b))
-        # Keys a follower may hold at this step: sinks and the window of its first query.
-        sub = PagedBatch.__new__(PagedBatch)
-        sub.__dict__.update(batch.__dict__)
-        sub.block_table = batch.block_table[rows]
-        firsts = {i: done[r] for i, r in enumerate(rows)}
+        # A follower holds keys of sinks and of its first query's window only, as vLLM's
+        # block manager leaves them; freed keys are NaN, so reading one fails the test.
         k_prox_data = []
         for i, r in enumerate(rows):
             k = seqs[r]["k"][: seq_lens[i]].clone()
             if not leader:
-                for pos in range(k.shape[0]):
-                    if pos >= sink and pos <= firsts[i] - recent:
-                        k[pos] = float("nan")
+                k[sink : max(sink, done[r] - recent + 1)] = float("nan")
             k_prox_data.append(k)
         inputs = LayerInputs(
             q=torch.cat(q_parts), scale=SCALE,
-            k_prox=sub.part(k_prox_data),
-            v=sub.part([seqs[r]["v"][: seq_lens[i]] for i, r in enumerate(rows)]),
+            k_prox=batch.part(rows, k_prox_data),
+            v=batch.part(rows, [seqs[r]["v"][: seq_lens[i]] for i, r in enumerate(rows)]),
         )
         if not leader:
             inputs.sink, inputs.recent = sink, recent
             inputs.q_distant = torch.cat(qd_parts)
-            inputs.k_distant = sub.part([seqs[r]["ka"][: seq_lens[i]] for i, r in enumerate(rows)])
+            inputs.k_distant = batch.part(rows, [seqs[r]["ka"][: seq_lens[i]]
+                                                 for i, r in enumerate(rows)])
             inputs.gate_skip_threshold = tau
         out = torch.zeros(loc[-1], HEADS, DIM)
         impl(inputs, loc, seq_lens, out)

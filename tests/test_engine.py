@@ -78,3 +78,30 @@ def test_sharing_changes_outputs(tiny_model, tmp_path):
         tiny_model, load_config(write_grouping(tmp_path / "p.yaml", recent_tokens=4096)), prompt
     )
     assert max(abs(a - b) for a, b in zip(shared, plain, strict=True)) > 1e-2
+
+
+def test_preemption_recompute_gives_same_outputs(tiny_model, tmp_path, monkeypatch):
+    """A KV cache too small for the batch makes vLLM preempt and recompute requests;
+    greedy outputs must equal those of a run with room to spare."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    preemptions = []
+    original = Scheduler._preempt_request
+
+    def counting(self, request, *args, **kwargs):
+        preemptions.append(request.request_id)
+        return original(self, request, *args, **kwargs)
+
+    grouping = write_grouping(tmp_path / "g.yaml")
+    prompts = random_prompts(6, 40, seed=4)
+    roomy = make_llm(tiny_model, grouping, max_model_len=512)
+    expected = generate(roomy, prompts, max_tokens=400)
+    close_llm(roomy)
+
+    monkeypatch.setattr(Scheduler, "_preempt_request", counting)
+    tight = make_llm(tiny_model, grouping, max_model_len=512,
+                     kv_cache_memory_bytes=1_700_000, max_num_batched_tokens=128)
+    got = generate(tight, prompts, max_tokens=400)
+    close_llm(tight)
+    assert preemptions, "the small cache did not force any preemption"
+    assert got == expected
