@@ -118,6 +118,7 @@ struct Branch {
 
 constexpr int kLanes = 16;    // floats per vector register (AVX-512); loops are written in these
 constexpr int kWideTile = 8;  // from this many query vectors, score keys column-wise
+constexpr int kKeyBlock = 4;  // keys scored together in the wide path
 
 // The query vectors of one tile: `n` rows of `dim`, also transposed ([dim][npad]).
 struct TileQueries {
@@ -126,18 +127,69 @@ struct TileQueries {
   std::vector<int64_t> pos;  // position of each query vector; -1 for padding lanes
 };
 
-// Add keys [first, last] to a branch. proximal: visible iff j <= p and (j < sink or
-// j > p - recent); distant: visible iff j <= p - recent (j >= sink by the range).
-// Logits are kept key-major ([key][query]) so masking and softmax vectorize over queries.
+// Visible chunk offsets j of a query at position p, for keys start..: proximal
+// j <= hi and (j <= sink_hi or j >= window_lo); distant j <= hi. int32, clamped.
+struct Bounds {
+  int32_t hi, sink_hi, window_lo;
+};
+
+inline Bounds bounds_for(int64_t p, int64_t start, bool proximal, int64_t sink,
+                         int64_t recent) {
+  const auto clamp = [](int64_t x) {
+    return static_cast<int32_t>(std::max<int64_t>(-1, std::min<int64_t>(x, kChunk)));
+  };
+  if (p < 0) return {-1, -1, kChunk};
+  if (!proximal) return {clamp(p - recent - start), kChunk, 0};
+  return {clamp(p - start), clamp(sink - 1 - start), clamp(p - recent + 1 - start)};
+}
+
+// acc = acc * rescale + sum_j p[j * stride] v_j over n keys, 64 channels at a time
+// in registers, even and odd keys in two independent chains.
+inline void accumulate_values(float* acc, int Dv, float rescale, const float* p, int stride,
+                              const float (*vbuf)[256], int n) {
+  for (int d0 = 0; d0 < Dv; d0 += 64) {
+    // Full 64-channel slices (the usual head sizes) take the branch-free loops.
+    const bool full = Dv - d0 >= 64;
+    float a[64], b[64];
+    if (full) {
+      for (int l = 0; l < 64; ++l) a[l] = acc[d0 + l] * rescale;
+    } else {
+      for (int l = 0; l < 64; ++l) a[l] = d0 + l < Dv ? acc[d0 + l] * rescale : 0.f;
+    }
+    for (int l = 0; l < 64; ++l) b[l] = 0.f;
+    int j = 0;
+    for (; j + 1 < n; j += 2) {
+      const float p0 = p[j * stride], p1 = p[(j + 1) * stride];
+      const float* v0 = vbuf[j] + d0;
+      const float* v1 = vbuf[j + 1] + d0;
+      for (int l = 0; l < 64; ++l) {
+        a[l] += p0 * v0[l];
+        b[l] += p1 * v1[l];
+      }
+    }
+    if (j < n) {
+      const float p0 = p[j * stride];
+      for (int l = 0; l < 64; ++l) a[l] += p0 * vbuf[j][d0 + l];
+    }
+    if (full) {
+      for (int l = 0; l < 64; ++l) acc[d0 + l] = a[l] + b[l];
+    } else {
+      for (int l = 0; d0 + l < Dv; ++l) acc[d0 + l] = a[l] + b[l];
+    }
+  }
+}
+
+// Many query vectors (prefill tiles): logits key-major ([key][query]) so that
+// scoring, masking and softmax vectorize over queries.
 template <typename T>
-void attend_range(Branch& st, const TileQueries& tq, const Paged<T>& keys,
+void attend_range_wide(Branch& st, const TileQueries& tq, const Paged<T>& keys,
                   const Paged<T>& values, int64_t row, int64_t kv_head, int64_t first,
                   int64_t last, bool proximal, int64_t sink, int64_t recent, float scale) {
   const int N = tq.n, Np = tq.npad, D = tq.dim, Dv = st.dim_v;
-  std::vector<float> lg(static_cast<size_t>(kChunk + 4) * Np);
+  std::vector<float> lg(static_cast<size_t>(kChunk + kKeyBlock) * Np);
   std::vector<float> m_new(Np), rescale(Np);
   std::vector<int32_t> hi(Np), sink_hi(Np), window_lo(Np);
-  float kbuf[kChunk + 4][256] = {};  // rows past a short chunk are scored, then ignored
+  float kbuf[kChunk + kKeyBlock][256] = {};  // rows past a short chunk: scored, ignored
   float vbuf[kChunk][256];
   for (int64_t start = first; start <= last;) {
     const int n = static_cast<int>(std::min<int64_t>(kChunk, last - start + 1));
@@ -162,48 +214,36 @@ void attend_range(Branch& st, const TileQueries& tq, const Paged<T>& keys,
       --k_left;
       --v_left;
     }
-    // Scores, lg[j][i] = scale * q_i . k_j.
-    if (N >= kWideTile) {
-      // Four keys at a time: four independent accumulator chains per query vector.
-      for (int i0 = 0; i0 < Np; i0 += kLanes) {
-        for (int j = 0; j < n; j += 4) {
-          float a0[kLanes] = {0.f}, a1[kLanes] = {0.f}, a2[kLanes] = {0.f}, a3[kLanes] = {0.f};
-          for (int d = 0; d < D; ++d) {
-            const float* qd = tq.cols.data() + static_cast<size_t>(d) * Np + i0;
-            const float k0 = kbuf[j][d], k1 = kbuf[j + 1][d];
-            const float k2 = kbuf[j + 2][d], k3 = kbuf[j + 3][d];
-            for (int l = 0; l < kLanes; ++l) {
-              a0[l] += qd[l] * k0;
-              a1[l] += qd[l] * k1;
-              a2[l] += qd[l] * k2;
-              a3[l] += qd[l] * k3;
-            }
-          }
-          float* out = lg.data() + static_cast<size_t>(j) * Np + i0;
+    // Scores lg[j][i] = scale * q_i . k_j, four keys at a time: four independent
+    // accumulator chains per vector of query lanes.
+    for (int i0 = 0; i0 < Np; i0 += kLanes) {
+      for (int j = 0; j < n; j += kKeyBlock) {
+        float a0[kLanes] = {0.f}, a1[kLanes] = {0.f}, a2[kLanes] = {0.f}, a3[kLanes] = {0.f};
+        for (int d = 0; d < D; ++d) {
+          const float* qd = tq.cols.data() + static_cast<size_t>(d) * Np + i0;
+          const float k0 = kbuf[j][d], k1 = kbuf[j + 1][d];
+          const float k2 = kbuf[j + 2][d], k3 = kbuf[j + 3][d];
           for (int l = 0; l < kLanes; ++l) {
-            out[l] = a0[l] * scale;
-            out[Np + l] = a1[l] * scale;
-            out[2 * Np + l] = a2[l] * scale;
-            out[3 * Np + l] = a3[l] * scale;
+            a0[l] += qd[l] * k0;
+            a1[l] += qd[l] * k1;
+            a2[l] += qd[l] * k2;
+            a3[l] += qd[l] * k3;
           }
         }
-      }
-    } else {
-      for (int j = 0; j < n; ++j) {
-        for (int i = 0; i < N; ++i)
-          lg[j * Np + i] = dot(tq.rows.data() + static_cast<size_t>(i) * D, kbuf[j], D) * scale;
-        for (int i = N; i < Np; ++i) lg[j * Np + i] = 0.f;
+        float* out = lg.data() + static_cast<size_t>(j) * Np + i0;
+        for (int l = 0; l < kLanes; ++l) {
+          out[l] = a0[l] * scale;
+          out[Np + l] = a1[l] * scale;
+          out[2 * Np + l] = a2[l] * scale;
+          out[3 * Np + l] = a3[l] * scale;
+        }
       }
     }
-    // Visibility bounds of each query, as chunk offsets in int32 (vectorizes).
     for (int i = 0; i < Np; ++i) {
-      const int64_t p = tq.pos[i];
-      const auto clamp = [](int64_t x) {
-        return static_cast<int32_t>(std::max<int64_t>(-1, std::min<int64_t>(x, kChunk)));
-      };
-      hi[i] = p < 0 ? -1 : clamp(proximal ? p - start : p - recent - start);
-      sink_hi[i] = proximal ? clamp(sink - 1 - start) : kChunk;
-      window_lo[i] = proximal ? clamp(p - recent + 1 - start) : 0;
+      const Bounds b = bounds_for(tq.pos[i], start, proximal, sink, recent);
+      hi[i] = b.hi;
+      sink_hi[i] = b.sink_hi;
+      window_lo[i] = b.window_lo;
       m_new[i] = st.m[i < N ? i : 0];
     }
     for (int j = 0; j < n; ++j) {
@@ -230,34 +270,91 @@ void attend_range(Branch& st, const TileQueries& tq, const Paged<T>& keys,
       for (int j = 0; j < n; ++j) sum += lg[j * Np + i];
       st.l[i] = st.l[i] * rescale[i] + sum;
       st.m[i] = m_new[i];
-      // acc_i = acc_i * rescale + sum_j p_ji v_j, 64 channels at a time in registers.
-      float* acc = st.acc.data() + static_cast<size_t>(i) * Dv;
-      for (int d0 = 0; d0 < Dv; d0 += 64) {
-        const int w = std::min(64, Dv - d0);
-        float a[64], b[64];  // even and odd keys: two independent chains
-        for (int l = 0; l < 64; ++l) {
-          a[l] = l < w ? acc[d0 + l] * rescale[i] : 0.f;
-          b[l] = 0.f;
-        }
-        int j = 0;
-        for (; j + 1 < n; j += 2) {
-          const float p0 = lg[j * Np + i], p1 = lg[(j + 1) * Np + i];
-          const float* v0 = vbuf[j] + d0;
-          const float* v1 = vbuf[j + 1] + d0;
-          for (int l = 0; l < 64; ++l) {
-            a[l] += p0 * v0[l];
-            b[l] += p1 * v1[l];
-          }
-        }
-        if (j < n) {
-          const float p0 = lg[j * Np + i];
-          for (int l = 0; l < 64; ++l) a[l] += p0 * vbuf[j][d0 + l];
-        }
-        for (int l = 0; l < w; ++l) acc[d0 + l] = a[l] + b[l];
-      }
+      accumulate_values(st.acc.data() + static_cast<size_t>(i) * Dv, Dv, rescale[i],
+                        lg.data() + i, Np, vbuf, n);
     }
     start += n;
   }
+}
+
+// Few query vectors (decode): logits kept per query ([query][key]) so that masking,
+// softmax and sums run along contiguous keys; scores by row dot products.
+template <typename T>
+void attend_range_narrow(Branch& st, const TileQueries& tq, const Paged<T>& keys,
+                         const Paged<T>& values, int64_t row, int64_t kv_head, int64_t first,
+                         int64_t last, bool proximal, int64_t sink, int64_t recent,
+                         float scale) {
+  const int N = tq.n, D = tq.dim, Dv = st.dim_v;
+  float lg[kWideTile][kChunk];
+  float kf[256];
+  float vbuf[kChunk][256];
+  for (int64_t start = first; start <= last;) {
+    const int n = static_cast<int>(std::min<int64_t>(kChunk, last - start + 1));
+    const T* k = nullptr;
+    const T* v = nullptr;
+    int64_t k_left = 0, v_left = 0;
+    for (int j = 0; j < n; ++j) {
+      const int64_t pos = start + j;
+      if (k_left == 0) {
+        k = keys.at(row, kv_head, pos);
+        k_left = keys.run_length(pos);
+      }
+      if (v_left == 0) {
+        v = values.at(row, kv_head, pos);
+        v_left = values.run_length(pos);
+      }
+      for (int d = 0; d < D; ++d) kf[d] = to_float(k[d]);
+      for (int d = 0; d < Dv; ++d) vbuf[j][d] = to_float(v[d]);
+      for (int i = 0; i < N; ++i) lg[i][j] = dot(tq.rows.data() + static_cast<size_t>(i) * D, kf, D) * scale;
+      k += keys.s_token;
+      v += values.s_token;
+      --k_left;
+      --v_left;
+    }
+    for (int i = 0; i < N; ++i) {
+      float* li = lg[i];
+      const Bounds b = bounds_for(tq.pos[i], start, proximal, sink, recent);
+      for (int j = 0; j < kChunk; ++j) {
+        const bool visible = j < n && j <= b.hi && (j <= b.sink_hi || j >= b.window_lo);
+        li[j] = visible ? li[j] : kNegInf;
+      }
+      float lanes[kLanes];
+      for (int l = 0; l < kLanes; ++l) lanes[l] = li[l];
+      for (int j = kLanes; j < kChunk; j += kLanes)
+        for (int l = 0; l < kLanes; ++l) lanes[l] = std::max(lanes[l], li[j + l]);
+      float block_max = kNegInf;
+      for (int l = 0; l < kLanes; ++l) block_max = std::max(block_max, lanes[l]);
+      if (block_max == kNegInf) continue;
+      const float m_new = std::max(st.m[i], block_max);
+      const float rescale = st.m[i] == kNegInf ? 0.f : exp_nonpositive(st.m[i] - m_new);
+      for (int j = 0; j < kChunk; ++j) {
+        const float e = exp_nonpositive(li[j] - m_new);
+        li[j] = li[j] == kNegInf ? 0.f : e;
+      }
+      for (int l = 0; l < kLanes; ++l) lanes[l] = li[l];
+      for (int j = kLanes; j < kChunk; j += kLanes)
+        for (int l = 0; l < kLanes; ++l) lanes[l] += li[j + l];
+      float sum = 0.f;
+      for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+      st.l[i] = st.l[i] * rescale + sum;
+      st.m[i] = m_new;
+      accumulate_values(st.acc.data() + static_cast<size_t>(i) * Dv, Dv, rescale, li, 1, vbuf, n);
+    }
+    start += n;
+  }
+}
+
+// Add keys [first, last] of one branch to its state (see bounds_for for visibility).
+template <typename T>
+void attend_range(Branch& st, const TileQueries& tq, const Paged<T>& keys, const Paged<T>& values,
+                  int64_t row, int64_t kv_head, int64_t first, int64_t last, bool proximal,
+                  int64_t sink, int64_t recent, float scale) {
+  if (tq.n < kWideTile)
+    attend_range_narrow(st, tq, keys, values, row, kv_head, first, last, proximal, sink, recent,
+                        scale);
+  else
+    attend_range_wide(st, tq, keys, values, row, kv_head, first, last, proximal, sink, recent,
+                      scale);
 }
 
 constexpr int64_t kTileTokens = 16;  // query tokens of one sequence scored together
