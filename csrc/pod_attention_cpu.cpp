@@ -179,41 +179,49 @@ inline void accumulate_values(float* acc, int Dv, float rescale, const float* p,
   }
 }
 
+// Keys and values of positions start..start+n-1 into float rows. Walks the pages: a
+// table lookup only where a block starts, no division per key.
+template <typename T>
+void load_chunk(const Paged<T>& keys, const Paged<T>& values, int64_t row, int64_t kv_head,
+                int64_t start, int n, int D, int Dv, float (*kbuf)[256], float (*vbuf)[256]) {
+  const T* k = nullptr;
+  const T* v = nullptr;
+  int64_t k_left = 0, v_left = 0;
+  for (int j = 0; j < n; ++j) {
+    const int64_t pos = start + j;
+    if (k_left == 0) {
+      k = keys.at(row, kv_head, pos);
+      k_left = keys.run_length(pos);
+    }
+    if (v_left == 0) {
+      v = values.at(row, kv_head, pos);
+      v_left = values.run_length(pos);
+    }
+    for (int d = 0; d < D; ++d) kbuf[j][d] = to_float(k[d]);
+    for (int d = 0; d < Dv; ++d) vbuf[j][d] = to_float(v[d]);
+    k += keys.s_token;
+    v += values.s_token;
+    --k_left;
+    --v_left;
+  }
+}
+
 // Many query vectors (prefill tiles): logits key-major ([key][query]) so that
 // scoring, masking and softmax vectorize over queries.
 template <typename T>
 void attend_range_wide(Branch& st, const TileQueries& tq, const Paged<T>& keys,
-                  const Paged<T>& values, int64_t row, int64_t kv_head, int64_t first,
-                  int64_t last, bool proximal, int64_t sink, int64_t recent, float scale) {
+                       const Paged<T>& values, int64_t row, int64_t kv_head, int64_t first,
+                       int64_t last, bool proximal, int64_t sink, int64_t recent,
+                       float scale) {
   const int N = tq.n, Np = tq.npad, D = tq.dim, Dv = st.dim_v;
   std::vector<float> lg(static_cast<size_t>(kChunk + kKeyBlock) * Np);
-  std::vector<float> m_new(Np), rescale(Np);
+  std::vector<float> m_new(Np), rescale(Np), row_sum(Np);
   std::vector<int32_t> hi(Np), sink_hi(Np), window_lo(Np);
   float kbuf[kChunk + kKeyBlock][256] = {};  // rows past a short chunk: scored, ignored
   float vbuf[kChunk][256];
   for (int64_t start = first; start <= last;) {
     const int n = static_cast<int>(std::min<int64_t>(kChunk, last - start + 1));
-    // Walk the pages: a table lookup only where a block starts, no division per key.
-    const T* k = nullptr;
-    const T* v = nullptr;
-    int64_t k_left = 0, v_left = 0;
-    for (int j = 0; j < n; ++j) {
-      const int64_t pos = start + j;
-      if (k_left == 0) {
-        k = keys.at(row, kv_head, pos);
-        k_left = keys.run_length(pos);
-      }
-      if (v_left == 0) {
-        v = values.at(row, kv_head, pos);
-        v_left = values.run_length(pos);
-      }
-      for (int d = 0; d < D; ++d) kbuf[j][d] = to_float(k[d]);
-      for (int d = 0; d < Dv; ++d) vbuf[j][d] = to_float(v[d]);
-      k += keys.s_token;
-      v += values.s_token;
-      --k_left;
-      --v_left;
-    }
+    load_chunk(keys, values, row, kv_head, start, n, D, Dv, kbuf, vbuf);
     // Scores lg[j][i] = scale * q_i . k_j, four keys at a time: four independent
     // accumulator chains per vector of query lanes.
     for (int i0 = 0; i0 < Np; i0 += kLanes) {
@@ -258,17 +266,17 @@ void attend_range_wide(Branch& st, const TileQueries& tq, const Paged<T>& keys,
       const float m_old = st.m[i < N ? i : 0];
       rescale[i] = m_old == kNegInf ? 0.f : exp_nonpositive(m_old - m_new[i]);
     }
+    std::fill(row_sum.begin(), row_sum.end(), 0.f);
     for (int j = 0; j < n; ++j) {
       float* row_lg = lg.data() + static_cast<size_t>(j) * Np;
       for (int i = 0; i < Np; ++i) {
         const float e = exp_nonpositive(row_lg[i] - m_new[i]);
         row_lg[i] = row_lg[i] == kNegInf ? 0.f : e;
+        row_sum[i] += row_lg[i];  // summed across queries' lanes, not along a chain
       }
     }
     for (int i = 0; i < N; ++i) {
-      float sum = 0.f;
-      for (int j = 0; j < n; ++j) sum += lg[j * Np + i];
-      st.l[i] = st.l[i] * rescale[i] + sum;
+      st.l[i] = st.l[i] * rescale[i] + row_sum[i];
       st.m[i] = m_new[i];
       accumulate_values(st.acc.data() + static_cast<size_t>(i) * Dv, Dv, rescale[i],
                         lg.data() + i, Np, vbuf, n);
@@ -286,31 +294,14 @@ void attend_range_narrow(Branch& st, const TileQueries& tq, const Paged<T>& keys
                          float scale) {
   const int N = tq.n, D = tq.dim, Dv = st.dim_v;
   float lg[kWideTile][kChunk];
-  float kf[256];
+  float kbuf[kChunk][256];
   float vbuf[kChunk][256];
   for (int64_t start = first; start <= last;) {
     const int n = static_cast<int>(std::min<int64_t>(kChunk, last - start + 1));
-    const T* k = nullptr;
-    const T* v = nullptr;
-    int64_t k_left = 0, v_left = 0;
-    for (int j = 0; j < n; ++j) {
-      const int64_t pos = start + j;
-      if (k_left == 0) {
-        k = keys.at(row, kv_head, pos);
-        k_left = keys.run_length(pos);
-      }
-      if (v_left == 0) {
-        v = values.at(row, kv_head, pos);
-        v_left = values.run_length(pos);
-      }
-      for (int d = 0; d < D; ++d) kf[d] = to_float(k[d]);
-      for (int d = 0; d < Dv; ++d) vbuf[j][d] = to_float(v[d]);
-      for (int i = 0; i < N; ++i) lg[i][j] = dot(tq.rows.data() + static_cast<size_t>(i) * D, kf, D) * scale;
-      k += keys.s_token;
-      v += values.s_token;
-      --k_left;
-      --v_left;
-    }
+    load_chunk(keys, values, row, kv_head, start, n, D, Dv, kbuf, vbuf);
+    for (int j = 0; j < n; ++j)
+      for (int i = 0; i < N; ++i)
+        lg[i][j] = dot(tq.rows.data() + static_cast<size_t>(i) * D, kbuf[j], D) * scale;
     for (int i = 0; i < N; ++i) {
       float* li = lg[i];
       const Bounds b = bounds_for(tq.pos[i], start, proximal, sink, recent);
