@@ -463,6 +463,28 @@ void pod_attention(at::Tensor out, at::Tensor q, at::Tensor q_dist, at::Tensor k
   });
 }
 
+// cache[block, :, offset, :] = data[t] for slot = block * block_size + offset of each
+// token t; slots < 0 (padding) are skipped. cache [B,H,N,C] (C dense), data [T,H,C].
+void write_slots(at::Tensor cache, at::Tensor slots, int64_t block_size, at::Tensor data) {
+  TORCH_CHECK(cache.scalar_type() == data.scalar_type(), "cache and data share a dtype");
+  TORCH_CHECK(cache.stride(3) == 1 && data.stride(2) == 1, "dense channels");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "int64 slots");
+  const int64_t tokens = slots.size(0), heads = data.size(1), width = data.size(2);
+  const int64_t bytes = width * data.element_size();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  auto* dst = static_cast<char*>(cache.data_ptr());
+  const auto* src = static_cast<const char*>(data.data_ptr());
+  const int64_t es = data.element_size();
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (slot[t] < 0) continue;
+    const int64_t block = slot[t] / block_size, offset = slot[t] % block_size;
+    for (int64_t h = 0; h < heads; ++h)
+      std::memcpy(dst + (block * cache.stride(0) + h * cache.stride(1) + offset * cache.stride(2)) * es,
+                  src + (t * data.stride(0) + h * data.stride(1)) * es, bytes);
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pod_attention", &pod_attention, "Paged PoD attention (CPU)");
+  m.def("write_slots", &write_slots, "Store tokens' K or V into a paged cache (CPU)");
 }

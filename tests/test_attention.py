@@ -208,3 +208,18 @@ def test_native_half_precision_caches(dtype):
     for seq, out in zip(seqs, outs, strict=True):
         torch.testing.assert_close(out.double(), reference(seq, sink=3, recent=9),
                                    atol=2e-5, rtol=1e-4)
+
+
+def test_native_write_slots_matches_indexing():
+    """The kernel's cache writer stores each token at its slot and skips padding (-1)."""
+    assert native.available(torch.device("cpu")), "the CPU kernel was not built"
+    gen = torch.Generator().manual_seed(29)
+    cache = torch.zeros(6, KV_HEADS, 4, 2 * DIM)
+    expected = cache.clone()
+    data = torch.randn(5, KV_HEADS, DIM, generator=gen)
+    slots = torch.tensor([7, 0, 22, -1, 13])
+    native.write_slots(cache[..., DIM:], slots, 4, data)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            expected[slot // 4, :, slot % 4, DIM:] = data[t]
+    assert torch.equal(cache, expected)

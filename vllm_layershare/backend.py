@@ -82,6 +82,8 @@ class LayershareMetadata:
     num_actual_tokens: int
     query_start_loc: list[int]
     seq_lens: list[int]
+    query_start_loc_cpu: torch.Tensor  # the same, as int64 host tensors (CPU kernel)
+    seq_lens_cpu: torch.Tensor
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     block_size: int
@@ -107,10 +109,14 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
         fast_build: bool = False,
     ) -> LayershareMetadata:
         m = common_attn_metadata
+        query_start_loc = m.query_start_loc_cpu[: m.num_reqs + 1].long()
+        seq_lens = m.seq_lens[: m.num_reqs].cpu().long()
         return LayershareMetadata(
             num_actual_tokens=m.num_actual_tokens,
-            query_start_loc=m.query_start_loc_cpu[: m.num_reqs + 1].tolist(),
-            seq_lens=m.seq_lens[: m.num_reqs].cpu().tolist(),
+            query_start_loc=query_start_loc.tolist(),
+            seq_lens=seq_lens.tolist(),
+            query_start_loc_cpu=query_start_loc,
+            seq_lens_cpu=seq_lens,
             block_table=m.block_table_tensor[: m.num_reqs].long(),
             slot_mapping=m.slot_mapping[: m.num_actual_tokens].long(),
             block_size=self.block_size,
@@ -129,6 +135,9 @@ def write_cache(cache: torch.Tensor, lo: int, hi: int, data: torch.Tensor,
                 meta: LayershareMetadata) -> None:
     """Store data [T, Hkv, hi-lo] at the slots of the group's slot mapping."""
     slots = meta.slot_mapping
+    if native.available(cache.device):
+        native.write_slots(cache[..., lo:hi], slots, meta.block_size, data)
+        return
     data = data[: slots.shape[0]]
     keep = slots >= 0
     if not bool(keep.all()):
@@ -220,10 +229,12 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             )
         else:
             inputs = self._follower_inputs(ctx, role, query, key, value, kv_cache, attn_metadata)
-        attend = native.native_pod_attention if native.available(query.device) else (
-            paged_pod_attention
-        )
-        attend(inputs, attn_metadata.query_start_loc, attn_metadata.seq_lens, output[:n])
+        if native.available(query.device):
+            native.native_pod_attention(inputs, attn_metadata.query_start_loc_cpu,
+                                        attn_metadata.seq_lens_cpu, output[:n])
+        else:
+            paged_pod_attention(inputs, attn_metadata.query_start_loc, attn_metadata.seq_lens,
+                                output[:n])
         return output
 
     def _follower_inputs(self, ctx, role: LayerRole, query, key, value, kv_cache,

@@ -20,8 +20,17 @@ def available(device: torch.device) -> bool:
     return _C is not None and device.type == "cpu"
 
 
+def write_slots(cache: torch.Tensor, slots: torch.Tensor, block_size: int,
+                data: torch.Tensor) -> None:
+    """cache[block, :, offset] = data[t] for each token's slot (negative slots skipped)."""
+    _C.write_slots(cache, slots, block_size, data[: slots.shape[0]].to(cache.dtype))
+
+
 def native_pod_attention(
-    inputs: LayerInputs, query_start_loc: list[int], seq_lens: list[int], output: torch.Tensor
+    inputs: LayerInputs,
+    query_start_loc: list[int] | torch.Tensor,
+    seq_lens: list[int] | torch.Tensor,
+    output: torch.Tensor,
 ) -> None:
     """Write attention of every scheduled token into `output` [T, H, Dv]."""
     kp, v, kd = inputs.k_prox, inputs.v, inputs.k_distant
@@ -34,8 +43,8 @@ def native_pod_attention(
         v.cache[..., v.lo : v.hi], v.block_table, v.block_size,
         kd.cache[..., kd.lo : kd.hi] if distant else None,
         kd.block_table if distant else None, kd.block_size if distant else 1,
-        torch.tensor(query_start_loc, dtype=torch.int64),
-        torch.tensor(seq_lens, dtype=torch.int64),
+        torch.as_tensor(query_start_loc, dtype=torch.int64),
+        torch.as_tensor(seq_lens, dtype=torch.int64),
         inputs.scale, inputs.sink, inputs.recent,
         -1.0 if inputs.gate_skip_threshold is None else inputs.gate_skip_threshold,
     )
