@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -125,7 +126,37 @@ struct TileQueries {
   int n = 0, npad = 0, dim = 0;
   std::vector<float> rows, cols;
   std::vector<int64_t> pos;  // position of each query vector; -1 for padding lanes
+  // When every query value is exactly a bf16 (bf16 models), [dim/2][npad] pairs of
+  // bf16 for the AVX-512 bf16 dot-product instruction; otherwise empty.
+  std::vector<uint32_t> bf16_pairs;
 };
+
+inline uint32_t bf16_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits >> 16;
+}
+
+// Fill tq.bf16_pairs if the queries are exactly representable in bf16.
+inline void pack_bf16_pairs(TileQueries& tq) {
+#if defined(__AVX512BF16__)
+  if (tq.dim % 2 != 0) return;
+  for (float x : tq.rows) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    if (bits & 0xFFFFu) return;  // not a bf16 value: keep the fp32 path
+  }
+  const int pairs = tq.dim / 2;
+  tq.bf16_pairs.assign(static_cast<size_t>(pairs) * tq.npad, 0u);
+  for (int i = 0; i < tq.n; ++i)
+    for (int p = 0; p < pairs; ++p) {
+      const float* q = tq.rows.data() + static_cast<size_t>(i) * tq.dim + 2 * p;
+      tq.bf16_pairs[static_cast<size_t>(p) * tq.npad + i] = bf16_bits(q[0]) | (bf16_bits(q[1]) << 16);
+    }
+#else
+  (void)tq;
+#endif
+}
 
 // Visible chunk offsets j of a query at position p, for keys start..: proximal
 // j <= hi and (j <= sink_hi or j >= window_lo); distant j <= hi. int32, clamped.
@@ -183,7 +214,8 @@ inline void accumulate_values(float* acc, int Dv, float rescale, const float* p,
 // table lookup only where a block starts, no division per key.
 template <typename T>
 void load_chunk(const Paged<T>& keys, const Paged<T>& values, int64_t row, int64_t kv_head,
-                int64_t start, int n, int D, int Dv, float (*kbuf)[256], float (*vbuf)[256]) {
+                int64_t start, int n, int D, int Dv, float (*kbuf)[256], float (*vbuf)[256],
+                const T** key_rows = nullptr) {
   const T* k = nullptr;
   const T* v = nullptr;
   int64_t k_left = 0, v_left = 0;
@@ -197,6 +229,7 @@ void load_chunk(const Paged<T>& keys, const Paged<T>& values, int64_t row, int64
       v = values.at(row, kv_head, pos);
       v_left = values.run_length(pos);
     }
+    if (key_rows != nullptr) key_rows[j] = k;
     for (int d = 0; d < D; ++d) kbuf[j][d] = to_float(k[d]);
     for (int d = 0; d < Dv; ++d) vbuf[j][d] = to_float(v[d]);
     k += keys.s_token;
@@ -204,6 +237,76 @@ void load_chunk(const Paged<T>& keys, const Paged<T>& values, int64_t row, int64
     --k_left;
     --v_left;
   }
+}
+
+// Wide-path scores in fp32: lg[j][i] = scale * q_i . k_j, four keys at a time (four
+// independent accumulator chains per vector of query lanes).
+inline void score_fp32(const TileQueries& tq, const float (*kbuf)[256], int n, int Np, int D,
+                       float scale, float* lg) {
+  for (int i0 = 0; i0 < Np; i0 += kLanes) {
+    for (int j = 0; j < n; j += kKeyBlock) {
+      float a0[kLanes] = {0.f}, a1[kLanes] = {0.f}, a2[kLanes] = {0.f}, a3[kLanes] = {0.f};
+      for (int d = 0; d < D; ++d) {
+        const float* qd = tq.cols.data() + static_cast<size_t>(d) * Np + i0;
+        const float k0 = kbuf[j][d], k1 = kbuf[j + 1][d];
+        const float k2 = kbuf[j + 2][d], k3 = kbuf[j + 3][d];
+        for (int l = 0; l < kLanes; ++l) {
+          a0[l] += qd[l] * k0;
+          a1[l] += qd[l] * k1;
+          a2[l] += qd[l] * k2;
+          a3[l] += qd[l] * k3;
+        }
+      }
+      float* out = lg + static_cast<size_t>(j) * Np + i0;
+      for (int l = 0; l < kLanes; ++l) {
+        out[l] = a0[l] * scale;
+        out[Np + l] = a1[l] * scale;
+        out[2 * Np + l] = a2[l] * scale;
+        out[3 * Np + l] = a3[l] * scale;
+      }
+    }
+  }
+}
+
+// Wide-path scores with the AVX-512 bf16 dot product: lanes are 16 query vectors,
+// each step multiplies one pair of channels of 4 keys. Exact products of bf16 inputs,
+// fp32 sums. Returns false (caller scores in fp32) when it does not apply.
+template <typename T>
+bool score_bf16(const TileQueries& tq, const T* const* key_rows, int n, int Np, int D,
+                float scale, float* lg) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (tq.bf16_pairs.empty()) return false;
+    const int pairs = D / 2;
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int i0 = 0; i0 < Np; i0 += kLanes) {
+      for (int j = 0; j < n; j += 4) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        const auto* k0 = reinterpret_cast<const uint32_t*>(key_rows[j]);
+        const auto* k1 = reinterpret_cast<const uint32_t*>(key_rows[j + 1]);
+        const auto* k2 = reinterpret_cast<const uint32_t*>(key_rows[j + 2]);
+        const auto* k3 = reinterpret_cast<const uint32_t*>(key_rows[j + 3]);
+        for (int p = 0; p < pairs; ++p) {
+          const __m512bh q = (__m512bh)_mm512_loadu_si512(
+              tq.bf16_pairs.data() + static_cast<size_t>(p) * Np + i0);
+          a0 = _mm512_dpbf16_ps(a0, q, (__m512bh)_mm512_set1_epi32(static_cast<int>(k0[p])));
+          a1 = _mm512_dpbf16_ps(a1, q, (__m512bh)_mm512_set1_epi32(static_cast<int>(k1[p])));
+          a2 = _mm512_dpbf16_ps(a2, q, (__m512bh)_mm512_set1_epi32(static_cast<int>(k2[p])));
+          a3 = _mm512_dpbf16_ps(a3, q, (__m512bh)_mm512_set1_epi32(static_cast<int>(k3[p])));
+        }
+        float* out = lg + static_cast<size_t>(j) * Np + i0;
+        _mm512_storeu_ps(out, _mm512_mul_ps(a0, vscale));
+        _mm512_storeu_ps(out + Np, _mm512_mul_ps(a1, vscale));
+        _mm512_storeu_ps(out + 2 * Np, _mm512_mul_ps(a2, vscale));
+        _mm512_storeu_ps(out + 3 * Np, _mm512_mul_ps(a3, vscale));
+      }
+    }
+    return true;
+  }
+#endif
+  (void)tq; (void)key_rows; (void)n; (void)Np; (void)D; (void)scale; (void)lg;
+  return false;
 }
 
 // Many query vectors (prefill tiles): logits key-major ([key][query]) so that
@@ -221,32 +324,11 @@ void attend_range_wide(Branch& st, const TileQueries& tq, const Paged<T>& keys,
   float vbuf[kChunk][256];
   for (int64_t start = first; start <= last;) {
     const int n = static_cast<int>(std::min<int64_t>(kChunk, last - start + 1));
-    load_chunk(keys, values, row, kv_head, start, n, D, Dv, kbuf, vbuf);
-    // Scores lg[j][i] = scale * q_i . k_j, four keys at a time: four independent
-    // accumulator chains per vector of query lanes.
-    for (int i0 = 0; i0 < Np; i0 += kLanes) {
-      for (int j = 0; j < n; j += kKeyBlock) {
-        float a0[kLanes] = {0.f}, a1[kLanes] = {0.f}, a2[kLanes] = {0.f}, a3[kLanes] = {0.f};
-        for (int d = 0; d < D; ++d) {
-          const float* qd = tq.cols.data() + static_cast<size_t>(d) * Np + i0;
-          const float k0 = kbuf[j][d], k1 = kbuf[j + 1][d];
-          const float k2 = kbuf[j + 2][d], k3 = kbuf[j + 3][d];
-          for (int l = 0; l < kLanes; ++l) {
-            a0[l] += qd[l] * k0;
-            a1[l] += qd[l] * k1;
-            a2[l] += qd[l] * k2;
-            a3[l] += qd[l] * k3;
-          }
-        }
-        float* out = lg.data() + static_cast<size_t>(j) * Np + i0;
-        for (int l = 0; l < kLanes; ++l) {
-          out[l] = a0[l] * scale;
-          out[Np + l] = a1[l] * scale;
-          out[2 * Np + l] = a2[l] * scale;
-          out[3 * Np + l] = a3[l] * scale;
-        }
-      }
-    }
+    const T* key_rows[kChunk + kKeyBlock];
+    load_chunk(keys, values, row, kv_head, start, n, D, Dv, kbuf, vbuf, key_rows);
+    for (int j = n; j < n + kKeyBlock; ++j) key_rows[j] = key_rows[0];  // scored, ignored
+    if (!score_bf16(tq, key_rows, n, Np, D, scale, lg.data()))
+      score_fp32(tq, kbuf, n, Np, D, scale, lg.data());
     for (int i = 0; i < Np; ++i) {
       const Bounds b = bounds_for(tq.pos[i], start, proximal, sink, recent);
       hi[i] = b.hi;
@@ -402,6 +484,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
         }
         tq.pos[i] = first_pos + (t - task.token_begin);
       }
+    if (tq.n >= kWideTile) pack_bf16_pairs(tq);
     return tq;
   };
 
