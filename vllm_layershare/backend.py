@@ -229,7 +229,7 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             )
         else:
             inputs = self._follower_inputs(ctx, role, query, key, value, kv_cache, attn_metadata)
-        if native.available(query.device):
+        if native.available(query.device, self.head_size):
             native.native_pod_attention(inputs, attn_metadata.query_start_loc_cpu,
                                         attn_metadata.seq_lens_cpu, output[:n])
         else:

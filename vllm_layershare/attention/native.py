@@ -16,8 +16,12 @@ except ImportError:  # built without the extension
     _C = None
 
 
-def available(device: torch.device) -> bool:
-    return _C is not None and device.type == "cpu"
+MAX_HEAD_SIZE = 256  # the kernel's row buffers; larger heads take the portable path
+
+
+def available(device: torch.device, head_size: int = 0) -> bool:
+    """Whether the compiled kernel can run attention with this head size on `device`."""
+    return _C is not None and device.type == "cpu" and head_size <= MAX_HEAD_SIZE
 
 
 def write_slots(cache: torch.Tensor, slots: torch.Tensor, block_size: int,
