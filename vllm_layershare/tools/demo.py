@@ -1,8 +1,9 @@
-"""`make demo`: serve a small local model with the layershare backend and talk to it.
+"""`make demo`: serve SmolLM2-135M-Instruct with the layershare backend and talk to it.
 
-Builds a tiny random Llama (no model hub needed), starts `vllm serve ...
---attention-backend layershare` on 127.0.0.1, sends one chat request, prints the
-answer and the KV saving vLLM planned, and stops the server.
+Uses the model `make model` converted into models/ (no model hub needed), starts
+`vllm serve ... --attention-backend layershare` on 127.0.0.1 with the groups-of-three
+grouping, sends one chat request, prints the answer and the KV saving vLLM planned,
+and stops the server.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from pathlib import Path
 import requests
 
 from vllm_layershare.config import load_config
-from vllm_layershare.tools.tiny_model import build_tiny_llama
+from vllm_layershare.tools.smollm2 import build_smollm2
 
 ROOT = Path(__file__).resolve().parents[2]
-MAX_LEN = 2048
+MAX_LEN = 8192
+QUESTION = "What is the capital of France? Answer in one sentence."
 
 
 def free_port() -> int:
@@ -47,16 +49,16 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, limit: float = 300
 
 
 def main() -> None:
-    model = build_tiny_llama(ROOT / "models" / "tiny-llama", num_layers=6)
-    grouping = ROOT / "configs" / "tiny-llama.yaml"
+    model = build_smollm2()
+    grouping = ROOT / "configs" / "smollm2-135m-groups3.yaml"
     port = free_port()
     log = ROOT / "models" / "demo-server.log"
     cmd = [
         str(Path(sys.executable).parent / "vllm"), "serve", str(model),
         "--host", "127.0.0.1", "--port", str(port), "--attention-backend", "layershare",
         "--additional-config", json.dumps({"layershare": {"config": str(grouping)}}),
-        "--max-model-len", str(MAX_LEN), "--max-num-batched-tokens", "256",
-        "--block-size", "32", "--dtype", "float32", "--enforce-eager",
+        "--max-model-len", str(MAX_LEN), "--max-num-batched-tokens", "512",
+        "--block-size", "32", "--dtype", "bfloat16",
     ]
     print("$", " ".join(cmd))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
@@ -69,13 +71,11 @@ def main() -> None:
         except RuntimeError as exc:
             sys.exit(str(exc))
         name = requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-        question = "Tell me about long contexts. " * 12
-        reply = requests.post(f"{url}/v1/chat/completions", timeout=120, json={
-            "model": name, "messages": [{"role": "user", "content": question}],
-            "max_tokens": 32, "temperature": 0,
+        reply = requests.post(f"{url}/v1/chat/completions", timeout=300, json={
+            "model": name, "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 48, "temperature": 0,
         }).json()
-        print("\nanswer (a random tiny model, so the words are noise):")
-        print(" ", repr(reply["choices"][0]["message"]["content"]))
+        print(f"\nQ: {QUESTION}\nA: {reply['choices'][0]['message']['content'].strip()}")
         print("usage:", reply["usage"])
     finally:
         proc.terminate()
@@ -87,6 +87,9 @@ def main() -> None:
     print("vLLM planned:", capacity.group(0) if capacity else "(no capacity line found)")
     print(f"formula at {MAX_LEN} tokens: "
           f"{1 / load_config(grouping).kv_fraction(MAX_LEN):.2f}x tokens in the same memory")
+    config = load_config(grouping)
+    print(f"(followers share distant-token scores only past {config.proximal_tokens} tokens "
+          "of context; shorter chats are answered exactly as by the stock backend)")
     print(f"server log: {log}")
 
 
