@@ -15,7 +15,6 @@ all of its tokens are distant, and keeps the blocks of the sink tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
@@ -23,9 +22,6 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_layershare.config import LayershareConfig
-
-if TYPE_CHECKING:
-    from vllm.config import VllmConfig
 
 COMPANION_SUFFIX = ".layershare_k"
 
@@ -106,7 +102,3 @@ def layer_name_at(name: str, layer: int, index: int) -> str:
         raise ValueError(f"layershare cannot find layer index {layer} in name {name!r}")
     return f"{head}.{index}.{tail}"
 
-
-def planned_capacity_note(vllm_config: VllmConfig, config: LayershareConfig) -> str:
-    """Start-up description at max_model_len."""
-    return config.describe(vllm_config.model_config.max_model_len)
