@@ -7,6 +7,7 @@
 // Each branch keeps its own online softmax (max m, sum l, accumulator over own V);
 // the branches merge by log-sum-exp: g = l_P e^{m_P} / (l_P e^{m_P} + l_D e^{m_D}),
 // o = g o_P + (1-g) o_D, with o = o_P where g >= tau (gate skip, tau > 0).
+// With an estimated distant mass (mass_lse), g = sigmoid(lse_P - mass_lse).
 // One task per (tile of up to 16 query tokens of one sequence, KV head): the tile's
 // query vectors (tokens x the G heads sharing the KV head) read each key and value once.
 
@@ -442,7 +443,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
          const at::Tensor& v_table, int64_t v_bs, const c10::optional<at::Tensor>& k_dist,
          const c10::optional<at::Tensor>& k_dist_table, int64_t k_dist_bs,
          const at::Tensor& query_start_loc, const at::Tensor& seq_lens, double scale,
-         int64_t sink, int64_t recent, double tau) {
+         int64_t sink, int64_t recent, double tau, const c10::optional<at::Tensor>& mass_lse) {
   const int64_t H = q.size(1), D = q.size(2), Dv = out.size(2);
   const int64_t Hkv = k_prox.size(1), G = H / Hkv;
   TORCH_CHECK(D <= 256 && Dv <= 256, "head size <= 256");
@@ -454,6 +455,8 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
   const float* qp = q.data_ptr<float>();
   const float* qdp = q_dist.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  // log of the follower's own distant mass [T, H] replaces lse_D in the gate when given.
+  const float* mass = mass_lse.has_value() ? mass_lse->data_ptr<float>() : nullptr;
   const int64_t rows = seq_lens.size(0);
   const int64_t* qsl = query_start_loc.data_ptr<int64_t>();
   const int64_t* sl = seq_lens.data_ptr<int64_t>();
@@ -513,8 +516,9 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
         float gate = 1.f;
         if (dist.l[i] > 0.f) {
           // g = sigmoid(lse_P - lse_D), lse = m + log l
-          const float diff =
-              (prox.m[i] + std::log(prox.l[i])) - (dist.m[i] + std::log(dist.l[i]));
+          const float lse_d =
+              mass ? mass[t * H + h] : dist.m[i] + std::log(dist.l[i]);
+          const float diff = (prox.m[i] + std::log(prox.l[i])) - lse_d;
           gate = 1.f / (1.f + std::exp(-diff));
           if (tau > 0 && gate >= tau) gate = 1.f;
         }
@@ -536,13 +540,16 @@ void pod_attention(at::Tensor out, at::Tensor q, at::Tensor q_dist, at::Tensor k
                    int64_t v_bs, c10::optional<at::Tensor> k_dist,
                    c10::optional<at::Tensor> k_dist_table, int64_t k_dist_bs,
                    at::Tensor query_start_loc, at::Tensor seq_lens, double scale, int64_t sink,
-                   int64_t recent, double tau) {
+                   int64_t recent, double tau, c10::optional<at::Tensor> mass_lse) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && q.scalar_type() == at::kFloat, "float32 q/out");
+  TORCH_CHECK(!mass_lse.has_value() || (mass_lse->scalar_type() == at::kFloat &&
+                                        mass_lse->is_contiguous()), "float32 dense mass_lse");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "dense head dim");
   TORCH_CHECK(k_prox.scalar_type() == v.scalar_type(), "caches share a dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "pod_attention", [&] {
     run<scalar_t>(out, q, q_dist, k_prox, k_prox_table, k_prox_bs, v, v_table, v_bs, k_dist,
-                  k_dist_table, k_dist_bs, query_start_loc, seq_lens, scale, sink, recent, tau);
+                  k_dist_table, k_dist_bs, query_start_loc, seq_lens, scale, sink, recent, tau,
+                  mass_lse);
   });
 }
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vllm_layershare.attention import native
+from vllm_layershare.attention.mass import SummaryPart, estimated_mass, write_summaries
 from vllm_layershare.attention.portable import LayerInputs, PagedPart, paged_pod_attention
 from vllm_layershare.attention.reference import dense_attention, dense_pod_attention
 
@@ -223,3 +224,152 @@ def test_native_write_slots_matches_indexing():
         if slot >= 0:
             expected[slot // 4, :, slot % 4, DIM:] = data[t]
     assert torch.equal(cache, expected)
+
+
+# --- estimated distant mass (distant_mass: estimated) ---------------------------------
+
+
+def oracle_gate_reference(seq, *, sink, recent):
+    """share=scores with the follower's TRUE distant mass: o = g o_P + (1 - g) o_D with
+    g = sum_P exp(s) / (sum_P exp(s) + sum_D exp(q_l . k_l))."""
+    q, k, v = seq["q"].double(), seq["k"].double(), seq["v"].double()
+    qa, ka = seq["qa"].double(), seq["ka"].double()
+    group = HEADS // KV_HEADS
+    out = torch.zeros(q.shape[0], HEADS, DIM, dtype=torch.float64)
+    for i in range(q.shape[0]):
+        near = [j for j in range(i + 1) if j < sink or j > i - recent]
+        far = [j for j in range(i + 1) if j not in near]
+        for h in range(HEADS):
+            kv = h // group
+            s_near = SCALE * k[near, kv] @ q[i, h]
+            o = torch.softmax(s_near, 0) @ v[near, kv]
+            if far:
+                own = torch.exp(SCALE * k[far, kv] @ q[i, h]).sum()
+                g = torch.exp(s_near).sum() / (torch.exp(s_near).sum() + own)
+                o = g * o + (1 - g) * (torch.softmax(SCALE * ka[far, kv] @ qa[i, h], 0)
+                                       @ v[far, kv])
+            out[i, h] = o
+    return out
+
+
+def brute_force_mass(seq, i, h, *, sink, recent, size):
+    """log M(i) from its definition: whole blocks by their mean key, the rest exactly."""
+    q, k = seq["q"].double(), seq["k"].double()
+    kv = h // (HEADS // KV_HEADS)
+    terms = []
+    for j in range(sink, i - recent + 1):
+        b = j // size
+        whole = b * size >= sink and (b + 1) * size - 1 <= i - recent
+        if not whole:
+            terms.append(SCALE * q[i, h] @ k[j, kv])
+        elif j % size == 0:
+            terms.append(SCALE * q[i, h] @ k[j:j + size, kv].mean(0) + math.log(size))
+    return torch.logsumexp(torch.stack(terms), 0) if terms else torch.tensor(float("-inf"))
+
+
+def estimated_reference(seq, *, sink, recent, size, share="scores", tau=None):
+    return dense_pod_attention(seq["q"], seq["k"], seq["v"], seq["qa"], seq["ka"], SCALE,
+                               sink=sink, recent=recent, share=share, gate_skip_threshold=tau,
+                               distant_mass="estimated", summary_tokens=size)
+
+
+def run_estimated(impl, seqs, feed, block_size, gen, *, sink, recent, size, share="scores",
+                  tau=None):
+    """Like run_paged, with vLLM's block-granular freeing of follower keys (a key block
+    goes once all its tokens are distant; sink blocks stay) and a persistent summary
+    cache of two states per page, written each step. Returns (outputs, log M per step)."""
+    lengths = [s["q"].shape[0] for s in seqs]
+    batch = PagedBatch(lengths, block_size, gen)
+    per_page = 2 * size
+    pages = [math.ceil(n / per_page) for n in lengths]
+    table = torch.randperm(sum(pages) + 2, generator=gen)[: sum(pages)]
+    summary_table = torch.zeros(len(seqs), max(pages), dtype=torch.int64)
+    offset = 0
+    for row, n in enumerate(pages):
+        summary_table[row, :n] = table[offset:offset + n]
+        offset += n
+    summary_cache = torch.full((sum(pages) + 2, KV_HEADS, 2, DIM), float("nan"))
+    outs = [torch.zeros(n, HEADS, DIM) for n in lengths]
+    masses = [torch.zeros(n, HEADS) for n in lengths]
+    done = [0] * len(seqs)
+    kept_blocks = math.ceil(sink / block_size)
+    for step in range(max(len(f) for f in feed)):
+        rows = [r for r in range(len(seqs)) if step < len(feed[r])]
+        loc, seq_lens, spans, keys = [0], [], [], []
+        for r in rows:
+            a, b = done[r], done[r] + feed[r][step]
+            loc.append(loc[-1] + b - a)
+            seq_lens.append(b)
+            spans.append((r, a, b))
+            k = seqs[r]["k"][:b].clone()
+            for blk in range(kept_blocks, b // block_size + 1):
+                if (blk + 1) * block_size - 1 < a - recent + 1:
+                    k[blk * block_size:(blk + 1) * block_size] = float("nan")
+            keys.append(k)
+        own_keys = batch.part(rows, keys)
+        summary = SummaryPart(summary_cache, summary_table[rows], per_page, size)
+        token_rows = torch.cat([torch.full((b - a,), i) for i, (_, a, b) in enumerate(spans)])
+        positions = torch.cat([torch.arange(a, b) for _, a, b in spans])
+        write_summaries(own_keys, summary, token_rows, positions)
+        q = torch.cat([seqs[r]["q"][a:b] for r, a, b in spans])
+        inputs = LayerInputs(
+            q=q, scale=SCALE, k_prox=own_keys,
+            v=batch.part(rows, [seqs[r]["v"][:b] for r, _, b in spans]),
+            sink=sink, recent=recent, gate_skip_threshold=tau,
+            q_distant=torch.cat([seqs[r]["qa" if share == "scores" else "q"][a:b]
+                                 for r, a, b in spans]),
+            k_distant=batch.part(rows, [seqs[r]["ka"][:b] for r, _, b in spans]),
+            mass_lse=estimated_mass(q, own_keys, summary, loc, seq_lens, sink, recent, SCALE),
+        )
+        out = torch.zeros(loc[-1], HEADS, DIM)
+        impl(inputs, loc, seq_lens, out)
+        for i, (r, a, b) in enumerate(spans):
+            outs[r][a:b] = out[loc[i]:loc[i + 1]]
+            masses[r][a:b] = inputs.mass_lse[loc[i]:loc[i + 1]]
+            done[r] = b
+    return outs, masses
+
+
+@pytest.mark.parametrize("feed", list(FEEDS))
+@pytest.mark.parametrize("size, block_size, sink", [(4, 8, 3), (8, 8, 5), (1, 4, 2)])
+def test_estimated_mass_equals_dense_reference(impl, feed, size, block_size, sink):
+    """Paged estimated mass (summaries written as blocks complete, any feeding, freed
+    key blocks NaN) equals the dense reference of the same estimate."""
+    gen = torch.Generator().manual_seed(hash((feed, size, block_size)) % 1000)
+    lengths = [45, 20, 58]
+    seqs = [random_sequence(n, gen) for n in lengths]
+    outs, masses = run_estimated(impl, seqs, [FEEDS[feed](n) for n in lengths], block_size, gen,
+                                 sink=sink, recent=9, size=size)
+    for seq, out, mass in zip(seqs, outs, masses, strict=True):
+        ref = estimated_reference(seq, sink=sink, recent=9, size=size)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+        for i in {0, 13, len(out) // 2 + 5, len(out) - 1}:
+            for h in (0, 3):
+                expected = brute_force_mass(seq, i, h, sink=sink, recent=9, size=size)
+                torch.testing.assert_close(mass[i, h].double(), expected.double(), atol=1e-5,
+                                           rtol=1e-5)
+
+
+@pytest.mark.parametrize("share, tau", [("keys", None), ("scores", 0.6)])
+def test_estimated_mass_with_keys_share_and_gate_skip(impl, share, tau):
+    gen = torch.Generator().manual_seed(31)
+    seqs = [random_sequence(n, gen) for n in (50, 33)]
+    outs, _ = run_estimated(impl, seqs, [[21, 1, 1, 27], [33]], 8, gen, sink=3, recent=7,
+                            size=4, share=share, tau=tau)
+    for seq, out in zip(seqs, outs, strict=True):
+        ref = estimated_reference(seq, sink=3, recent=7, size=4, share=share, tau=tau)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_one_token_summaries_give_the_oracle_gate():
+    """With every distant block summarised exactly (S = 1) the estimated mass is the
+    true mass: the follower equals the oracle-gate reference."""
+    gen = torch.Generator().manual_seed(37)
+    seq = random_sequence(36, gen)
+    expected = oracle_gate_reference(seq, sink=3, recent=8)
+    got = estimated_reference(seq, sink=3, recent=8, size=1)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    coarse = estimated_reference(seq, sink=3, recent=8, size=4)
+    assert (coarse - expected).abs().max() > 1e-4  # a real estimate, not the oracle
+    published = reference(seq, sink=3, recent=8)
+    assert (published - expected).abs().max() > 1e-3

@@ -191,8 +191,11 @@ def test_regroup_from_saved_similarity(tiny_model, tmp_path):
                     *TINY_ARGS])
     regrouped = tmp_path / "regrouped.yaml"
     calibrate.main(["--model", "unused", "--out", str(regrouped), "--threshold", "-1",
-                    "--similarity", str(tmp_path / "first.similarity.json"), *TINY_ARGS])
-    assert load_config(regrouped).groups == (tuple(range(NUM_LAYERS)),)
+                    "--similarity", str(tmp_path / "first.similarity.json"),
+                    "--distant-mass", "estimated", "--summary-tokens", "16", *TINY_ARGS])
+    config = load_config(regrouped)
+    assert config.groups == (tuple(range(NUM_LAYERS)),)
+    assert config.estimates_mass and config.summary_tokens == 16
     assert not (tmp_path / "regrouped.similarity.json").exists()
     with pytest.raises(SystemExit, match="measured with --sink 4 --recent 16"):
         calibrate.main(["--model", "unused", "--out", str(regrouped), "--similarity",

@@ -15,9 +15,14 @@ def planned_concurrency(llm) -> tuple[int, float]:
     return cache_config.kv_cache_size_tokens, cache_config.kv_cache_max_concurrency
 
 
-@pytest.mark.parametrize("groups", [[[0, 1, 2], [3, 4, 5]], [[0, 1, 2, 3, 4, 5]]])
-def test_capacity_ratio_matches_formula(tiny_model, tmp_path, groups):
-    grouping = write_grouping(tmp_path / "g.yaml", recent_tokens=252, groups=groups)
+@pytest.mark.parametrize("groups, mass", [
+    ([[0, 1, 2], [3, 4, 5]], {}),
+    ([[0, 1, 2, 3, 4, 5]], {}),
+    ([[0, 1, 2, 3, 4, 5]], {"distant_mass": "estimated", "summary_tokens": 16}),
+])
+def test_capacity_ratio_matches_formula(tiny_model, tmp_path, groups, mass):
+    """Planned capacity follows the formula; mean-key summaries are in the plan too."""
+    grouping = write_grouping(tmp_path / "g.yaml", recent_tokens=252, groups=groups, **mass)
     settings = dict(max_model_len=CONTEXT, max_num_batched_tokens=32)
     stock = make_llm(tiny_model, None, **settings)
     stock_tokens, stock_conc = planned_concurrency(stock)

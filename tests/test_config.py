@@ -21,6 +21,11 @@ BAD_FILES = {
     "not consecutive": ({"groups": [[0, 2, 1], [3, 4, 5]]}, "is not consecutive"),
     "short cover": ({"groups": [[0, 1, 2], [3, 4]]}, "covers layers up to 4"),
     "not a list": ({"groups": "all"}, "key 'groups' must be a non-empty list"),
+    "bad mass": ({"distant_mass": "own"}, "key 'distant_mass' must be one of leader, estimated"),
+    "summary without estimate": ({"summary_tokens": 16},
+                                 "key 'summary_tokens' only applies with 'distant_mass: "),
+    "zero summary": ({"distant_mass": "estimated", "summary_tokens": 0},
+                     "key 'summary_tokens' must be >= 1"),
 }
 
 
@@ -50,6 +55,24 @@ def test_good_file_roles_and_saving(tmp_path):
     assert config.leader_of(5) == 3 and not config.is_follower(3)
     # 4 of 6 layers follow; at 1000 tokens each keeps 20/1000 of its keys.
     assert config.kv_fraction(1000) == pytest.approx((2 + 4 * (1 + 0.02) / 2) / 6)
+
+
+def test_estimated_mass_costs_its_summaries(tmp_path):
+    config = load_config(write_grouping(tmp_path / "g.yaml", distant_mass="estimated",
+                                        summary_tokens=16))
+    assert config.estimates_mass and config.summary_tokens == 16
+    # each follower adds one mean key per 16 tokens: 1/32 of a full layer's K+V
+    assert config.kv_fraction(1000) == pytest.approx((2 + 4 * ((1 + 0.02) / 2 + 1 / 32)) / 6)
+    assert "distant_mass=estimated (one mean key per 16 tokens" in config.describe(1000)
+    assert load_config(write_grouping(tmp_path / "d.yaml")).distant_mass == "leader"
+
+
+def test_summary_must_tile_the_key_block_at_startup(tiny_model, tmp_path):
+    """summary_tokens must divide 2 x block size: refused once vLLM picked the block size."""
+    path = write_grouping(tmp_path / "g.yaml", distant_mass="estimated", summary_tokens=48)
+    with pytest.raises(Exception, match="key 'summary_tokens' is 48 but must divide the "
+                                        "follower key block of 64 tokens"):
+        make_llm(tiny_model, path)
 
 
 def test_layer_count_mismatch_fails_at_startup(tiny_model, tmp_path):

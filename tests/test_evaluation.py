@@ -63,12 +63,13 @@ def test_evaluate_tiny_model_end_to_end(tiny_model, tmp_path, capsys):
     retrieval, the table, the JSON and the plots."""
     grouping = write_grouping(tmp_path / "shared.yaml")
     out = tmp_path / "results.json"
-    evaluate.main([
-        "--model", str(tiny_model), "--config", str(grouping), "--lengths", "768", "1024",
+    common = [
+        "--model", str(tiny_model), "--lengths", "768", "1024",
         "--depths", "0", "100", "--kv-probes", "1", "--ppl-windows", "1",
         "--kv-memory-mib", "32", "--dtype", "float32", "--max-num-batched-tokens", "128",
-        "--out", str(out), "--plot-dir", str(tmp_path / "plots"),
-    ])
+    ]
+    evaluate.main([*common, "--config", str(grouping), "--out", str(out),
+                   "--plot-dir", str(tmp_path / "plots")])
     stock, shared = json.loads(out.read_text())["results"]
     assert (stock["name"], shared["name"]) == ("stock", "shared")
     assert stock["capacity_ratio"] == 1.0
@@ -91,3 +92,22 @@ def test_evaluate_refuses_a_bad_grouping_before_starting(tiny_model, tmp_path):
     bad = write_grouping(tmp_path / "bad.yaml", share="values")
     with pytest.raises(SystemExit, match="layershare-eval: layershare config .*key 'share'"):
         evaluate.main(["--model", str(tiny_model), "--config", str(bad)])
+
+
+def test_evaluate_reuses_an_earlier_stock_run(tiny_model, tmp_path):
+    common = ["--model", str(tiny_model), "--lengths", "768", "--depths", "50",
+              "--kv-probes", "1", "--ppl-windows", "1", "--kv-memory-mib", "32",
+              "--dtype", "float32", "--max-num-batched-tokens", "128"]
+    first = tmp_path / "first.json"
+    evaluate.main([*common, "--out", str(first)])
+    estimated = write_grouping(tmp_path / "estimated.yaml", distant_mass="estimated",
+                               summary_tokens=16)
+    second = tmp_path / "second.json"
+    evaluate.main([*common, "--config", str(estimated), "--stock-from", str(first),
+                   "--out", str(second)])
+    stock, shared = json.loads(second.read_text())["results"]
+    assert stock["answers"] == json.loads(first.read_text())["results"][0]["answers"]
+    assert shared["name"] == "estimated" and shared["capacity_ratio"] > 1.0
+    with pytest.raises(SystemExit, match="measured with other --lengths"):
+        evaluate.main([*common[:3], "1024", *common[4:], "--config", str(estimated),
+                       "--stock-from", str(first), "--out", str(second)])

@@ -28,9 +28,10 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_layershare.attention import native
+from vllm_layershare.attention.mass import SummaryPart, estimated_mass, write_summaries
 from vllm_layershare.attention.portable import LayerInputs, PagedPart, paged_pod_attention
 from vllm_layershare.config import LayershareConfig
-from vllm_layershare.layout import COMPANION_SUFFIX, layer_name_at
+from vllm_layershare.layout import COMPANION_SUFFIX, SUMMARY_SUFFIX, layer_name_at
 from vllm_layershare.settings import config_for
 
 logger = init_logger("vllm." + __name__)  # under vLLM's log handlers
@@ -87,6 +88,8 @@ class LayershareMetadata:
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     block_size: int
+    token_rows: torch.Tensor  # [T] request row of each scheduled token
+    positions: torch.Tensor  # [T] its position in its sequence
 
 
 class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
@@ -111,6 +114,11 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
         m = common_attn_metadata
         query_start_loc = m.query_start_loc_cpu[: m.num_reqs + 1].long()
         seq_lens = m.seq_lens[: m.num_reqs].cpu().long()
+        token_rows = torch.repeat_interleave(
+            torch.arange(m.num_reqs), query_start_loc[1:] - query_start_loc[:-1])
+        token_index = torch.arange(token_rows.shape[0])
+        positions = seq_lens[token_rows] - query_start_loc[token_rows + 1] + token_index
+        device = m.block_table_tensor.device
         return LayershareMetadata(
             num_actual_tokens=m.num_actual_tokens,
             query_start_loc=query_start_loc.tolist(),
@@ -120,6 +128,8 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
             block_table=m.block_table_tensor[: m.num_reqs].long(),
             slot_mapping=m.slot_mapping[: m.num_actual_tokens].long(),
             block_size=self.block_size,
+            token_rows=token_rows.to(device),
+            positions=positions.to(device),
         )
 
 
@@ -129,6 +139,7 @@ class LayerRole:
 
     leader: str | None  # None for a leader or a one-layer group
     key_cache: str | None  # the companion layer holding a follower's keys
+    summary_cache: str | None = None  # the companion holding its mean keys (estimated mass)
 
 
 def write_cache(cache: torch.Tensor, lo: int, hi: int, data: torch.Tensor,
@@ -189,8 +200,9 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             if leader == index:
                 self.role = LayerRole(None, None)
             else:
+                summary = layer_name + SUMMARY_SUFFIX if self.config.estimates_mass else None
                 self.role = LayerRole(layer_name_at(layer_name, index, leader),
-                                      layer_name + COMPANION_SUFFIX)
+                                      layer_name + COMPANION_SUFFIX, summary)
         return self.role
 
     def forward(
@@ -251,14 +263,26 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             ctx.additional_kwargs[(LEADER_QUERY_KEY, role.leader)]
             if config.share == "scores" else query
         )
+        own_keys = self._part(key_cache, 0, self.head_size, key_meta)
+        mass_lse = None
+        if role.summary_cache is not None:
+            summary_meta = ctx.attn_metadata[role.summary_cache]
+            summary = SummaryPart(ctx.no_compile_layers[role.summary_cache].kv_cache,
+                                  summary_meta.block_table, summary_meta.block_size,
+                                  config.summary_tokens)
+            write_summaries(own_keys, summary, key_meta.token_rows, key_meta.positions)
+            mass_lse = estimated_mass(query, own_keys, summary, meta.query_start_loc,
+                                      meta.seq_lens, config.sink_tokens, config.recent_tokens,
+                                      self.scale)
         return LayerInputs(
             q=query, scale=self.scale,
-            k_prox=self._part(key_cache, 0, self.head_size, key_meta),
+            k_prox=own_keys,
             v=self._part(kv_cache, 0, kv_cache.shape[-1], meta),
             sink=config.sink_tokens, recent=config.recent_tokens,
             q_distant=q_distant,
             k_distant=self._part(lead_cache, 0, self.head_size, lead_meta),
             gate_skip_threshold=config.gate_skip_threshold,
+            mass_lse=mass_lse,
         )
 
     @staticmethod

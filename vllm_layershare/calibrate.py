@@ -51,6 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sink", type=int, default=16, help="sink_tokens of the file")
     parser.add_argument("--recent", type=int, default=1008, help="recent_tokens of the file")
     parser.add_argument("--share", choices=("scores", "keys"), default="scores")
+    parser.add_argument("--distant-mass", choices=("leader", "estimated"), default="leader",
+                        help="followers' distant mass: the leader's (the paper) or their own, "
+                             "estimated from mean keys")
+    parser.add_argument("--summary-tokens", type=int, default=64,
+                        help="tokens per mean key with --distant-mass estimated")
     parser.add_argument("--max-group-size", type=int, help="cap on layers per group")
     parser.add_argument("--windows", type=int, default=4, help="calibration windows")
     parser.add_argument("--window-tokens", type=int, default=4096, help="tokens per window")
@@ -68,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--target-saving must be a fraction in (0, 1), e.g. 0.25")
     if args.threshold is None and args.target_saving is None:
         args.threshold = 0.5
+    args.summary = args.summary_tokens if args.distant_mass == "estimated" else None
     return args
 
 
@@ -130,7 +136,7 @@ def choose_groups(args: argparse.Namespace, similarity: torch.Tensor):
         return greedy_groups(similarity, args.threshold, args.max_group_size), args.threshold
     try:
         return groups_for_saving(similarity, args.target_saving, args.sink, args.recent,
-                                 args.context, args.max_group_size)
+                                 args.context, args.max_group_size, args.summary)
     except ValueError as error:
         raise SystemExit(f"layershare-calibrate: {error}") from None
 
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         source, similarity, per_head = measure(args)
     groups, threshold = choose_groups(args, similarity)
-    saving = kv_saving(groups, args.sink, args.recent, args.context)
+    saving = kv_saving(groups, args.sink, args.recent, args.context, args.summary)
 
     command = "layershare-calibrate " + shlex.join(argv if argv is not None else sys.argv[1:])
     sidecar = args.similarity or args.out.with_suffix(".similarity.json")
@@ -164,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(grouping_yaml(groups, similarity, args.sink, args.recent, args.share,
-                                      header))
+                                      header, args.summary))
     if not args.similarity:
         sidecar.write_text(json.dumps({
             "command": command, "text": source, "sink": args.sink, "recent": args.recent,

@@ -7,6 +7,8 @@ A grouping file is YAML with exactly these keys::
     recent_tokens: 1008       # n_r >= 1
     share: scores             # scores | keys
     gate_skip_threshold: null # optional; 0 < tau <= 1 turns the gate skip on
+    distant_mass: leader      # optional; leader (the paper) | estimated (own, from summaries)
+    summary_tokens: 64        # optional; tokens per mean-key summary (estimated mass)
     groups:                   # consecutive layer indices; the first is the leader
       - [0, 1, 2]
       - [3, 4, 5]
@@ -27,7 +29,9 @@ import yaml
 ENV_VAR = "VLLM_LAYERSHARE_CONFIG"
 SHARE_MODES = ("scores", "keys")
 REQUIRED_KEYS = ("num_layers", "sink_tokens", "recent_tokens", "share", "groups")
-OPTIONAL_KEYS = ("gate_skip_threshold",)
+OPTIONAL_KEYS = ("gate_skip_threshold", "distant_mass", "summary_tokens")
+MASS_MODES = ("leader", "estimated")
+DEFAULT_SUMMARY_TOKENS = 64
 
 
 class LayershareConfigError(ValueError):
@@ -44,6 +48,8 @@ class LayershareConfig:
     share: str
     groups: tuple[tuple[int, ...], ...]
     gate_skip_threshold: float | None = None
+    distant_mass: str = "leader"
+    summary_tokens: int = DEFAULT_SUMMARY_TOKENS
     source: str = "<inline>"
 
     def leader_of(self, layer: int) -> int:
@@ -66,18 +72,28 @@ class LayershareConfig:
     def _leaders(self) -> dict[int, int]:
         return {layer: group[0] for group in self.groups for layer in group}
 
+    @property
+    def estimates_mass(self) -> bool:
+        return self.distant_mass == "estimated"
+
     def kv_fraction(self, context_len: int) -> float:
         """Bytes of the whole cache at `context_len`, as a fraction of full attention.
 
         A follower keeps V of every token and K of min(L, n_s + n_r) tokens, so it
-        costs (1 + min(L, n_s + n_r) / L) / 2 of a full layer (method.md).
+        costs (1 + min(L, n_s + n_r) / L) / 2 of a full layer (method.md); with an
+        estimated mass, one mean key per `summary_tokens` adds 1 / (2 S).
         """
         kept = min(context_len, self.proximal_tokens) / context_len
-        follower_cost = (1.0 + kept) / 2.0
+        follower_cost = (1.0 + kept) / 2.0 + self.summary_fraction
         num_followers = len(self.followers)
         return (self.num_layers - num_followers + num_followers * follower_cost) / (
             self.num_layers
         )
+
+    @property
+    def summary_fraction(self) -> float:
+        """Summary bytes per token of a follower, as a fraction of a full layer's."""
+        return 1.0 / (2.0 * self.summary_tokens) if self.estimates_mass else 0.0
 
     def describe(self, context_len: int) -> str:
         """One line for the start-up log."""
@@ -86,11 +102,16 @@ class LayershareConfig:
         )
         saved = 1.0 - self.kv_fraction(context_len)
         tau = self.gate_skip_threshold
+        mass = self.distant_mass
+        if self.estimates_mass:
+            mass += (f" (one mean key per {self.summary_tokens} tokens: "
+                     f"{self.summary_fraction:.2%} of a layer)")
         return (
             f"layershare: {len(self.groups)} groups {groups}; "
             f"{len(self.groups)} leaders, {len(self.followers)} followers; "
             f"sink {self.sink_tokens} + recent {self.recent_tokens} tokens; "
             f"share={self.share}; gate_skip={'off' if tau is None else tau}; "
+            f"distant_mass={mass}; "
             f"KV bytes saved at {context_len} tokens: {saved:.1%} "
             f"({1.0 / (1.0 - saved):.2f}x tokens in the same memory)"
         )
@@ -140,6 +161,25 @@ def _tau_field(raw: dict[str, Any], source: str) -> float | None:
         raise _error(source, "gate_skip_threshold", f"must be in (0, 1], got {tau}",
                      "use null (off) or a number in (0, 1]")
     return float(tau)
+
+
+def _mass_field(raw: dict[str, Any], source: str) -> str:
+    mass = raw.get("distant_mass", "leader")
+    if mass not in MASS_MODES:
+        raise _error(source, "distant_mass", f"must be one of {', '.join(MASS_MODES)}, "
+                     f"got {mass!r}", "write 'distant_mass: estimated' or 'distant_mass: "
+                     "leader' (the paper's gate), or leave the key out")
+    return mass
+
+
+def _summary_field(raw: dict[str, Any], source: str) -> int:
+    if raw.get("summary_tokens") is None:
+        return DEFAULT_SUMMARY_TOKENS
+    tokens = _int_field(raw, source, "summary_tokens", 1)
+    if raw.get("distant_mass", "leader") != "estimated":
+        raise _error(source, "summary_tokens", "only applies with 'distant_mass: estimated'",
+                     "remove it, or set 'distant_mass: estimated'")
+    return tokens
 
 
 def _groups_field(raw: dict[str, Any], source: str, num_layers: int) -> tuple[tuple[int, ...], ...]:
@@ -203,6 +243,8 @@ def parse_config(raw: Any, source: str = "<inline>") -> LayershareConfig:
         share=share,
         groups=_groups_field(raw, source, num_layers),
         gate_skip_threshold=_tau_field(raw, source),
+        distant_mass=_mass_field(raw, source),
+        summary_tokens=_summary_field(raw, source),
         source=source,
     )
 

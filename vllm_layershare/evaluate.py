@@ -32,6 +32,10 @@ from vllm_layershare.tools.tasks import (  # noqa: E402
 )
 
 STOCK = "stock"
+# Arguments that change what the stock backend measures (--stock-from must match them).
+WORKLOAD_ARGS = ("model", "lengths", "ppl_windows", "depths", "needle_trials", "kv_probes",
+                 "kv_keys", "kv_memory_mib", "dtype", "max_num_batched_tokens", "block_size",
+                 "seed")
 ANSWER_TOKENS = 24
 
 
@@ -61,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the task generators")
     parser.add_argument("--no-stock", action="store_true",
                         help="skip the stock backend (then no changes are reported)")
+    parser.add_argument("--stock-from", type=Path,
+                        help="reuse the stock result of an earlier run with the same settings")
     parser.add_argument("--out", type=Path, default=Path("eval-results.json"))
     parser.add_argument("--plot-dir", type=Path, help="write needle.png and frontier.png here")
     args = parser.parse_args(argv)
@@ -212,6 +218,22 @@ def plot(results: list[dict], plot_dir: Path) -> None:
         frontier(results, plot_dir / "frontier.png")
 
 
+def earlier_stock(args: argparse.Namespace) -> dict:
+    """The stock result of an earlier run, refused if its workload differs."""
+    earlier = json.loads(args.stock_from.read_text())
+    mine = {k: str(v) for k, v in vars(args).items()}
+    differ = [k for k in WORKLOAD_ARGS if earlier["args"].get(k) != mine[k]]
+    if differ:
+        raise SystemExit(f"layershare-eval: {args.stock_from} was measured with other "
+                         f"{', '.join('--' + k.replace('_', '-') for k in differ)}.")
+    stock = next(r for r in earlier["results"] if r["name"] == STOCK)
+    # JSON turned length keys into strings; the changes below index them by int.
+    stock["perplexity"] = {int(n): p for n, p in stock["perplexity"].items()}
+    stock["needle"] = {int(n): a for n, a in stock["needle"].items()}
+    stock["kv"] = {int(n): a for n, a in stock["kv"].items()}
+    return stock
+
+
 def save(args: argparse.Namespace, results: list[dict]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
@@ -221,8 +243,9 @@ def save(args: argparse.Namespace, results: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     workload = build_workload(args)
-    backends = ([] if args.no_stock else [(STOCK, None)]) + [(c.stem, c) for c in args.config]
-    results = []
+    results = [earlier_stock(args)] if args.stock_from else []
+    run_stock = not (args.no_stock or args.stock_from)
+    backends = ([(STOCK, None)] if run_stock else []) + [(c.stem, c) for c in args.config]
     for name, config in backends:
         results.append(evaluate(args, name, config, workload))
         add_changes(results, args.lengths)

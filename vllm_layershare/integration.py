@@ -69,18 +69,21 @@ def _patch_config_check() -> None:
 
     def make(original):
         def check_and_update_config(cls, vllm_config):
-            if selected(vllm_config) and vllm_config.model_config is not None:
-                from vllm_layershare.settings import check_vllm_config
+            if not selected(vllm_config) or vllm_config.model_config is None:
+                return original(cls, vllm_config)
+            from vllm_layershare.settings import check_block_size, check_vllm_config
 
-                try:
-                    check_vllm_config(vllm_config)
-                except LayershareConfigError as exc:
-                    if "vllm.entrypoints.cli.main" not in sys.modules:
-                        raise
-                    # `vllm serve`: one clear line, not a traceback through pydantic.
-                    logger.error("%s", exc)
-                    raise SystemExit(1) from None
-            return original(cls, vllm_config)
+            try:
+                check_vllm_config(vllm_config)
+                result = original(cls, vllm_config)
+                check_block_size(vllm_config)  # the platform has chosen the block size
+            except LayershareConfigError as exc:
+                if "vllm.entrypoints.cli.main" not in sys.modules:
+                    raise
+                # `vllm serve`: one clear line, not a traceback through pydantic.
+                logger.error("%s", exc)
+                raise SystemExit(1) from None
+            return result
         return check_and_update_config
 
     for owner in type(current_platform).__mro__:

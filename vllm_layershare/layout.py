@@ -5,11 +5,15 @@
 | leader / singleton | FullAttentionSpec (K and V)               | K, V of every token   |
 | follower           | FullAttentionSpec, V channels only        | V of every token      |
 | follower companion | FollowerKeySpec (a sink-keeping window)   | K of sinks and window |
+| summary companion  | FullAttentionSpec, one state per S tokens | mean K of each block  |
 
 A follower's companion is a weightless layer object named `<layer>.layershare_k`
 that lives only in vLLM's static forward context, so vLLM gives it its own
 KV-cache group, block table and slot mapping. Its manager frees a key block once
-all of its tokens are distant, and keeps the blocks of the sink tokens.
+all of its tokens are distant, and keeps the blocks of the sink tokens. With
+`distant_mass: estimated` a second companion `<layer>.layershare_ksum` holds one
+mean key per `summary_tokens` tokens (vLLM's compressed-state spec,
+`tokens_per_state`), so the summaries are in vLLM's plan too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm_layershare.config import LayershareConfig
 
 COMPANION_SUFFIX = ".layershare_k"
+SUMMARY_SUFFIX = ".layershare_ksum"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +97,26 @@ def follower_specs(
             f"{full.page_size_bytes}, {values.page_size_bytes}, {keys.page_size_bytes})."
         )
     return values, keys
+
+
+def summary_spec(full: FullAttentionSpec, config: LayershareConfig) -> FullAttentionSpec:
+    """A follower's mean-key summaries: one K-sized state per `summary_tokens` tokens.
+
+    A page keeps the full spec's page size, so it holds page_bytes / K-bytes states
+    and covers that many times `summary_tokens` tokens.
+    """
+    tokens = config.summary_tokens
+    if (2 * full.block_size) % tokens:
+        raise ValueError(
+            f"layershare: summary_tokens {tokens} must divide the follower key block "
+            f"({2 * full.block_size} tokens)."
+        )
+    key_bytes = full.head_size * full.dtype.itemsize
+    states = full.page_size_bytes // (full.num_kv_heads * key_bytes)
+    spec = replace(full, block_size=states * tokens, state_content_bytes=key_bytes,
+                   tokens_per_state=tokens)
+    assert spec.page_size_bytes == full.page_size_bytes
+    return spec
 
 
 def layer_name_at(name: str, layer: int, index: int) -> str:

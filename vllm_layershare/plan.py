@@ -8,17 +8,22 @@ from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
-from vllm_layershare.layout import COMPANION_SUFFIX, FollowerKeySpec, follower_specs
+from vllm_layershare.layout import (
+    COMPANION_SUFFIX,
+    SUMMARY_SUFFIX,
+    follower_specs,
+    summary_spec,
+)
 from vllm_layershare.settings import config_for
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 
-class FollowerKeyCache(AttentionLayerBase):
-    """A weightless stand-in layer that owns a follower's key window cache."""
+class CompanionCache(AttentionLayerBase):
+    """A weightless stand-in layer that owns one of a follower's extra caches."""
 
-    def __init__(self, layer_name: str, backend: type, spec: FollowerKeySpec) -> None:
+    def __init__(self, layer_name: str, backend: type, spec: KVCacheSpec) -> None:
         self.layer_name = layer_name
         self.backend = backend
         self.spec = spec
@@ -34,12 +39,13 @@ class FollowerKeyCache(AttentionLayerBase):
 def split_follower_specs(
     vllm_config: VllmConfig, specs: dict[str, KVCacheSpec]
 ) -> dict[str, KVCacheSpec]:
-    """Give each follower a V-only spec and register its key companion."""
+    """Give each follower a V-only spec and register its companions (key window, and
+    mean-key summaries when the distant mass is estimated)."""
     config = config_for(vllm_config)
     context = vllm_config.compilation_config.static_forward_context
     result: dict[str, KVCacheSpec] = {}
     for name, spec in specs.items():
-        if name.endswith(COMPANION_SUFFIX):
+        if name.endswith((COMPANION_SUFFIX, SUMMARY_SUFFIX)):
             continue  # rebuilt below when asked again
         index = extract_layer_index(name)
         if not config.is_follower(index):
@@ -48,8 +54,12 @@ def split_follower_specs(
         if not isinstance(spec, FullAttentionSpec):
             raise ValueError(f"layershare: layer {name} is not full attention ({spec}).")
         values, keys = follower_specs(spec, config)
-        companion = name + COMPANION_SUFFIX
-        context[companion] = FollowerKeyCache(companion, context[name].get_attn_backend(), keys)
         result[name] = values
-        result[companion] = keys
+        companions = {name + COMPANION_SUFFIX: keys}
+        if config.estimates_mass:
+            companions[name + SUMMARY_SUFFIX] = summary_spec(spec, config)
+        backend = context[name].get_attn_backend()
+        for companion, companion_spec in companions.items():
+            context[companion] = CompanionCache(companion, backend, companion_spec)
+            result[companion] = companion_spec
     return result

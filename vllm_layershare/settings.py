@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
 
-from vllm_layershare.config import LayershareConfig, config_path_from, load_config
+from vllm_layershare.config import (
+    LayershareConfig,
+    LayershareConfigError,
+    config_path_from,
+    load_config,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -64,3 +70,19 @@ def check_vllm_config(vllm_config: VllmConfig) -> LayershareConfig:
         cache_config.enable_prefix_caching = False
     logger.info(config.describe(model_config.max_model_len))
     return config
+
+
+def check_block_size(vllm_config: VllmConfig) -> None:
+    """Summaries must tile the follower key blocks (2 x block size), once it is known."""
+    config = config_for(vllm_config)
+    block_size = vllm_config.cache_config.block_size
+    if not config.estimates_mass or block_size is None:
+        return
+    key_block = 2 * block_size
+    if key_block % config.summary_tokens:
+        raise LayershareConfigError(
+            f"layershare config {config.source}: key 'summary_tokens' is "
+            f"{config.summary_tokens} but must divide the follower key block of {key_block} "
+            f"tokens (2 x block size {block_size}). Fix: use a divisor of {key_block}, "
+            f"e.g. {math.gcd(key_block, config.summary_tokens)}."
+        )

@@ -51,5 +51,6 @@ def native_pod_attention(
         torch.as_tensor(seq_lens, dtype=torch.int64),
         inputs.scale, inputs.sink, inputs.recent,
         -1.0 if inputs.gate_skip_threshold is None else inputs.gate_skip_threshold,
+        None if inputs.mass_lse is None else inputs.mass_lse.float().contiguous(),
     )
     output.copy_(out)

@@ -51,6 +51,8 @@ class LayerInputs:
     q_distant: torch.Tensor | None = None  # leader's (scores) or own (keys) queries
     k_distant: PagedPart | None = None  # the leader's keys
     gate_skip_threshold: float | None = None
+    # log of the follower's own distant mass [T, H] (mass.py); None: the leader's mass
+    mass_lse: torch.Tensor | None = None
 
 
 def attend(
@@ -153,6 +155,8 @@ def attend_rows(
         mask,
         inputs.scale,
     )
+    if inputs.mass_lse is not None:
+        lse_d = inputs.mass_lse[token_index]
     return merge(out, lse_p, o_d, lse_d, inputs.gate_skip_threshold)
 
 

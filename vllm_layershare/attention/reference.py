@@ -13,6 +13,14 @@ For a follower layer l with leader a and a query at position i:
 
 With a gate-skip threshold tau, g = sum_P exp(s) / sum exp(s); where g >= tau the
 row attends to P(i) alone.
+
+With `distant_mass="estimated"` the distant branch keeps its shape (the softmax of
+the distant logits above) but its mass is the follower's own, estimated from the
+mean key kbar_l[b] of each block b of S tokens [bS, (b+1)S) that lies wholly in D(i),
+and from exact keys for distant tokens outside such blocks:
+
+    M(i) = sum_b S * exp(scale * q_l[i] . kbar_l[b]) + sum_j exp(scale * q_l[i] . k_l[j])
+    g = sum_P exp(s) / (sum_P exp(s) + M(i)),   o = g * o_P + (1 - g) * o_D
 """
 
 from __future__ import annotations
@@ -39,11 +47,16 @@ def dense_pod_attention(
     recent: int,
     share: str = "scores",
     gate_skip_threshold: float | None = None,
+    distant_mass: str = "leader",
+    summary_tokens: int = 64,
 ) -> torch.Tensor:
     """Follower attention of a whole sequence at positions 0..L-1.
 
     q, q_lead: [L, H, D]; k, v, k_lead: [L, Hkv, D]. Returns [L, H, D] in float64.
     """
+    if distant_mass == "estimated":
+        return _estimated_mass_attention(q, k, v, q_lead, k_lead, scale, sink, recent, share,
+                                         gate_skip_threshold, summary_tokens)
     length, num_heads, _ = q.shape
     group = num_heads // k.shape[1]
     q, k, v = q.double(), k.double(), v.double()
@@ -66,4 +79,40 @@ def dense_pod_attention(
                 weights = torch.where(proximal, weights, torch.zeros_like(weights))
                 weights = weights / weights.sum()
             out[i, h] = weights @ v[: i + 1, kv]
+    return out
+
+
+def _estimated_mass_attention(q, k, v, q_lead, k_lead, scale, sink, recent, share, tau,
+                              block) -> torch.Tensor:
+    length, num_heads, _ = q.shape
+    group = num_heads // k.shape[1]
+    q, k, v = q.double(), k.double(), v.double()
+    q_distant = (q_lead if share == "scores" else q).double()
+    k_lead = k_lead.double()
+    out = torch.zeros(length, num_heads, v.shape[-1], dtype=torch.float64)
+    for i in range(length):
+        near = [j for j in range(i + 1) if j < sink or j > i - recent]
+        far = [j for j in range(i + 1) if sink <= j <= i - recent]
+        whole = [b for b in range(length // block + 1)
+                 if b * block >= sink and (b + 1) * block - 1 <= i - recent]
+        covered = {j for b in whole for j in range(b * block, (b + 1) * block)}
+        for h in range(num_heads):
+            kv = h // group
+            s_near = torch.stack([scale * torch.dot(q[i, h], k[j, kv]) for j in near])
+            o_near = torch.softmax(s_near, 0) @ v[near, kv]
+            if not far:
+                out[i, h] = o_near
+                continue
+            s_far = torch.stack([scale * torch.dot(q_distant[i, h], k_lead[j, kv]) for j in far])
+            o_far = torch.softmax(s_far, 0) @ v[far, kv]
+            mass = sum(block * torch.exp(scale * torch.dot(q[i, h], k[b * block:(b + 1) * block,
+                                                                      kv].mean(0)))
+                       for b in whole)
+            mass = mass + sum(torch.exp(scale * torch.dot(q[i, h], k[j, kv]))
+                              for j in far if j not in covered)
+            near_mass = torch.exp(s_near).sum()
+            gate = near_mass / (near_mass + mass)
+            if tau is not None and gate >= tau:
+                gate = torch.ones((), dtype=torch.float64)
+            out[i, h] = gate * o_near + (1 - gate) * o_far
     return out

@@ -1,0 +1,139 @@
+"""A follower's own distant-token mass, estimated from one mean key per block.
+
+Training-free, the leader's distant mass is a poor stand-in for a follower's
+(method.md, "Quality without training"). With `distant_mass: estimated` the merge
+weight of the distant branch comes from the follower's own query against
+
+    kbar[b] = mean of k_l over block b = [bS, (b+1)S)        (S = summary_tokens)
+
+for every block wholly in D(i), and from exact keys for the distant tokens outside
+such blocks (they sit next to the sinks or the window, whose key blocks are kept):
+
+    log M(i) = logsumexp( {scale q_l[i].kbar[b] + log S}_b  U  {scale q_l[i].k_l[j]}_j )
+
+The summary of a block is written in the step that writes its last key, from the
+key window (the block is still there: S divides the key block size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vllm_layershare.attention.portable import QUERY_CHUNK, PagedPart
+
+
+@dataclass
+class SummaryPart:
+    """A follower's summary cache [pages, Hkv, states, D]: state b % states of page
+    table[b * S // tokens_per_page] holds kbar[b]."""
+
+    cache: torch.Tensor
+    block_table: torch.Tensor
+    tokens_per_page: int
+    summary_tokens: int
+
+    def locate(self, rows: torch.Tensor, blocks: torch.Tensor):
+        """(page, state) of summary blocks `blocks` [B, N] of requests `rows` [B]."""
+        start = blocks * self.summary_tokens
+        pages = self.block_table[rows].gather(1, start // self.tokens_per_page)
+        return pages, (start % self.tokens_per_page) // self.summary_tokens
+
+    def gather(self, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        pages, states = self.locate(rows, blocks)
+        return self.cache[pages, :, states]  # [B, N, Hkv, D]
+
+
+def write_summaries(keys: PagedPart, summary: SummaryPart, rows: torch.Tensor,
+                    positions: torch.Tensor) -> None:
+    """Store kbar of every block whose last token is among `positions` (this step's
+    tokens, of requests `rows`), read back from the key window."""
+    size = summary.summary_tokens
+    done = (positions + 1) % size == 0
+    if not bool(done.any()):
+        return
+    rows, last = rows[done], positions[done]
+    span = last[:, None] - size + 1 + torch.arange(size, device=last.device)
+    mean = keys.gather(rows, span).float().mean(1)  # [n, Hkv, D]
+    pages, states = summary.locate(rows, (last // size)[:, None])
+    summary.cache[pages[:, 0], :, states[:, 0]] = mean.to(summary.cache.dtype)
+
+
+def row_mass(q: torch.Tensor, keys: PagedPart, summary: SummaryPart, rows: torch.Tensor,
+             q_pos: torch.Tensor, first: torch.Tensor, last: torch.Tensor, sink: int,
+             recent: int, scale: float) -> torch.Tensor:
+    """log M for queries q [B, Q, H, D] at positions q_pos [B, Q] (first..last per row).
+
+    -inf where D(i) is empty.
+    """
+    size = summary.summary_tokens
+    end = q_pos - recent + 1  # distant tokens are [sink, end)
+    low = -(-sink // size)  # first block wholly at or after the sinks
+    high = torch.clamp(torch.div(end, size, rounding_mode="floor"), min=low)
+    parts = []
+    widest = int(high.max()) - low
+    if widest > 0:
+        blocks = low + torch.arange(widest, device=q.device)[None].expand(rows.shape[0], -1)
+        logits = _logits(q, summary.gather(rows, blocks), scale) + math.log(size)
+        parts.append(logits.masked_fill(~(blocks[:, None, :] < high[:, :, None])[:, :, None],
+                                        float("-inf")))
+    pos, valid = _exact_positions(first, last, sink, recent, low * size, size)
+    if pos is not None:
+        j = pos[:, None, :]
+        wanted = valid[:, None, :] & (j >= sink) & (j < end[:, :, None]) & (
+            (j < low * size) | (j >= high[:, :, None] * size))
+        logits = _logits(q, keys.gather(rows, pos), scale)
+        parts.append(logits.masked_fill(~wanted[:, :, None], float("-inf")))
+    if not parts:
+        return torch.full(q.shape[:3], float("-inf"), device=q.device)
+    return torch.logsumexp(torch.cat(parts, dim=-1), dim=-1)
+
+
+def _logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Q, H, D], k [B, N, Hkv, D] -> scale * q.k [B, Q, H, N] (GQA)."""
+    b, nq, h, d = q.shape
+    hkv = k.shape[2]
+    qg = q.float().view(b, nq, hkv, h // hkv, d)
+    return torch.einsum("bqhgd,bnhd->bqhgn", qg, k.float()).reshape(b, nq, h, -1) * scale
+
+
+def _exact_positions(first, last, sink, recent, low_start, size):
+    """Distant positions a row's queries may need exactly: [sink, low_start) next to
+    the sinks, and [whole blocks' end for `first`, last - recent] next to the window;
+    padded with `last` (written this step)."""
+    lower = torch.arange(sink, low_start, device=first.device)[None].expand(first.shape[0], -1)
+    lower_ok = lower <= (last - recent)[:, None]
+    start = torch.clamp(torch.div(first - recent + 1, size, rounding_mode="floor") * size,
+                        min=low_start)
+    count = torch.clamp(last - recent - start + 1, min=0)
+    width = int(count.max()) if count.numel() else 0
+    j = torch.arange(width, device=first.device)[None]
+    upper, upper_ok = start[:, None] + j, j < count[:, None]
+    pos = torch.cat([lower, upper], dim=1)
+    if pos.shape[1] == 0:
+        return None, None
+    valid = torch.cat([lower_ok, upper_ok], dim=1)
+    return torch.where(valid, pos, last[:, None]), valid
+
+
+def estimated_mass(q: torch.Tensor, keys: PagedPart, summary: SummaryPart,
+                   query_start_loc: list[int], seq_lens: list[int], sink: int, recent: int,
+                   scale: float) -> torch.Tensor:
+    """log M [T, H] for every scheduled token (-inf where nothing is distant)."""
+    out = torch.full(q.shape[:2], float("-inf"), device=q.device)
+    for row, seq_len in enumerate(seq_lens):
+        start, stop = query_start_loc[row], query_start_loc[row + 1]
+        first_pos = seq_len - (stop - start)
+        if seq_len - 1 - recent < sink:
+            continue  # nothing is distant for any query of this row
+        for chunk in range(start, stop, QUERY_CHUNK):
+            end = min(chunk + QUERY_CHUNK, stop)
+            first = torch.tensor([first_pos + chunk - start], device=q.device)
+            last = torch.tensor([first_pos + end - 1 - start], device=q.device)
+            q_pos = first[:, None] + torch.arange(end - chunk, device=q.device)[None]
+            rows = torch.tensor([row], device=q.device)
+            out[chunk:end] = row_mass(q[chunk:end][None], keys, summary, rows, q_pos, first,
+                                      last, sink, recent, scale)[0]
+    return out
