@@ -13,12 +13,16 @@ import yaml
 from conftest import NUM_LAYERS, close_llm, make_llm
 
 from vllm_layershare import calibrate
+from vllm_layershare.attention.reference import dense_attention, dense_pod_attention
 from vllm_layershare.config import load_config, parse_config
+from vllm_layershare.tools.damage import Follower
 from vllm_layershare.tools.grouping import (
+    damage_groups_for_saving,
     greedy_groups,
     grouping_yaml,
     groups_for_saving,
     kv_saving,
+    min_damage_groups,
 )
 from vllm_layershare.tools.similarity import (
     SimilarityMeter,
@@ -209,9 +213,105 @@ def test_regroup_from_saved_similarity(tiny_model, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--window-tokens", "20"], "must exceed --sink"),
     (["--target-saving", "1.5"], "fraction in \\(0, 1\\)"),
+    (["--method", "damage"], "--method damage needs --target-saving"),
 ])
 def test_calibrate_refuses_bad_arguments(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
         calibrate.main(["--model", "m", "--out", str(tmp_path / "x.yaml"), *TINY_ARGS, *extra])
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+# --- damage-aware grouping -------------------------------------------------------------
+
+
+def all_groupings(n: int):
+    """Every split of layers 0..n-1 into consecutive groups."""
+    for cuts in range(1 << (n - 1)):
+        groups, start = [], 0
+        for layer in range(1, n):
+            if cuts >> (layer - 1) & 1:
+                groups.append(list(range(start, layer)))
+                start = layer
+        yield groups + [list(range(start, n))]
+
+
+def test_min_damage_groups_equals_brute_force():
+    gen = torch.Generator().manual_seed(4)
+    damage = torch.rand(7, 7, generator=gen, dtype=torch.float64)
+    for followers in range(7):
+        for largest in (None, 3):
+            found = min_damage_groups(damage, followers, largest)
+            options = [
+                (sum(float(damage[g[0], i]) for g in groups for i in g[1:]), groups)
+                for groups in all_groupings(7)
+                if sum(len(g) - 1 for g in groups) == followers
+                and (largest is None or max(map(len, groups)) <= largest)
+            ]
+            if not options:
+                assert found is None
+                continue
+            best = min(cost for cost, _ in options)
+            assert found is not None and found[1] == pytest.approx(best)
+            assert sum(float(damage[g[0], i]) for g in found[0] for i in g[1:]) == (
+                pytest.approx(best))
+
+
+def test_damage_groups_take_the_fewest_followers_for_the_target():
+    damage = torch.full((6, 6), 0.5, dtype=torch.float64)
+    damage[3, 4] = damage[3, 5] = 0.01  # 4 and 5 follow 3 almost for free
+    saving_of = {f: kv_saving([list(range(f + 1))] + [[i] for i in range(f + 1, 6)],
+                              1, 3, 64) for f in range(6)}
+    groups, total = damage_groups_for_saving(damage, saving_of[2], 1, 3, 64)
+    assert groups == [[0], [1], [2], [3, 4, 5]] and total == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="no grouping saves"):
+        damage_groups_for_saving(damage, 0.99, 1, 3, 64)
+
+
+def sequence_layers(gen, length):
+    def r(*shape):
+        return torch.randn(*shape, generator=gen)
+    return (r(4, length, 8), r(2, length, 8), r(2, length, 8))  # q [H,T,D], k, v [Hkv,T,D]
+
+
+@pytest.mark.parametrize("share, size", [("scores", None), ("keys", None), ("scores", 4)])
+def test_follower_damage_matches_the_dense_reference(share, size):
+    gen = torch.Generator().manual_seed(8)
+    lead, own = sequence_layers(gen, 40), sequence_layers(gen, 40)
+    positions = torch.tensor([12, 25, 39])
+    got = Follower(own, positions, 0.3, sink=2, recent=6, share=share,
+                   summary_tokens=size).damage(lead[:2])
+    q, k, v = (x.transpose(0, 1) for x in own)  # the reference takes [T, H, D]
+    qa, ka = (x.transpose(0, 1) for x in lead[:2])
+    pod = dense_pod_attention(q, k, v, qa, ka, 0.3,
+                              sink=2, recent=6, share=share,
+                              distant_mass="leader" if size is None else "estimated",
+                              summary_tokens=size or 1)
+    plain = dense_attention(q, k, v, 0.3)
+    error = (pod[positions] - plain[positions]).norm(dim=-1) / plain[positions].norm(dim=-1)
+    torch.testing.assert_close(got.double(), error.mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_following_an_identical_leader_costs_nothing():
+    gen = torch.Generator().manual_seed(9)
+    own = sequence_layers(gen, 30)
+    damage = Follower(own, torch.tensor([20, 29]), 0.3, sink=1, recent=5, share="scores",
+                      summary_tokens=None).damage(own[:2])
+    assert float(damage.max()) < 1e-6
+
+
+def test_calibrate_by_damage_on_the_tiny_model(tiny_model, tmp_path):
+    out = tmp_path / "damage.yaml"
+    calibrate.main(["--model", str(tiny_model), "--out", str(out), "--method", "damage",
+                    "--target-saving", "0.2", "--distant-mass", "estimated",
+                    "--summary-tokens", "8", "--plot", str(tmp_path / "d.png"), *TINY_ARGS])
+    config = load_config(out)
+    assert 1.0 - config.kv_fraction(1024) >= 0.2 and config.estimates_mass
+    assert "# damage to leader" in out.read_text()
+    measured = json.loads((tmp_path / "damage.similarity.json").read_text())
+    assert measured["damage_method"] == {"share": "scores", "distant_mass": "estimated",
+                                         "summary_tokens": 8}
+    with pytest.raises(SystemExit, match="holds no damage measured"):
+        calibrate.main(["--model", "unused", "--out", str(tmp_path / "x.yaml"), "--method",
+                        "damage", "--target-saving", "0.2", "--similarity",
+                        str(tmp_path / "damage.similarity.json"), *TINY_ARGS])

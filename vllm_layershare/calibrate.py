@@ -23,7 +23,9 @@ from tqdm import tqdm
 
 from vllm_layershare.config import load_config
 from vllm_layershare.tools import texts
+from vllm_layershare.tools.damage import DamageMeter
 from vllm_layershare.tools.grouping import (
+    damage_groups_for_saving,
     greedy_groups,
     grouping_yaml,
     groups_for_saving,
@@ -46,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="follow the leader while similarity >= this (default 0.5)")
     rule.add_argument("--target-saving", type=float,
                       help="fraction of KV bytes to save at --context, e.g. 0.25")
+    parser.add_argument("--method", choices=("similarity", "damage"), default="similarity",
+                        help="group by distant-attention similarity (the paper, greedy) or by "
+                             "measured output damage (dynamic programming; needs "
+                             "--target-saving)")
     parser.add_argument("--context", type=int, default=8192,
                         help="context length the saving is computed for")
     parser.add_argument("--sink", type=int, default=16, help="sink_tokens of the file")
@@ -71,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      f"({args.sink + args.recent}), or no token is distant")
     if args.target_saving is not None and not 0.0 < args.target_saving < 1.0:
         parser.error("--target-saving must be a fraction in (0, 1), e.g. 0.25")
+    if args.method == "damage" and args.target_saving is None:
+        parser.error("--method damage needs --target-saving")
     if args.threshold is None and args.target_saving is None:
         args.threshold = 0.5
     args.summary = args.summary_tokens if args.distant_mass == "estimated" else None
@@ -86,17 +94,16 @@ def sample_positions(args: argparse.Namespace, window: int) -> torch.Tensor:
     return (chosen + first).sort().values
 
 
-def measure_similarity(args: argparse.Namespace, windows: list[list[int]]) -> SimilarityMeter:
-    """One forward per window; each layer's distant distributions go into the meter."""
+def measure_windows(args: argparse.Namespace, windows: list[list[int]]) -> dict:
+    """One forward per window of the unmodified model; every layer's q, K, V feed the
+    similarity meter (and the damage meter with --method damage)."""
     from transformers import AttentionInterface, AutoModelForCausalLM
 
-    captured: dict[int, torch.Tensor] = {}
-    positions = torch.empty(0, dtype=torch.long)
+    captured: dict[int, tuple] = {}
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                   **kwargs):
-        captured[module.layer_idx] = distant_distribution(
-            query[0], key[0], positions, scaling, args.sink, args.recent)
+        captured[module.layer_idx] = (query[0], key[0], value[0], scaling)
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2), None
@@ -105,19 +112,40 @@ def measure_similarity(args: argparse.Namespace, windows: list[list[int]]) -> Si
     model = AutoModelForCausalLM.from_pretrained(
         args.model, dtype=torch.float32, attn_implementation=ATTENTION_NAME).eval()
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
-    meter = SimilarityMeter(layers, heads)
-    with tqdm(total=len(windows) * layers, desc="calibrating (layers x windows)") as bar:
+    similarity = SimilarityMeter(layers, heads)
+    damage = DamageMeter(layers, heads) if args.method == "damage" else None
+    steps = len(windows) * layers * (2 if damage else 1)
+    with tqdm(total=steps, desc=f"calibrating ({args.method})") as bar:
         for index, window in enumerate(windows):
             positions = sample_positions(args, index)
             with torch.no_grad():
                 model(torch.tensor([window]))
-            meter.add_window([captured[i] for i in range(layers)], progress=bar)
+                qkv = [captured[i][:3] for i in range(layers)]
+                scale = captured[0][3]
+                similarity.add_window(
+                    [distant_distribution(q, k, positions, scale, args.sink, args.recent)
+                     for q, k, _ in qkv], progress=bar)
+                if damage:
+                    damage.add_window(qkv, positions, scale, progress=bar, sink=args.sink,
+                                      recent=args.recent, share=args.share,
+                                      summary_tokens=args.summary)
+                    bar.update(1)  # add_window counts layers 1..N-1
             captured.clear()
-    return meter
+    result = {"per_layer": similarity.per_layer(), "per_head": similarity.per_head()}
+    if damage:
+        result.update(damage=damage.per_layer(), damage_per_head=damage.per_head(),
+                      damage_method=damage_method(args))
+    return result
 
 
-def measure(args: argparse.Namespace) -> tuple[str, torch.Tensor, torch.Tensor]:
-    """(text description, [N, N] similarity, [N, N, H] per head) from a model run."""
+def damage_method(args: argparse.Namespace) -> dict:
+    """What a damage measurement depends on besides the text and windows."""
+    return {"share": args.share, "distant_mass": args.distant_mass,
+            "summary_tokens": args.summary}
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Measurements of a model run, with a description of the text."""
     from transformers import AutoTokenizer
 
     text = args.text.read_text() if args.text else texts.calibration_text()
@@ -126,65 +154,83 @@ def measure(args: argparse.Namespace) -> tuple[str, torch.Tensor, torch.Tensor]:
                f"{args.queries} queries each, seed {args.seed}")
     tokens = AutoTokenizer.from_pretrained(args.model)(text, add_special_tokens=False).input_ids
     windows = texts.token_windows(tokens, args.window_tokens, args.windows, source)
-    meter = measure_similarity(args, windows)
-    return source, meter.per_layer(), meter.per_head()
+    measured = measure_windows(args, windows)
+    measured.update(text=source, sink=args.sink, recent=args.recent)
+    return measured
 
 
-def choose_groups(args: argparse.Namespace, similarity: torch.Tensor):
-    """(groups, threshold) by the threshold rule or the target saving."""
-    if args.target_saving is None:
-        return greedy_groups(similarity, args.threshold, args.max_group_size), args.threshold
+def load_measurements(args: argparse.Namespace) -> dict:
+    """An earlier run's measurements (--similarity FILE), checked against the arguments."""
+    measured = json.loads(args.similarity.read_text())
+    if (measured["sink"], measured["recent"]) != (args.sink, args.recent):
+        raise SystemExit(
+            f"layershare-calibrate: {args.similarity} was measured with --sink "
+            f"{measured['sink']} --recent {measured['recent']}; pass the same values.")
+    if args.method == "damage" and measured.get("damage_method") != damage_method(args):
+        raise SystemExit(
+            f"layershare-calibrate: {args.similarity} holds no damage measured for "
+            f"{damage_method(args)}; run --method damage on the model instead.")
+    for key in ("per_layer", "per_head", "damage", "damage_per_head"):
+        if key in measured:
+            measured[key] = torch.tensor(measured[key], dtype=torch.float64)
+    return measured
+
+
+def choose_groups(args: argparse.Namespace, measured: dict) -> tuple[list, str]:
+    """(groups, the rule in words) by the threshold, the target saving, or the damage."""
     try:
-        return groups_for_saving(similarity, args.target_saving, args.sink, args.recent,
-                                 args.context, args.max_group_size, args.summary)
+        if args.method == "damage":
+            groups, total = damage_groups_for_saving(
+                measured["damage"], args.target_saving, args.sink, args.recent, args.context,
+                args.max_group_size, args.summary)
+            return groups, (f"the consecutive groups with {sum(len(g) - 1 for g in groups)} "
+                            "followers that minimise the summed relative change of the "
+                            f"followers' attention outputs (total {total:.3f}).")
+        if args.target_saving is None:
+            threshold = args.threshold
+            groups = greedy_groups(measured["per_layer"], threshold, args.max_group_size)
+        else:
+            groups, threshold = groups_for_saving(
+                measured["per_layer"], args.target_saving, args.sink, args.recent,
+                args.context, args.max_group_size, args.summary)
     except ValueError as error:
         raise SystemExit(f"layershare-calibrate: {error}") from None
+    return groups, ("a layer follows its group's leader while S = 1 - JSD (base 2) of "
+                    f"their distant-token attention >= {threshold:.4f}.")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.similarity:
-        measured = json.loads(args.similarity.read_text())
-        source = measured["text"]
-        similarity = torch.tensor(measured["per_layer"], dtype=torch.float64)
-        per_head = torch.tensor(measured["per_head"], dtype=torch.float64)
-        if (measured["sink"], measured["recent"]) != (args.sink, args.recent):
-            raise SystemExit(
-                f"layershare-calibrate: {args.similarity} was measured with --sink "
-                f"{measured['sink']} --recent {measured['recent']}; pass the same values.")
-    else:
-        source, similarity, per_head = measure(args)
-    groups, threshold = choose_groups(args, similarity)
+    measured = load_measurements(args) if args.similarity else measure(args)
+    groups, rule = choose_groups(args, measured)
     saving = kv_saving(groups, args.sink, args.recent, args.context, args.summary)
 
     command = "layershare-calibrate " + shlex.join(argv if argv is not None else sys.argv[1:])
     sidecar = args.similarity or args.out.with_suffix(".similarity.json")
     header = [
         f"Made by: {command}",
-        f"Text: {source}.",
-        "Rule: a layer follows its group's leader while S = 1 - JSD (base 2) of their "
-        f"distant-token attention >= {threshold:.4f}.",
+        f"Text: {measured['text']}.",
+        f"Rule: {rule}",
         f"KV bytes saved at {args.context} tokens (formula): {saving:.1%} "
-        f"({1 / (1 - saving):.2f}x tokens). Similarities per head: {sidecar.name}.",
+        f"({1 / (1 - saving):.2f}x tokens). Measurements per head: {sidecar.name}.",
         "",
     ]
+    shown = measured["damage"] if args.method == "damage" else measured["per_layer"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(grouping_yaml(groups, similarity, args.sink, args.recent, args.share,
-                                      header, args.summary))
+    args.out.write_text(grouping_yaml(groups, shown, args.sink, args.recent, args.share,
+                                      header, args.summary, measure=args.method))
     if not args.similarity:
-        sidecar.write_text(json.dumps({
-            "command": command, "text": source, "sink": args.sink, "recent": args.recent,
-            "per_layer": similarity.tolist(), "per_head": per_head.tolist(),
-        }))
+        sidecar.write_text(json.dumps({"command": command, **{
+            k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in measured.items()}}))
     config = load_config(args.out)  # what we wrote must be what the backend accepts
     print(config.describe(args.context))
     print(f"wrote {args.out}" + ("" if args.similarity else f" and {sidecar}"))
     if args.plot:
         from vllm_layershare.tools.plots import similarity_heatmap
 
-        title = (f"{Path(args.model).name}: threshold {threshold:.3f}, "
-                 f"{len(config.followers)} followers, {saving:.1%} KV saved at {args.context}")
-        similarity_heatmap(similarity.numpy(), groups, title, args.plot)
+        title = (f"{Path(args.model).name}: {args.method}, {len(config.followers)} followers, "
+                 f"{saving:.1%} KV saved at {args.context}")
+        similarity_heatmap(shown.numpy(), groups, title, args.plot, args.method)
         print(f"wrote {args.plot}")
 
 

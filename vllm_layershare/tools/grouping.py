@@ -1,8 +1,11 @@
-"""Forming consecutive layer groups from a similarity matrix, and writing the file.
+"""Forming consecutive layer groups from measurements, and writing the file.
 
-The rule of the paper: walk the layers in order; a layer joins the current group
-while its similarity to the group's leader is >= the threshold, else it leads a new
-group. A target KV saving picks the highest threshold whose groups reach it.
+- similarity (the paper's rule): walk the layers in order; a layer joins the current
+  group while its similarity to the group's leader is >= the threshold, else it leads
+  a new group. A target KV saving picks the highest threshold whose groups reach it.
+- damage: the consecutive groups with the fewest followers that reach the target
+  saving, chosen to minimise the summed damage(leader, follower), by dynamic
+  programming over segments (every follower saves the same bytes).
 """
 
 from __future__ import annotations
@@ -63,9 +66,61 @@ def groups_for_saving(similarity: torch.Tensor, target: float, sink: int, recent
     )
 
 
-def grouping_yaml(groups: Groups, similarity: torch.Tensor, sink: int, recent: int,
-                  share: str, header: Sequence[str], summary_tokens: int | None = None) -> str:
-    """A grouping file in the backend's schema; measured similarities as comments."""
+def min_damage_groups(damage: torch.Tensor, followers: int,
+                      max_group_size: int | None = None) -> tuple[Groups, float] | None:
+    """Consecutive groups with exactly `followers` followers and the least total
+    damage; None when `max_group_size` makes that impossible."""
+    n = damage.shape[0]
+    largest = max_group_size or n
+    inf = float("inf")
+    # best[i][f]: least damage covering layers 0..i-1 with f followers; via[i][f]: group start
+    best = [[inf] * (followers + 1) for _ in range(n + 1)]
+    via = [[-1] * (followers + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for end in range(1, n + 1):
+        for start in range(max(0, end - largest), end):
+            cost = float(damage[start, start + 1:end].sum())
+            extra = end - start - 1
+            for f in range(extra, followers + 1):
+                total = best[start][f - extra] + cost
+                if total < best[end][f]:
+                    best[end][f], via[end][f] = total, start
+    if best[n][followers] == inf:
+        return None
+    groups, end, f = [], n, followers
+    while end > 0:
+        start = via[end][f]
+        groups.append(list(range(start, end)))
+        f -= end - start - 1
+        end = start
+    return groups[::-1], best[n][followers]
+
+
+def damage_groups_for_saving(damage: torch.Tensor, target: float, sink: int, recent: int,
+                             context: int, max_group_size: int | None = None,
+                             summary_tokens: int | None = None) -> tuple[Groups, float]:
+    """The least-damage groups with the fewest followers that save >= `target`;
+    (groups, total damage)."""
+    n = damage.shape[0]
+    for followers in range(n):
+        shape = [list(range(followers + 1))] + [[i] for i in range(followers + 1, n)]
+        if kv_saving(shape, sink, recent, context, summary_tokens) < target:
+            continue
+        found = min_damage_groups(damage, followers, max_group_size)
+        if found is not None:
+            return found
+    raise ValueError(
+        f"no grouping saves {target:.1%} of KV bytes at {context} tokens with sink "
+        f"{sink} + recent {recent}. Fix: lower --target-saving, or shorten --recent, or "
+        "raise --max-group-size."
+    )
+
+
+def grouping_yaml(groups: Groups, measured: torch.Tensor, sink: int, recent: int,
+                  share: str, header: Sequence[str], summary_tokens: int | None = None,
+                  measure: str = "similarity") -> str:
+    """A grouping file in the backend's schema; each follower's measurement against its
+    leader (`measure`: similarity or damage) as comments."""
     lines = [f"# {line}" if line else "#" for line in header]
     lines += [
         f"num_layers: {sum(len(g) for g in groups)}",
@@ -80,7 +135,7 @@ def grouping_yaml(groups: Groups, similarity: torch.Tensor, sink: int, recent: i
     for group in groups:
         entry = f"  - [{', '.join(str(i) for i in group)}]"
         if len(group) > 1:
-            scores = " ".join(f"{i}:{float(similarity[group[0], i]):.3f}" for i in group[1:])
-            entry = f"{entry}  # similarity to leader {group[0]}: {scores}"
+            scores = " ".join(f"{i}:{float(measured[group[0], i]):.3f}" for i in group[1:])
+            entry = f"{entry}  # {measure} to leader {group[0]}: {scores}"
         lines.append(entry)
     return "\n".join(lines) + "\n"

@@ -12,12 +12,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 
-def similarity_heatmap(similarity, groups: Sequence[Sequence[int]], title: str,
-                       out: Path) -> None:
-    """Layer-by-layer similarity with each chosen group outlined on the diagonal."""
-    n = len(similarity)
+def similarity_heatmap(matrix, groups: Sequence[Sequence[int]], title: str, out: Path,
+                       measure: str = "similarity") -> None:
+    """Layer-by-layer similarity (or damage) with each chosen group outlined."""
+    n = len(matrix)
     fig, ax = plt.subplots(figsize=(7, 6))
-    image = ax.imshow(similarity, vmin=0.0, vmax=1.0, cmap="viridis")
+    if measure == "similarity":
+        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+        label = "1 - JSD (distant-token attention)"
+    else:  # damage(leader a, follower l), a < l: the upper triangle
+        image = ax.imshow(matrix, vmin=0.0, cmap="magma_r")
+        label = "relative change of the follower's attention output"
     for group in groups:
         ax.add_patch(Rectangle((group[0] - 0.5, group[0] - 0.5), len(group), len(group),
                                fill=False, edgecolor="red", linewidth=2))
@@ -27,7 +32,7 @@ def similarity_heatmap(similarity, groups: Sequence[Sequence[int]], title: str,
     ax.set_xlabel("layer")
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="1 - JSD (distant-token attention)")
+    fig.colorbar(image, ax=ax, label=label)
     _save(fig, out)
 
 
