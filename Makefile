@@ -45,5 +45,19 @@ demo: model
 bench: install
 	$(VPY) benchmarks/throughput.py
 
+# docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock
+# attention through vLLM (about 1.5 h on a 2-core CPU machine).
+SMOL := models/SmolLM2-135M-Instruct
+GRP  := configs/smollm2-135m
+CAL  := $(VPY) -m vllm_layershare.calibrate --model $(SMOL)
+quality: model
+	$(CAL) --out $(GRP)/threshold-0.50.yaml --plot docs/img/calibration-smollm2-135m.png
+	$(CAL) --similarity $(GRP)/threshold-0.50.similarity.json --target-saving 0.15 --out $(GRP)/saving-0.15.yaml
+	$(CAL) --similarity $(GRP)/threshold-0.50.similarity.json --target-saving 0.30 --out $(GRP)/saving-0.30.yaml
+	$(CAL) --method damage --target-saving 0.25 --distant-mass estimated --out $(GRP)/damage-0.25-estimated.yaml --plot docs/img/damage-smollm2-135m.png
+	$(CAL) --method damage --similarity $(GRP)/damage-0.25-estimated.similarity.json --target-saving 0.30 --distant-mass estimated --out $(GRP)/damage-0.30-estimated.yaml
+	$(VPY) -m vllm_layershare.evaluate --model $(SMOL) --out docs/results/smollm2-135m.json \
+	    --plot-dir docs/img $(foreach c,$(QUALITY_CONFIGS),--config $(GRP)/$(c).yaml)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
