@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_layershare.attention.portable import QUERY_CHUNK, PagedPart
+from vllm_layershare.attention.portable import PagedPart, row_batches
 
 
 @dataclass
@@ -123,17 +123,11 @@ def estimated_mass(q: torch.Tensor, keys: PagedPart, summary: SummaryPart,
                    scale: float) -> torch.Tensor:
     """log M [T, H] for every scheduled token (-inf where nothing is distant)."""
     out = torch.full(q.shape[:2], float("-inf"), device=q.device)
-    for row, seq_len in enumerate(seq_lens):
-        start, stop = query_start_loc[row], query_start_loc[row + 1]
-        first_pos = seq_len - (stop - start)
-        if seq_len - 1 - recent < sink:
-            continue  # nothing is distant for any query of this row
-        for chunk in range(start, stop, QUERY_CHUNK):
-            end = min(chunk + QUERY_CHUNK, stop)
-            first = torch.tensor([first_pos + chunk - start], device=q.device)
-            last = torch.tensor([first_pos + end - 1 - start], device=q.device)
-            q_pos = first[:, None] + torch.arange(end - chunk, device=q.device)[None]
-            rows = torch.tensor([row], device=q.device)
-            out[chunk:end] = row_mass(q[chunk:end][None], keys, summary, rows, q_pos, first,
-                                      last, sink, recent, scale)[0]
+    for rows, tokens, first, last in row_batches(query_start_loc, seq_lens, q.device):
+        if int(last.max()) - recent < sink:
+            continue  # nothing is distant for any of these queries
+        q_pos = torch.minimum(first[:, None] + torch.arange(tokens.shape[1], device=q.device),
+                              last[:, None])
+        out[tokens] = row_mass(q[tokens], keys, summary, rows, q_pos, first, last, sink,
+                               recent, scale)
     return out

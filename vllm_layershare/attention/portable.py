@@ -160,40 +160,40 @@ def attend_rows(
     return merge(out, lse_p, o_d, lse_d, inputs.gate_skip_threshold)
 
 
+def row_batches(query_start_loc: list[int], seq_lens: list[int], device: torch.device):
+    """(rows [B], token_index [B, Q], first [B], last [B]) batches of a step's queries.
+
+    Decode rows (one query) come as one padded batch; each prefill (or prefill chunk)
+    alone, QUERY_CHUNK queries at a time.
+    """
+    decode_rows, prefill_rows = [], []
+    for row in range(len(seq_lens)):
+        n_q = query_start_loc[row + 1] - query_start_loc[row]
+        if n_q == 1:
+            decode_rows.append(row)
+        elif n_q > 1:
+            prefill_rows.append(row)
+    if decode_rows:
+        tokens = torch.tensor([query_start_loc[r] for r in decode_rows], device=device)
+        last = torch.tensor([seq_lens[r] - 1 for r in decode_rows], device=device)
+        yield torch.tensor(decode_rows, device=device), tokens[:, None], last, last
+    for row in prefill_rows:
+        start, end = query_start_loc[row], query_start_loc[row + 1]
+        first_pos = seq_lens[row] - (end - start)
+        for chunk in range(start, end, QUERY_CHUNK):
+            stop = min(chunk + QUERY_CHUNK, end)
+            yield (torch.tensor([row], device=device),
+                   torch.arange(chunk, stop, device=device)[None],
+                   torch.tensor([first_pos + chunk - start], device=device),
+                   torch.tensor([first_pos + stop - 1 - start], device=device))
+
+
 def paged_pod_attention(
     inputs: LayerInputs,
     query_start_loc: list[int],
     seq_lens: list[int],
     output: torch.Tensor,
 ) -> None:
-    """Write attention of every scheduled token into `output` [T, H, Dv].
-
-    Decode rows (one query) run as one padded batch; each prefill (or prefill
-    chunk) runs alone, QUERY_CHUNK queries at a time.
-    """
-    device = inputs.q.device
-    decode_rows, prefill_rows = [], []
-    for row, _seq_len in enumerate(seq_lens):
-        n_q = query_start_loc[row + 1] - query_start_loc[row]
-        if n_q == 1:
-            decode_rows.append(row)
-        elif n_q > 1:
-            prefill_rows.append(row)
-
-    if decode_rows:
-        rows = torch.tensor(decode_rows, device=device)
-        tokens = torch.tensor([query_start_loc[r] for r in decode_rows], device=device)
-        last = torch.tensor([seq_lens[r] - 1 for r in decode_rows], device=device)
-        out = attend_rows(inputs, rows, tokens[:, None], last, last)
-        output[tokens] = out[:, 0].to(output.dtype)
-
-    for row in prefill_rows:
-        start, end = query_start_loc[row], query_start_loc[row + 1]
-        first_pos = seq_lens[row] - (end - start)
-        for chunk in range(start, end, QUERY_CHUNK):
-            stop = min(chunk + QUERY_CHUNK, end)
-            tokens = torch.arange(chunk, stop, device=device)[None]
-            first = torch.tensor([first_pos + chunk - start], device=device)
-            last = torch.tensor([first_pos + stop - 1 - start], device=device)
-            rows = torch.tensor([row], device=device)
-            output[chunk:stop] = attend_rows(inputs, rows, tokens, first, last)[0].to(output.dtype)
+    """Write attention of every scheduled token into `output` [T, H, Dv]."""
+    for rows, tokens, first, last in row_batches(query_start_loc, seq_lens, inputs.q.device):
+        output[tokens] = attend_rows(inputs, rows, tokens, first, last).to(output.dtype)
