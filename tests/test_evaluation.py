@@ -87,11 +87,19 @@ def test_evaluate_tiny_model_end_to_end(tiny_model, tmp_path, capsys):
     assert (tmp_path / "plots" / "needle.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "frontier.png").stat().st_size > 1000
 
+    evaluate.main(["--report", str(out), "--plot-dir", str(tmp_path / "again")])
+    assert table_lines(capsys.readouterr().out) == table_lines(printed)
+    assert (tmp_path / "again" / "needle.png").exists()
+
 
 def test_evaluate_refuses_a_bad_grouping_before_starting(tiny_model, tmp_path):
     bad = write_grouping(tmp_path / "bad.yaml", share="values")
     with pytest.raises(SystemExit, match="layershare-eval: layershare config .*key 'share'"):
         evaluate.main(["--model", str(tiny_model), "--config", str(bad)])
+
+
+def table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("|")]
 
 
 def test_evaluate_reuses_an_earlier_stock_run(tiny_model, tmp_path):

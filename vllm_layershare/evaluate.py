@@ -42,7 +42,9 @@ ANSWER_TOKENS = 24
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="layershare-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+    parser.add_argument("--model", help="Hugging Face model directory")
+    parser.add_argument("--report", type=Path,
+                        help="no engines: print the table and draw the plots of a results JSON")
     parser.add_argument("--config", action="append", default=[], type=Path,
                         help="grouping file to evaluate (repeat for several)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192],
@@ -70,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("eval-results.json"))
     parser.add_argument("--plot-dir", type=Path, help="write needle.png and frontier.png here")
     args = parser.parse_args(argv)
+    if not args.model and not args.report:
+        parser.error("--model is required (or --report FILE)")
     for path in args.config:
         try:
             load_config(path)  # a bad grouping file fails now, before any engine starts
@@ -220,18 +224,22 @@ def plot(results: list[dict], plot_dir: Path) -> None:
 
 def earlier_stock(args: argparse.Namespace) -> dict:
     """The stock result of an earlier run, refused if its workload differs."""
-    earlier = json.loads(args.stock_from.read_text())
+    earlier_args, results = load_results(args.stock_from)
     mine = {k: str(v) for k, v in vars(args).items()}
-    differ = [k for k in WORKLOAD_ARGS if earlier["args"].get(k) != mine[k]]
+    differ = [k for k in WORKLOAD_ARGS if earlier_args.get(k) != mine[k]]
     if differ:
         raise SystemExit(f"layershare-eval: {args.stock_from} was measured with other "
                          f"{', '.join('--' + k.replace('_', '-') for k in differ)}.")
-    stock = next(r for r in earlier["results"] if r["name"] == STOCK)
-    # JSON turned length keys into strings; the changes below index them by int.
-    stock["perplexity"] = {int(n): p for n, p in stock["perplexity"].items()}
-    stock["needle"] = {int(n): a for n, a in stock["needle"].items()}
-    stock["kv"] = {int(n): a for n, a in stock["kv"].items()}
-    return stock
+    return next(r for r in results if r["name"] == STOCK)
+
+
+def load_results(path: Path) -> tuple[dict, list[dict]]:
+    """(args, results) of a results JSON, length keys back to ints (JSON made them str)."""
+    saved = json.loads(path.read_text())
+    for result in saved["results"]:
+        for key in ("perplexity", "needle", "kv"):
+            result[key] = {int(n): v for n, v in result[key].items()}
+    return saved["args"], saved["results"]
 
 
 def save(args: argparse.Namespace, results: list[dict]) -> None:
@@ -242,6 +250,13 @@ def save(args: argparse.Namespace, results: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.report:
+        _, results = load_results(args.report)
+        lengths = sorted(results[0]["perplexity"])
+        print(table(results, lengths))
+        if args.plot_dir:
+            plot(results, args.plot_dir)
+        return
     workload = build_workload(args)
     results = [earlier_stock(args)] if args.stock_from else []
     run_stock = not (args.no_stock or args.stock_from)

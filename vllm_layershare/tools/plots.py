@@ -39,8 +39,12 @@ def similarity_heatmap(matrix, groups: Sequence[Sequence[int]], title: str, out:
 def needle_heatmap(accuracy: dict[str, dict[int, dict[int, float]]], out: Path) -> None:
     """Needle accuracy per (haystack length, depth), one panel per backend."""
     names = list(accuracy)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 0.5, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names, strict=False):
         lengths = sorted(accuracy[name])
         depths = sorted(next(iter(accuracy[name].values())))
         grid = [[accuracy[name][n][d] for n in lengths] for d in depths]
@@ -50,9 +54,9 @@ def needle_heatmap(accuracy: dict[str, dict[int, dict[int, float]]], out: Path) 
                 ax.text(x, y, f"{value:.0%}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths], fontsize=7)
-        ax.set_xlabel("haystack tokens")
+        ax.set_xlabel("haystack tokens", fontsize=8)
+        ax.set_ylabel("needle depth", fontsize=8)
         ax.set_title(name, fontsize=8)
-    axes[0][0].set_ylabel("needle depth")
     _save(fig, out)
 
 
