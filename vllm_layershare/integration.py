@@ -29,8 +29,8 @@ def selected(vllm_config: Any) -> bool:
     )
 
 
-def _wrap(owner: type, name: str, make) -> None:
-    """Replace owner.name by make(original) once (attribute marked as patched)."""
+def _wrap(owner: Any, name: str, make) -> None:
+    """Replace owner.name (owner: a class or module) by make(original) once."""
     original = owner.__dict__[name]
     func = original.__func__ if isinstance(original, classmethod) else original
     if getattr(func, _PATCHED, False):
@@ -110,6 +110,25 @@ def _patch_kv_cache_specs() -> None:
     _wrap(GPUModelRunner, "get_kv_cache_spec", make)
 
 
+def _patch_kv_cache_grouping() -> None:
+    # kv_cache_utils._get_kv_cache_groups_uniform_page_size sizes groups by the
+    # smallest layer type (vLLM's FIXME: n:1 hybrid patterns only), which pads uneven
+    # calibrated groupings with unused layers; no hook chooses the group size.
+    from vllm.v1.core import kv_cache_utils
+
+    def make(original):
+        def grouped(kv_cache_spec, *args, **kwargs):
+            from vllm_layershare.layout import COMPANION_SUFFIX, kv_cache_group_layers
+
+            if not any(name.endswith(COMPANION_SUFFIX) for name in kv_cache_spec):
+                return original(kv_cache_spec, *args, **kwargs)
+            return kv_cache_utils.create_kv_cache_group_specs(
+                kv_cache_spec, kv_cache_group_layers(kv_cache_spec))
+        return grouped
+
+    _wrap(kv_cache_utils, "_get_kv_cache_groups_uniform_page_size", make)
+
+
 def register() -> None:
     """vllm.general_plugins entry point; runs in every vLLM process."""
     _register_name()
@@ -119,3 +138,4 @@ def register() -> None:
     _patch_cpu_backend_choice()
     _patch_config_check()
     _patch_kv_cache_specs()
+    _patch_kv_cache_grouping()

@@ -18,6 +18,7 @@ mean key per `summary_tokens` tokens (vLLM's compressed-state spec,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from vllm.utils.math_utils import cdiv
@@ -117,6 +118,32 @@ def summary_spec(full: FullAttentionSpec, config: LayershareConfig) -> FullAtten
                    tokens_per_state=tokens)
     assert spec.page_size_bytes == full.page_size_bytes
     return spec
+
+
+def kv_cache_group_layers(specs: dict[str, object], max_waste: float = 0.05) -> list[list[str]]:
+    """Layer names of each KV-cache group, for a layershare layout.
+
+    vLLM pools one page per layer of every group, so all groups hold the same number
+    of layers; a short group is padded with unused layers (memory lost). vLLM sizes
+    groups by the smallest layer type, which suits its n:1 hybrid models but pads a
+    calibrated grouping (12 leaders and 18 followers: groups of 12, six padding layers
+    in each follower cache). Here: the largest group size whose padding stays under
+    `max_waste` of all layers (12 and 18 -> 6), else the gcd of the counts (no padding).
+    """
+    buckets: dict[object, list[str]] = {}
+    for name, spec in specs.items():
+        buckets.setdefault(spec, []).append(name)
+    counts = [len(names) for names in buckets.values()]
+    size = math.gcd(*counts)
+    for candidate in range(max(counts), size, -1):
+        if sum(-c % candidate for c in counts) <= max_waste * sum(counts):
+            size = candidate
+            break
+    groups = []
+    for names in buckets.values():
+        parts = cdiv(len(names), size)
+        groups += [names[i::parts] for i in range(parts)]
+    return groups
 
 
 def layer_name_at(name: str, layer: int, index: int) -> str:
