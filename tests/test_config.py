@@ -22,7 +22,7 @@ BAD_FILES = {
     "short cover": ({"groups": [[0, 1, 2], [3, 4]]}, "covers layers up to 4"),
     "not a list": ({"groups": "all"}, "key 'groups' must be a non-empty list"),
     "bad mass": ({"distant_mass": "own"}, "key 'distant_mass' must be one of leader, estimated"),
-    "summary without estimate": ({"summary_tokens": 16},
+    "summary without estimate": ({"distant_mass": "leader", "summary_tokens": 16},
                                  "key 'summary_tokens' only applies with 'distant_mass: "),
     "zero summary": ({"distant_mass": "estimated", "summary_tokens": 0},
                      "key 'summary_tokens' must be >= 1"),
@@ -50,7 +50,7 @@ def test_unreadable_and_invalid_yaml(tmp_path):
 
 
 def test_good_file_roles_and_saving(tmp_path):
-    config = load_config(write_grouping(tmp_path / "g.yaml"))
+    config = load_config(write_grouping(tmp_path / "g.yaml", distant_mass="leader"))
     assert config.followers == [1, 2, 4, 5]
     assert config.leader_of(5) == 3 and not config.is_follower(3)
     # 4 of 6 layers follow; at 1000 tokens each keeps 20/1000 of its keys.
@@ -64,7 +64,8 @@ def test_estimated_mass_costs_its_summaries(tmp_path):
     # each follower adds one mean key per 16 tokens: 1/32 of a full layer's K+V
     assert config.kv_fraction(1000) == pytest.approx((2 + 4 * ((1 + 0.02) / 2 + 1 / 32)) / 6)
     assert "distant_mass=estimated (one mean key per 16 tokens" in config.describe(1000)
-    assert load_config(write_grouping(tmp_path / "d.yaml")).distant_mass == "leader"
+    default = load_config(write_grouping(tmp_path / "d.yaml"))
+    assert (default.distant_mass, default.summary_tokens) == ("estimated", 32)
 
 
 def test_summary_must_tile_the_key_block_at_startup(tiny_model, tmp_path):

@@ -43,9 +43,9 @@ def test_no_distant_tokens_is_token_identical_to_stock(tiny_model, tmp_path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        {},
-        {"share": "keys"},
-        {"gate_skip_threshold": 0.6, "sink_tokens": 0},
+        {"distant_mass": "leader"},
+        {"share": "keys", "distant_mass": "leader"},
+        {"gate_skip_threshold": 0.6, "sink_tokens": 0, "distant_mass": "leader"},
         {"distant_mass": "estimated", "summary_tokens": 16, "sink_tokens": 5},
         {"distant_mass": "estimated", "share": "keys", "gate_skip_threshold": 0.7},
     ],
@@ -73,7 +73,7 @@ def entry_for(logprobs: dict, token: int) -> float:
 
 def test_sharing_changes_outputs(tiny_model, tmp_path):
     """The reference comparison above is not vacuous: sharing moves the logprobs."""
-    grouping = write_grouping(tmp_path / "g.yaml")  # the grouping of the test above
+    grouping = write_grouping(tmp_path / "g.yaml")  # default: estimated distant mass
     prompt = random_prompts(1, 70, seed=2)[0]
     shared = reference_logprobs(tiny_model, load_config(grouping), prompt)
     plain = reference_logprobs(

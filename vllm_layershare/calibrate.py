@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vllm_layershare.config import load_config
+from vllm_layershare.config import DEFAULT_MASS, DEFAULT_SUMMARY_TOKENS, load_config
 from vllm_layershare.tools import texts
 from vllm_layershare.tools.damage import DamageMeter
 from vllm_layershare.tools.grouping import (
@@ -57,10 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sink", type=int, default=16, help="sink_tokens of the file")
     parser.add_argument("--recent", type=int, default=1008, help="recent_tokens of the file")
     parser.add_argument("--share", choices=("scores", "keys"), default="scores")
-    parser.add_argument("--distant-mass", choices=("leader", "estimated"), default="leader",
-                        help="followers' distant mass: the leader's (the paper) or their own, "
-                             "estimated from mean keys")
-    parser.add_argument("--summary-tokens", type=int, default=64,
+    parser.add_argument("--distant-mass", choices=("leader", "estimated"),
+                        default=DEFAULT_MASS, help="followers' distant mass: their own, "
+                        "estimated from mean keys (default), or the leader's (the paper)")
+    parser.add_argument("--summary-tokens", type=int, default=DEFAULT_SUMMARY_TOKENS,
                         help="tokens per mean key with --distant-mass estimated")
     parser.add_argument("--max-group-size", type=int, help="cap on layers per group")
     parser.add_argument("--windows", type=int, default=4, help="calibration windows")

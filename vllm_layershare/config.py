@@ -7,8 +7,8 @@ A grouping file is YAML with exactly these keys::
     recent_tokens: 1008       # n_r >= 1
     share: scores             # scores | keys
     gate_skip_threshold: null # optional; 0 < tau <= 1 turns the gate skip on
-    distant_mass: leader      # optional; leader (the paper) | estimated (own, from summaries)
-    summary_tokens: 64        # optional; tokens per mean-key summary (estimated mass)
+    distant_mass: estimated   # optional; estimated (default: own mass, from mean keys) | leader
+    summary_tokens: 32        # optional; tokens per mean key (estimated); divides 2 x block size
     groups:                   # consecutive layer indices; the first is the leader
       - [0, 1, 2]
       - [3, 4, 5]
@@ -31,7 +31,10 @@ SHARE_MODES = ("scores", "keys")
 REQUIRED_KEYS = ("num_layers", "sink_tokens", "recent_tokens", "share", "groups")
 OPTIONAL_KEYS = ("gate_skip_threshold", "distant_mass", "summary_tokens")
 MASS_MODES = ("leader", "estimated")
-DEFAULT_SUMMARY_TOKENS = 64
+# Measured training-free (docs/quality.md): the leader's mass swamps followers; their own
+# estimated mass keeps perplexity. 32 divides 2 x block size for every block size >= 16.
+DEFAULT_MASS = "estimated"
+DEFAULT_SUMMARY_TOKENS = 32
 
 
 class LayershareConfigError(ValueError):
@@ -48,7 +51,7 @@ class LayershareConfig:
     share: str
     groups: tuple[tuple[int, ...], ...]
     gate_skip_threshold: float | None = None
-    distant_mass: str = "leader"
+    distant_mass: str = DEFAULT_MASS
     summary_tokens: int = DEFAULT_SUMMARY_TOKENS
     source: str = "<inline>"
 
@@ -164,11 +167,11 @@ def _tau_field(raw: dict[str, Any], source: str) -> float | None:
 
 
 def _mass_field(raw: dict[str, Any], source: str) -> str:
-    mass = raw.get("distant_mass", "leader")
+    mass = raw.get("distant_mass", DEFAULT_MASS)
     if mass not in MASS_MODES:
         raise _error(source, "distant_mass", f"must be one of {', '.join(MASS_MODES)}, "
-                     f"got {mass!r}", "write 'distant_mass: estimated' or 'distant_mass: "
-                     "leader' (the paper's gate), or leave the key out")
+                     f"got {mass!r}", "write 'distant_mass: estimated' (the default) or "
+                     "'distant_mass: leader' (the paper's gate)")
     return mass
 
 
@@ -176,7 +179,7 @@ def _summary_field(raw: dict[str, Any], source: str) -> int:
     if raw.get("summary_tokens") is None:
         return DEFAULT_SUMMARY_TOKENS
     tokens = _int_field(raw, source, "summary_tokens", 1)
-    if raw.get("distant_mass", "leader") != "estimated":
+    if raw.get("distant_mass", DEFAULT_MASS) != "estimated":
         raise _error(source, "summary_tokens", "only applies with 'distant_mass: estimated'",
                      "remove it, or set 'distant_mass: estimated'")
     return tokens

@@ -129,7 +129,10 @@ def grouping_yaml(groups: Groups, measured: torch.Tensor, sink: int, recent: int
         f"share: {share}",
         "gate_skip_threshold: null",
     ]
-    if summary_tokens is not None:
+    # The mass is always written out: a file means the same whatever the default.
+    if summary_tokens is None:
+        lines.append("distant_mass: leader")
+    else:
         lines += ["distant_mass: estimated", f"summary_tokens: {summary_tokens}"]
     lines.append("groups:")
     for group in groups:
