@@ -48,19 +48,21 @@ bench: install
 # docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock
 # attention through vLLM (about 1.5 h on a 2-core CPU machine).
 SMOL := models/SmolLM2-135M-Instruct
-QUALITY_CONFIGS := damage-0.25-estimated saving-0.30 damage-0.30-estimated \
-    saving-0.30-estimated damage-0.15-estimated threshold-0.50 saving-0.15 groups3-estimated
+QUALITY_CONFIGS := damage-0.30-estimated saving-0.30 saving-0.30-estimated damage-0.25-estimated
 GRP  := configs/smollm2-135m
 CAL  := $(VPY) -m vllm_layershare.calibrate --model $(SMOL)
+SIM  := $(GRP)/threshold-0.50.similarity.json
+EST  := --distant-mass estimated --summary-tokens 64
 quality: model
-	$(CAL) --out $(GRP)/threshold-0.50.yaml --plot docs/img/calibration-smollm2-135m.png
-	$(CAL) --similarity $(GRP)/threshold-0.50.similarity.json --target-saving 0.15 --out $(GRP)/saving-0.15.yaml
-	$(CAL) --similarity $(GRP)/threshold-0.50.similarity.json --target-saving 0.30 --out $(GRP)/saving-0.30.yaml
-	$(CAL) --method damage --target-saving 0.25 --distant-mass estimated --out $(GRP)/damage-0.25-estimated.yaml --plot docs/img/damage-smollm2-135m.png
-	$(CAL) --similarity $(GRP)/threshold-0.50.similarity.json --target-saving 0.30 --distant-mass estimated --out $(GRP)/saving-0.30-estimated.yaml
-	for t in 0.15 0.30; do $(CAL) --method damage --similarity $(GRP)/damage-0.25-estimated.similarity.json --target-saving $$t --distant-mass estimated --out $(GRP)/damage-$$t-estimated.yaml; done
+	$(CAL) --distant-mass leader --out $(GRP)/threshold-0.50.yaml --plot docs/img/calibration-smollm2-135m.png
+	$(CAL) --similarity $(SIM) --distant-mass leader --target-saving 0.15 --out $(GRP)/saving-0.15.yaml
+	$(CAL) --similarity $(SIM) --distant-mass leader --target-saving 0.30 --out $(GRP)/saving-0.30.yaml
+	$(CAL) --similarity $(SIM) $(EST) --target-saving 0.30 --out $(GRP)/saving-0.30-estimated.yaml
+	$(CAL) --method damage $(EST) --target-saving 0.25 --out $(GRP)/damage-0.25-estimated.yaml --plot docs/img/damage-smollm2-135m.png
+	for t in 0.15 0.30; do $(CAL) --method damage --similarity $(GRP)/damage-0.25-estimated.similarity.json $(EST) --target-saving $$t --out $(GRP)/damage-$$t-estimated.yaml; done
 	$(VPY) -m vllm_layershare.evaluate --model $(SMOL) --out docs/results/smollm2-135m.json \
-	    --plot-dir docs/img $(foreach c,$(QUALITY_CONFIGS),--config $(GRP)/$(c).yaml)
+	    --max-num-batched-tokens 512 --ppl-windows 1 --kv-probes 2 --plot-dir docs/img \
+	    $(foreach c,$(QUALITY_CONFIGS),--config $(GRP)/$(c).yaml)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
