@@ -67,13 +67,16 @@ def frontier(points: Sequence[dict], out: Path) -> None:
         (ppl_ax, "perplexity_change", "perplexity change (%)"),
         (acc_ax, "retrieval_change", "retrieval accuracy change (points)"),
     ):
-        for point in points:
+        for index, point in enumerate(points):
             ax.scatter(100 * point["kv_saving"], point[key], s=30)
+            # staggered labels: frontier points often share a saving
             ax.annotate(point["name"], (100 * point["kv_saving"], point[key]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+                        xytext=(-60 if index % 2 else 4, 4 + 9 * (index % 3)),
+                        textcoords="offset points")
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xlabel("KV bytes saved at equal memory (%, vLLM's plan)")
         ax.set_ylabel(label)
+    ppl_ax.set_yscale("symlog", linthresh=10)  # a failed gate can cost +1000%
     ppl_ax.axhline(3.0, color="red", linestyle="--", linewidth=0.8)  # the quality bar
     acc_ax.axhline(-5.0, color="red", linestyle="--", linewidth=0.8)
     _save(fig, out)
