@@ -48,7 +48,8 @@ bench: install
 # docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock
 # attention through vLLM (about 1.5 h on a 2-core CPU machine).
 SMOL := models/SmolLM2-135M-Instruct
-QUALITY_CONFIGS := damage-0.30-estimated saving-0.30 saving-0.30-estimated damage-0.25-estimated
+QUALITY_CONFIGS := damage-0.30-estimated saving-0.30 saving-0.30-estimated damage-0.25-estimated \
+    damage-0.15-estimated
 GRP  := configs/smollm2-135m
 CAL  := $(VPY) -m vllm_layershare.calibrate --model $(SMOL)
 SIM  := $(GRP)/threshold-0.50.similarity.json
