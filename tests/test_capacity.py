@@ -16,6 +16,16 @@ def planned_concurrency(llm) -> tuple[int, float]:
     return cache_config.kv_cache_size_tokens, cache_config.kv_cache_max_concurrency
 
 
+def plans(model, grouping) -> list[tuple[int, float]]:
+    """vLLM's plan for the stock backend, then for layershare with `grouping`."""
+    result = []
+    for chosen in (None, grouping):
+        llm = make_llm(model, chosen, max_model_len=CONTEXT, max_num_batched_tokens=32)
+        result.append(planned_concurrency(llm))
+        close_llm(llm)
+    return result
+
+
 @pytest.mark.parametrize("groups, mass", [
     ([[0, 1, 2], [3, 4, 5]], {}),
     ([[0, 1, 2, 3, 4, 5]], {}),
@@ -24,13 +34,7 @@ def planned_concurrency(llm) -> tuple[int, float]:
 def test_capacity_ratio_matches_formula(tiny_model, tmp_path, groups, mass):
     """Planned capacity follows the formula; mean-key summaries are in the plan too."""
     grouping = write_grouping(tmp_path / "g.yaml", recent_tokens=252, groups=groups, **mass)
-    settings = dict(max_model_len=CONTEXT, max_num_batched_tokens=32)
-    stock = make_llm(tiny_model, None, **settings)
-    stock_tokens, stock_conc = planned_concurrency(stock)
-    close_llm(stock)
-    llm = make_llm(tiny_model, grouping, **settings)
-    tokens, conc = planned_concurrency(llm)
-    close_llm(llm)
+    (stock_tokens, stock_conc), (tokens, conc) = plans(tiny_model, grouping)
 
     expected = 1.0 / load_config(grouping).kv_fraction(CONTEXT)
     ratio = conc / stock_conc
@@ -60,12 +64,6 @@ def test_uneven_grouping_keeps_its_saving(tmp_path):
     groups = [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
     grouping = write_grouping(tmp_path / "g.yaml", num_layers=10, recent_tokens=252,
                               groups=groups)
-    settings = dict(max_model_len=CONTEXT, max_num_batched_tokens=32)
-    stock = make_llm(model, None, **settings)
-    stock_tokens, _ = planned_concurrency(stock)
-    close_llm(stock)
-    llm = make_llm(model, grouping, **settings)
-    tokens, _ = planned_concurrency(llm)
-    close_llm(llm)
+    (stock_tokens, _), (tokens, _) = plans(model, grouping)
     expected = 1.0 / load_config(grouping).kv_fraction(CONTEXT)
     assert tokens / stock_tokens == pytest.approx(expected, rel=0.05)
