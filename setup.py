@@ -20,9 +20,10 @@ if CppExtension is not None and os.environ.get("LAYERSHARE_NO_EXT") != "1":
     # no -ffast-math: the kernel relies on -inf for masked keys.
     flags = ["-O3", "-std=c++17", "-fno-trapping-math", "-fno-math-errno",
              os.environ.get("LAYERSHARE_MARCH", "-march=native")]
+    # OpenMP: without it ATen's parallel_for runs the kernel on one thread.
     ext_modules.append(
         CppExtension("vllm_layershare._C", ["csrc/pod_attention_cpu.cpp"],
-                     extra_compile_args=flags)
+                     extra_compile_args=[*flags, "-fopenmp"], extra_link_args=["-fopenmp"])
     )
     cmdclass["build_ext"] = BuildExtension
 

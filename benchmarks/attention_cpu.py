@@ -1,16 +1,19 @@
 """Attention kernels alone on CPU: vLLM's stock CPU kernel vs layershare's (one layer).
 
-Same paged data, one thread (as vLLM serves on CPU), SmolLM2-135M head geometry
-(9 query / 3 KV heads, head dim 64), block size 32. Prints medians in ms and the
-ratio to stock for: a leader (ordinary attention) and a follower (sink 16, recent
-1008, share scores) on the native kernel and on the portable PyTorch path.
+Same paged data, SmolLM2-135M head geometry (9 query / 3 KV heads, head dim 64),
+block size 32, as many threads as vLLM's CPU worker binds (one per core) unless
+--threads says otherwise. Prints medians in ms and the ratio to stock for: a leader
+(ordinary attention) and a follower (sink 16, recent 1008, share scores) on the
+native kernel and on the portable PyTorch path.
 
-    python benchmarks/attention_cpu.py
+    python benchmarks/attention_cpu.py [--threads N]
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
 import statistics
 import time
 
@@ -18,7 +21,7 @@ import torch
 from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from vllm_layershare.attention.native import native_pod_attention
+from vllm_layershare.attention.native import describe, native_pod_attention
 from vllm_layershare.attention.portable import LayerInputs, PagedPart, paged_pod_attention
 
 HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 32
@@ -75,7 +78,12 @@ def ours_ms(impl, batch: int, length: int, queries: int, follower: bool) -> floa
 
 
 def main() -> None:
-    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{args.threads} thread(s), {DTYPE}; layershare: {describe()}\n")
     print("| case | batch x context (queries) | stock ms | leader native | follower native "
           "| follower portable |\n|---|---|---|---|---|---|")
     for name, batch, length, queries in CASES:

@@ -19,10 +19,12 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -130,6 +132,8 @@ struct TileQueries {
   // When every query value is exactly a bf16 (bf16 models), [dim/2][npad] pairs of
   // bf16 for the AVX-512 bf16 dot-product instruction; otherwise empty.
   std::vector<uint32_t> bf16_pairs;
+  // Narrow tiles of bf16 models: the rows as bf16 bits ([n][dim]); otherwise empty.
+  std::vector<uint16_t> bf16_rows;
 };
 
 inline uint32_t bf16_bits(float x) {
@@ -159,6 +163,22 @@ inline void pack_bf16_pairs(TileQueries& tq) {
 #endif
 }
 
+// Fill tq.bf16_rows if the queries are exactly representable in bf16.
+inline void pack_bf16_rows(TileQueries& tq) {
+#if defined(__AVX512BF16__)
+  std::vector<uint16_t> rows(tq.rows.size());
+  for (size_t k = 0; k < rows.size(); ++k) {
+    uint32_t bits;
+    std::memcpy(&bits, &tq.rows[k], sizeof(bits));
+    if (bits & 0xFFFFu) return;
+    rows[k] = static_cast<uint16_t>(bits >> 16);
+  }
+  tq.bf16_rows = std::move(rows);
+#else
+  (void)tq;
+#endif
+}
+
 // Visible chunk offsets j of a query at position p, for keys start..: proximal
 // j <= hi and (j <= sink_hi or j >= window_lo); distant j <= hi. int32, clamped.
 struct Bounds {
@@ -175,10 +195,27 @@ inline Bounds bounds_for(int64_t p, int64_t start, bool proximal, int64_t sink,
   return {clamp(p - start), clamp(sink - 1 - start), clamp(p - recent + 1 - start)};
 }
 
+// Cache rows converted to float, packed at their own width rounded up to a cache line
+// and aligned to one. (A fixed [64][256] array puts rows 1 KB apart, on a few L1 sets
+// that evict each other.) One row of slack: the 64-channel loops may read past a
+// short last row.
+struct RowBuffer {
+  std::vector<float> storage;
+  float* base;
+  int width;
+  RowBuffer(int rows, int w) : storage(static_cast<size_t>(rows + 1) * ((w + 15) / 16 * 16) + 80, 0.f),
+                               width((w + 15) / 16 * 16) {
+    const auto addr = reinterpret_cast<uintptr_t>(storage.data());
+    base = storage.data() + ((64 - addr % 64) % 64) / sizeof(float);
+  }
+  float* operator[](int j) { return base + static_cast<size_t>(j) * width; }
+  const float* operator[](int j) const { return base + static_cast<size_t>(j) * width; }
+};
+
 // acc = acc * rescale + sum_j p[j * stride] v_j over n keys, 64 channels at a time
 // in registers, even and odd keys in two independent chains.
 inline void accumulate_values(float* acc, int Dv, float rescale, const float* p, int stride,
-                              const float (*vbuf)[256], int n) {
+                              const RowBuffer& vbuf, int n) {
   for (int d0 = 0; d0 < Dv; d0 += 64) {
     // Full 64-channel slices (the usual head sizes) take the branch-free loops.
     const bool full = Dv - d0 >= 64;
@@ -211,12 +248,72 @@ inline void accumulate_values(float* acc, int Dv, float rescale, const float* p,
   }
 }
 
+#if defined(__AVX512F__)
+// 16 bf16 -> 16 floats (a bf16 is the top half of a float).
+inline __m512 load_bf16x16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// Rows r < R of acc (width Dv), channels d0 .. d0 + 16 VECS: acc = acc * rescale[r] +
+// sum_j w[j * key_stride + r * row_stride] value(j, channel). R and VECS are constants
+// so that the R x VECS accumulators stay in registers (each value vector feeds R FMAs).
+template <int R, int VECS, typename Value>
+__attribute__((always_inline)) inline void weighted_values_block(
+    float* acc, int Dv, int d0, const float* rescale, const float* w, int key_stride,
+    int row_stride, int n, const Value& value) {
+  __m512 a[R][VECS];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < VECS; ++c)
+      a[r][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * Dv + d0 + 16 * c),
+                              _mm512_set1_ps(rescale[r]));
+  for (int j = 0; j < n; ++j) {
+    __m512 v[VECS];
+    for (int c = 0; c < VECS; ++c) v[c] = value(j, d0 + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wr = _mm512_set1_ps(w[j * key_stride + r * row_stride]);
+      for (int c = 0; c < VECS; ++c) a[r][c] = _mm512_fmadd_ps(wr, v[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < VECS; ++c) _mm512_storeu_ps(acc + r * Dv + d0 + 16 * c, a[r][c]);
+}
+
+template <int R, typename Value>
+inline void weighted_values_rows(float* acc, int Dv, const float* rescale, const float* w,
+                                 int key_stride, int row_stride, int n, const Value& value) {
+  int d0 = 0;
+  for (; d0 + 64 <= Dv; d0 += 64)
+    weighted_values_block<R, 4>(acc, Dv, d0, rescale, w, key_stride, row_stride, n, value);
+  for (; d0 < Dv; d0 += 16)
+    weighted_values_block<R, 1>(acc, Dv, d0, rescale, w, key_stride, row_stride, n, value);
+}
+
+// All `rows` rows of acc (Dv a multiple of 16), four at a time.
+template <typename Value>
+void weighted_values(float* acc, int rows, int Dv, const float* rescale, const float* w,
+                     int key_stride, int row_stride, int n, const Value& value) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4)
+    weighted_values_rows<4>(acc + static_cast<size_t>(r) * Dv, Dv, rescale + r,
+                            w + r * row_stride, key_stride, row_stride, n, value);
+  float* a = acc + static_cast<size_t>(r) * Dv;
+  const float* wr = w + r * row_stride;
+  switch (rows - r) {
+    case 3: weighted_values_rows<3>(a, Dv, rescale + r, wr, key_stride, row_stride, n, value); break;
+    case 2: weighted_values_rows<2>(a, Dv, rescale + r, wr, key_stride, row_stride, n, value); break;
+    case 1: weighted_values_rows<1>(a, Dv, rescale + r, wr, key_stride, row_stride, n, value); break;
+    default: break;
+  }
+}
+#endif
+
 // Keys and values of positions start..start+n-1 into float rows. Walks the pages: a
 // table lookup only where a block starts, no division per key.
 template <typename T>
 void load_chunk(const Paged<T>& keys, const Paged<T>& values, int64_t row, int64_t kv_head,
-                int64_t start, int n, int D, int Dv, float (*kbuf)[256], float (*vbuf)[256],
-                const T** key_rows = nullptr) {
+                int64_t start, int n, int D, int Dv, RowBuffer& kbuf, RowBuffer& vbuf,
+                const T** key_rows = nullptr, bool convert_keys = true) {
   const T* k = nullptr;
   const T* v = nullptr;
   int64_t k_left = 0, v_left = 0;
@@ -231,7 +328,8 @@ void load_chunk(const Paged<T>& keys, const Paged<T>& values, int64_t row, int64
       v_left = values.run_length(pos);
     }
     if (key_rows != nullptr) key_rows[j] = k;
-    for (int d = 0; d < D; ++d) kbuf[j][d] = to_float(k[d]);
+    if (convert_keys)
+      for (int d = 0; d < D; ++d) kbuf[j][d] = to_float(k[d]);
     for (int d = 0; d < Dv; ++d) vbuf[j][d] = to_float(v[d]);
     k += keys.s_token;
     v += values.s_token;
@@ -242,7 +340,7 @@ void load_chunk(const Paged<T>& keys, const Paged<T>& values, int64_t row, int64
 
 // Wide-path scores in fp32: lg[j][i] = scale * q_i . k_j, four keys at a time (four
 // independent accumulator chains per vector of query lanes).
-inline void score_fp32(const TileQueries& tq, const float (*kbuf)[256], int n, int Np, int D,
+inline void score_fp32(const TileQueries& tq, const RowBuffer& kbuf, int n, int Np, int D,
                        float scale, float* lg) {
   for (int i0 = 0; i0 < Np; i0 += kLanes) {
     for (int j = 0; j < n; j += kKeyBlock) {
@@ -321,12 +419,14 @@ void attend_range_wide(Branch& st, const TileQueries& tq, const Paged<T>& keys,
   std::vector<float> lg(static_cast<size_t>(kChunk + kKeyBlock) * Np);
   std::vector<float> m_new(Np), rescale(Np), row_sum(Np);
   std::vector<int32_t> hi(Np), sink_hi(Np), window_lo(Np);
-  float kbuf[kChunk + kKeyBlock][256] = {};  // rows past a short chunk: scored, ignored
-  float vbuf[kChunk][256];
+  RowBuffer kbuf(kChunk + kKeyBlock, D);  // rows past a short chunk: scored, ignored
+  // bf16 scores read the cache's keys directly; kbuf is only for the fp32 scores.
+  const bool bf16_scores = std::is_same_v<T, c10::BFloat16> && !tq.bf16_pairs.empty();
+  RowBuffer vbuf(kChunk, Dv);
   for (int64_t start = first; start <= last;) {
     const int n = static_cast<int>(std::min<int64_t>(kChunk, last - start + 1));
     const T* key_rows[kChunk + kKeyBlock];
-    load_chunk(keys, values, row, kv_head, start, n, D, Dv, kbuf, vbuf, key_rows);
+    load_chunk(keys, values, row, kv_head, start, n, D, Dv, kbuf, vbuf, key_rows, !bf16_scores);
     for (int j = n; j < n + kKeyBlock; ++j) key_rows[j] = key_rows[0];  // scored, ignored
     if (!score_bf16(tq, key_rows, n, Np, D, scale, lg.data()))
       score_fp32(tq, kbuf, n, Np, D, scale, lg.data());
@@ -335,7 +435,7 @@ void attend_range_wide(Branch& st, const TileQueries& tq, const Paged<T>& keys,
       hi[i] = b.hi;
       sink_hi[i] = b.sink_hi;
       window_lo[i] = b.window_lo;
-      m_new[i] = st.m[i < N ? i : 0];
+      m_new[i] = st.m[i];
     }
     for (int j = 0; j < n; ++j) {
       float* row_lg = lg.data() + static_cast<size_t>(j) * Np;
@@ -346,7 +446,7 @@ void attend_range_wide(Branch& st, const TileQueries& tq, const Paged<T>& keys,
       }
     }
     for (int i = 0; i < Np; ++i) {
-      const float m_old = st.m[i < N ? i : 0];
+      const float m_old = st.m[i];
       rescale[i] = m_old == kNegInf ? 0.f : exp_nonpositive(m_old - m_new[i]);
     }
     std::fill(row_sum.begin(), row_sum.end(), 0.f);
@@ -358,12 +458,21 @@ void attend_range_wide(Branch& st, const TileQueries& tq, const Paged<T>& keys,
         row_sum[i] += row_lg[i];  // summed across queries' lanes, not along a chain
       }
     }
-    for (int i = 0; i < N; ++i) {
+    for (int i = 0; i < Np; ++i) {
       st.l[i] = st.l[i] * rescale[i] + row_sum[i];
       st.m[i] = m_new[i];
+    }
+#if defined(__AVX512F__)
+    if (Dv % 16 == 0) {
+      weighted_values(st.acc.data(), Np, Dv, rescale.data(), lg.data(), Np, 1, n,
+                      [&](int j, int d) { return _mm512_loadu_ps(vbuf[j] + d); });
+      start += n;
+      continue;
+    }
+#endif
+    for (int i = 0; i < N; ++i)
       accumulate_values(st.acc.data() + static_cast<size_t>(i) * Dv, Dv, rescale[i],
                         lg.data() + i, Np, vbuf, n);
-    }
     start += n;
   }
 }
@@ -377,8 +486,7 @@ void attend_range_narrow(Branch& st, const TileQueries& tq, const Paged<T>& keys
                          float scale) {
   const int N = tq.n, D = tq.dim, Dv = st.dim_v;
   float lg[kWideTile][kChunk];
-  float kbuf[kChunk][256];
-  float vbuf[kChunk][256];
+  RowBuffer kbuf(kChunk, D), vbuf(kChunk, Dv);
   for (int64_t start = first; start <= last;) {
     const int n = static_cast<int>(std::min<int64_t>(kChunk, last - start + 1));
     load_chunk(keys, values, row, kv_head, start, n, D, Dv, kbuf, vbuf);
@@ -418,11 +526,136 @@ void attend_range_narrow(Branch& st, const TileQueries& tq, const Paged<T>& keys
   }
 }
 
+#if defined(__AVX512BF16__)
+
+// exp_nonpositive on 16 lanes; scalef applies 2^whole without integer tricks.
+inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+  const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, whole);
+  __m512 poly = _mm512_set1_ps(0.000154035304f);
+  for (float c : {0.00133335581f, 0.00961812911f, 0.0555041087f, 0.240226507f, 0.693147181f,
+                  1.0f})
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(poly, whole);
+}
+
+// Lane j of the result is the sum of the 16 lanes of v[j]: a transposing add tree,
+// three shuffles and an add per input instead of one horizontal sum each.
+inline __m512 transpose_sum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k)  // 128-bit lane: v2k, v2k+1, v2k, v2k+1 partial sums
+    a[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
+                         _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 4; ++k) {  // 128-bit lane: v4k .. v4k+3
+    const __m512d x = _mm512_castps_pd(a[2 * k]), y = _mm512_castps_pd(a[2 * k + 1]);
+    b[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int k = 0; k < 2; ++k)  // 128-bit lanes: b2k (twice), b2k+1 (twice), half summed
+    c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                       _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+constexpr int kNarrowKeys = 16;  // keys per step of the bf16 decode path: one vector of logits
+
+// Decode path for bf16 caches whose head sizes are multiples of 32 (keys) and 16
+// (values), with bf16-exact queries: bf16 dot products, 16 keys per online-softmax
+// step, values read as bf16 once per step for all query vectors. False if it does not apply.
+template <typename T>
+bool attend_range_narrow_bf16(Branch& st, const TileQueries& tq, const Paged<T>& keys,
+                              const Paged<T>& values, int64_t row, int64_t kv_head,
+                              int64_t first, int64_t last, bool proximal, int64_t sink,
+                              int64_t recent, float scale) {
+  if constexpr (!std::is_same_v<T, c10::BFloat16>) {
+    return false;
+  } else {
+    const int N = tq.n, D = tq.dim, Dv = st.dim_v;
+    if (tq.bf16_rows.empty() || D % 32 != 0 || Dv % 16 != 0) return false;
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    alignas(64) float weights[kWideTile][kNarrowKeys];
+    float rescale[kWideTile];
+    const T* k = nullptr;
+    const T* v = nullptr;
+    int64_t k_left = 0, v_left = 0;
+    for (int64_t start = first; start <= last; start += kNarrowKeys) {
+      const int n = static_cast<int>(std::min<int64_t>(kNarrowKeys, last - start + 1));
+      const T* krow[kNarrowKeys];
+      const T* vrow[kNarrowKeys];
+      for (int j = 0; j < kNarrowKeys; ++j) {
+        if (j >= n) {  // lanes past the range: scored from a real key, then masked
+          krow[j] = krow[0];
+          vrow[j] = vrow[0];
+          continue;
+        }
+        if (k_left == 0) {
+          k = keys.at(row, kv_head, start + j);
+          k_left = keys.run_length(start + j);
+        }
+        if (v_left == 0) {
+          v = values.at(row, kv_head, start + j);
+          v_left = values.run_length(start + j);
+        }
+        krow[j] = k;
+        vrow[j] = v;
+        k += keys.s_token; v += values.s_token;
+        --k_left; --v_left;
+      }
+      for (int i = 0; i < N; ++i) {
+        __m512bh q[8];  // D <= 256
+        for (int c = 0; c < D / 32; ++c)
+          q[c] = (__m512bh)_mm512_loadu_si512(tq.bf16_rows.data() + static_cast<size_t>(i) * D + 32 * c);
+        __m512 parts[kNarrowKeys];
+        for (int j = 0; j < kNarrowKeys; ++j) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int c = 0; c < D / 32; ++c)
+            acc = _mm512_dpbf16_ps(acc, q[c], (__m512bh)_mm512_loadu_si512(krow[j] + 32 * c));
+          parts[j] = acc;
+        }
+        const Bounds b = bounds_for(tq.pos[i], start, proximal, sink, recent);
+        const __mmask16 visible =
+            _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(n)) &
+            _mm512_cmple_epi32_mask(lane, _mm512_set1_epi32(b.hi)) &
+            (_mm512_cmple_epi32_mask(lane, _mm512_set1_epi32(b.sink_hi)) |
+             _mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32(b.window_lo)));
+        rescale[i] = 1.f;
+        _mm512_store_ps(weights[i], _mm512_setzero_ps());
+        if (visible == 0) continue;
+        const __m512 logits = _mm512_mul_ps(transpose_sum16(parts), vscale);
+        const float m_new = std::max(st.m[i], _mm512_mask_reduce_max_ps(visible, logits));
+        rescale[i] = st.m[i] == kNegInf ? 0.f : exp_nonpositive(st.m[i] - m_new);
+        const __m512 e = _mm512_maskz_mov_ps(
+            visible, exp_nonpositive16(_mm512_sub_ps(logits, _mm512_set1_ps(m_new))));
+        _mm512_store_ps(weights[i], e);
+        st.l[i] = st.l[i] * rescale[i] + _mm512_reduce_add_ps(e);
+        st.m[i] = m_new;
+      }
+      weighted_values(st.acc.data(), N, Dv, rescale, &weights[0][0], 1, kNarrowKeys, n,
+                      [&](int j, int d) { return load_bf16x16(vrow[j] + d); });
+    }
+    return true;
+  }
+}
+#else
+template <typename T>
+bool attend_range_narrow_bf16(Branch&, const TileQueries&, const Paged<T>&, const Paged<T>&,
+                              int64_t, int64_t, int64_t, int64_t, bool, int64_t, int64_t, float) {
+  return false;
+}
+#endif
+
 // Add keys [first, last] of one branch to its state (see bounds_for for visibility).
 template <typename T>
 void attend_range(Branch& st, const TileQueries& tq, const Paged<T>& keys, const Paged<T>& values,
                   int64_t row, int64_t kv_head, int64_t first, int64_t last, bool proximal,
                   int64_t sink, int64_t recent, float scale) {
+  if (tq.n < kWideTile && attend_range_narrow_bf16(st, tq, keys, values, row, kv_head, first,
+                                                   last, proximal, sink, recent, scale))
+    return;
   if (tq.n < kWideTile)
     attend_range_narrow(st, tq, keys, values, row, kv_head, first, last, proximal, sink, recent,
                         scale);
@@ -465,6 +698,14 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
     for (int64_t t = qsl[r]; t < qsl[r + 1]; t += kTileTokens)
       for (int64_t g = 0; g < Hkv; ++g)
         tasks.push_back({r, t, std::min(t + kTileTokens, qsl[r + 1]), g});
+  // Longest first, handed out one at a time: causal tiles differ in cost, and a static
+  // split of the task list would leave a thread idle.
+  const auto cost = [&](const Task& t) {
+    return (t.token_end - t.token_begin) * (sl[t.row] - (qsl[t.row + 1] - t.token_end));
+  };
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [&](const Task& a, const Task& b) { return cost(a) > cost(b); });
+  std::atomic<int64_t> next_task{0};
   const int64_t q_tok = q.stride(0), q_head = q.stride(1);
   const int64_t o_tok = out.stride(0), o_head = out.stride(1);
   const float fscale = static_cast<float>(scale);
@@ -488,24 +729,26 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
         tq.pos[i] = first_pos + (t - task.token_begin);
       }
     if (tq.n >= kWideTile) pack_bf16_pairs(tq);
+    else pack_bf16_rows(tq);
     return tq;
   };
 
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end; ++idx) {
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks.size());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t idx = next_task++; idx < static_cast<int64_t>(tasks.size()); idx = next_task++) {
       const Task& task = tasks[idx];
       const int64_t row = task.row, g = task.kv_head;
       const int64_t p0 = sl[row] - (qsl[row + 1] - task.token_begin);
       const int64_t p1 = p0 + (task.token_end - task.token_begin) - 1;
       const TileQueries tq = load(qp, task, p0);
-      Branch prox(tq.n, static_cast<int>(Dv));
+      Branch prox(tq.npad, static_cast<int>(Dv));  // padding rows stay empty
       const int64_t sinks_end = std::min(sink, p1 + 1);
       const int64_t window_start = std::max(sink, p0 - recent + 1);
       if (sinks_end > 0)
         attend_range(prox, tq, kp, vv, row, g, 0, std::min(sinks_end, window_start) - 1, true,
                      sink, recent, fscale);
       attend_range(prox, tq, kp, vv, row, g, window_start, p1, true, sink, recent, fscale);
-      Branch dist(tq.n, static_cast<int>(Dv));
+      Branch dist(tq.npad, static_cast<int>(Dv));
       if (has_distant && p1 - recent >= sink) {
         const TileQueries tqd = load(qdp, task, p0);
         attend_range(dist, tqd, kd, vv, row, g, sink, p1 - recent, false, sink, recent, fscale);
@@ -574,7 +817,19 @@ void write_slots(at::Tensor cache, at::Tensor slots, int64_t block_size, at::Ten
   }
 }
 
+// Which vector paths this build has (it is compiled for the machine it runs on).
+std::string vector_isa() {
+#if defined(__AVX512BF16__)
+  return "avx512-bf16";
+#elif defined(__AVX512F__)
+  return "avx512";
+#else
+  return "generic";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("vector_isa", &vector_isa, "Vector paths compiled in: avx512-bf16, avx512 or generic");
   m.def("pod_attention", &pod_attention, "Paged PoD attention (CPU)");
   m.def("write_slots", &write_slots, "Store tokens' K or V into a paged cache (CPU)");
 }

@@ -25,14 +25,19 @@ def impl(request):
     return IMPLEMENTATIONS[request.param]
 
 
-def random_sequence(length: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def random_sequence(length: int, gen: torch.Generator, heads: int = HEADS,
+                    kv_heads: int = KV_HEADS, dim: int = DIM) -> dict[str, torch.Tensor]:
     """q, k, v of a follower and q, k of its leader."""
     def r(*shape):
         return torch.randn(*shape, generator=gen)
     return {
-        "q": r(length, HEADS, DIM), "k": r(length, KV_HEADS, DIM), "v": r(length, KV_HEADS, DIM),
-        "qa": r(length, HEADS, DIM), "ka": r(length, KV_HEADS, DIM),
+        "q": r(length, heads, dim), "k": r(length, kv_heads, dim), "v": r(length, kv_heads, dim),
+        "qa": r(length, heads, dim), "ka": r(length, kv_heads, dim),
     }
+
+
+def scale_of(seq: dict[str, torch.Tensor]) -> float:
+    return 1.0 / math.sqrt(seq["q"].shape[-1])
 
 
 class PagedBatch:
@@ -56,12 +61,13 @@ class PagedBatch:
     def part(self, rows: list[int], per_seq: list[torch.Tensor]) -> PagedPart:
         """A NaN-filled cache holding per_seq[i] [L, Hkv, D] for request rows[i]."""
         table = self.block_table[rows]
-        cache = torch.full((self.num_blocks, KV_HEADS, self.block_size, DIM), float("nan"),
+        kv_heads, dim = per_seq[0].shape[1:]
+        cache = torch.full((self.num_blocks, kv_heads, self.block_size, dim), float("nan"),
                            dtype=self.dtype)
         for i, data in enumerate(per_seq):
             for pos in range(data.shape[0]):
                 cache[table[i, pos // self.block_size], :, pos % self.block_size] = data[pos]
-        return PagedPart(cache, 0, DIM, table, self.block_size)
+        return PagedPart(cache, 0, dim, table, self.block_size)
 
 
 def run_paged(impl, seqs, feed, block_size, gen, *, sink, recent, share="scores", tau=None,
@@ -69,7 +75,8 @@ def run_paged(impl, seqs, feed, block_size, gen, *, sink, recent, share="scores"
     """Feed sequences in steps; feed[row] lists query counts per step. Returns outputs."""
     lengths = [s["q"].shape[0] for s in seqs]
     batch = PagedBatch(lengths, block_size, gen, dtype=cache_dtype)
-    outs = [torch.zeros(n, HEADS, DIM) for n in lengths]
+    heads, dim = seqs[0]["q"].shape[1:]
+    outs = [torch.zeros(n, heads, dim) for n in lengths]
     done = [0] * len(seqs)
     for step in range(max(len(f) for f in feed)):
         rows = [r for r in range(len(seqs)) if step < len(feed[r])]
@@ -91,7 +98,7 @@ def run_paged(impl, seqs, feed, block_size, gen, *, sink, recent, share="scores"
                 k[sink : max(sink, done[r] - recent + 1)] = float("nan")
             k_prox_data.append(k)
         inputs = LayerInputs(
-            q=torch.cat(q_parts), scale=SCALE,
+            q=torch.cat(q_parts), scale=scale_of(seqs[0]),
             k_prox=batch.part(rows, k_prox_data),
             v=batch.part(rows, [seqs[r]["v"][: seq_lens[i]] for i, r in enumerate(rows)]),
         )
@@ -101,7 +108,7 @@ def run_paged(impl, seqs, feed, block_size, gen, *, sink, recent, share="scores"
             inputs.k_distant = batch.part(rows, [seqs[r]["ka"][: seq_lens[i]]
                                                  for i, r in enumerate(rows)])
             inputs.gate_skip_threshold = tau
-        out = torch.zeros(loc[-1], HEADS, DIM)
+        out = torch.zeros(loc[-1], heads, dim)
         impl(inputs, loc, seq_lens, out)
         for i, (r, a, b) in enumerate(spans):
             outs[r][a:b] = out[loc[i] : loc[i + 1]]
@@ -110,7 +117,7 @@ def run_paged(impl, seqs, feed, block_size, gen, *, sink, recent, share="scores"
 
 
 def reference(seq, *, sink, recent, share="scores", tau=None):
-    return dense_pod_attention(seq["q"], seq["k"], seq["v"], seq["qa"], seq["ka"], SCALE,
+    return dense_pod_attention(seq["q"], seq["k"], seq["v"], seq["qa"], seq["ka"], scale_of(seq),
                                sink=sink, recent=recent, share=share, gate_skip_threshold=tau)
 
 
@@ -209,6 +216,46 @@ def test_native_half_precision_caches(dtype):
     for seq, out in zip(seqs, outs, strict=True):
         torch.testing.assert_close(out.double(), reference(seq, sink=3, recent=9),
                                    atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dim", [64, 128, 40])
+@pytest.mark.parametrize("share", ["scores", "keys"])
+def test_native_bf16_at_real_head_sizes(dim, share):
+    """bf16 caches at real head sizes: with AVX-512 BF16 the kernel takes its vector
+    paths here (bf16 dot products, 16-key decode steps, register-blocked value sums;
+    40 is not a multiple of 32 and takes the generic one). Whole and chunked prefill,
+    decode and mixed steps, GQA, a block size that divides no length."""
+    assert native.available(torch.device("cpu")), "the CPU kernel was not built"
+    gen = torch.Generator().manual_seed(dim)
+    seqs = [random_sequence(n, gen, heads=6, kv_heads=2, dim=dim) for n in (83, 50, 37)]
+    for seq in seqs:
+        for key in seq:
+            seq[key] = seq[key].bfloat16().float()
+    feeds = [[40, 1, 1, 2, 39], [1] * 50, [5, 7, 25]]
+    outs = run_paged(native.native_pod_attention, seqs, feeds, 16, gen, sink=3, recent=20,
+                     share=share, cache_dtype=torch.bfloat16)
+    for seq, out in zip(seqs, outs, strict=True):
+        torch.testing.assert_close(out.double(), reference(seq, sink=3, recent=20, share=share),
+                                   atol=2e-5, rtol=1e-4)
+
+
+def test_native_threads_give_the_same_outputs():
+    """Tasks are handed to threads dynamically; every one is done once, whatever the count."""
+    assert native.available(torch.device("cpu")), "the CPU kernel was not built"
+    threads = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(3)
+    seqs = [random_sequence(n, gen, heads=6, kv_heads=2, dim=64) for n in (70, 33, 51, 9)]
+    feeds = [[70], [33], [30, 21], [9]]
+    outs = {}
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            outs[count] = run_paged(native.native_pod_attention, seqs, feeds, 16,
+                                    torch.Generator().manual_seed(4), sink=2, recent=16)
+    finally:
+        torch.set_num_threads(threads)
+    for one, many in zip(outs[1], outs[3], strict=True):
+        assert torch.equal(one, many)
 
 
 def test_native_write_slots_matches_indexing():

@@ -223,7 +223,8 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         global FORWARD_CALLS
         FORWARD_CALLS += 1
         if FORWARD_CALLS == 1:
-            logger.info("layershare: attention impl running in this process")
+            logger.info("layershare: attention impl running in this process, %s",
+                        native.describe() if query.device.type == "cpu" else "portable path")
         name = layer.layer_name
         role = self._role(name)
         n = attn_metadata.num_actual_tokens

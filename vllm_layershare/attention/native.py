@@ -24,6 +24,13 @@ def available(device: torch.device, head_size: int = 0) -> bool:
     return _C is not None and device.type == "cpu" and head_size <= MAX_HEAD_SIZE
 
 
+def describe() -> str:
+    """Which attention path runs on CPU, for the start-up log."""
+    if _C is None:
+        return "portable PyTorch path (the CPU kernel was not built)"
+    return f"compiled CPU kernel ({_C.vector_isa()} vector paths)"
+
+
 def write_slots(cache: torch.Tensor, slots: torch.Tensor, block_size: int,
                 data: torch.Tensor) -> None:
     """cache[block, :, offset] = data[t] for each token's slot (negative slots skipped)."""
