@@ -7,7 +7,9 @@
 // Each branch keeps its own online softmax (max m, sum l, accumulator over own V);
 // the branches merge by log-sum-exp: g = l_P e^{m_P} / (l_P e^{m_P} + l_D e^{m_D}),
 // o = g o_P + (1-g) o_D, with o = o_P where g >= tau (gate skip, tau > 0).
-// With an estimated distant mass (mass_lse), g = sigmoid(lse_P - mass_lse).
+// With an estimated distant mass, g = sigmoid(lse_P - log M), where M is the
+// follower's own query against the mean key of each whole distant block of S tokens
+// (times S) plus its exact keys elsewhere in D (vllm_layershare/attention/mass.py).
 // One task per (tile of up to 16 query tokens of one sequence, KV head): the tile's
 // query vectors (tokens x the G heads sharing the KV head) read each key and value once.
 
@@ -664,6 +666,65 @@ void attend_range(Branch& st, const TileQueries& tq, const Paged<T>& keys, const
                       scale);
 }
 
+// Running log-sum-exp of one query vector's terms.
+struct LogSumExp {
+  float m = kNegInf, l = 0.f;
+  void add(float x) {
+    if (x > m) {
+      l = l * std::exp(m - x) + 1.f;
+      m = x;
+    } else {
+      l += std::exp(x - m);
+    }
+  }
+  float value() const { return l > 0.f ? m + std::log(l) : kNegInf; }
+};
+
+// log M of each query vector of a tile (the follower's own queries): whole distant
+// summary blocks b in [low, high) by their mean key (+ log S), the other distant
+// positions [sink, p - recent] by their exact keys, which the key window still holds.
+template <typename T>
+std::vector<float> estimated_log_mass(const TileQueries& tq, const Paged<T>& keys,
+                                      const Paged<T>& summary, int64_t S, int64_t row,
+                                      int64_t kv_head, int64_t sink, int64_t recent, float scale) {
+  const int D = tq.dim;
+  const int64_t low = (sink + S - 1) / S;  // first block wholly at or after the sinks
+  std::vector<LogSumExp> acc(tq.n);
+  std::vector<int64_t> end(tq.n), high(tq.n);  // distant [sink, end), whole blocks [low, high)
+  int64_t max_end = sink, max_high = low, min_high = INT64_MAX;
+  for (int i = 0; i < tq.n; ++i) {
+    end[i] = std::max(sink, tq.pos[i] - recent + 1);
+    high[i] = std::max(low, end[i] / S);
+    max_end = std::max(max_end, end[i]);
+    max_high = std::max(max_high, high[i]);
+    min_high = std::min(min_high, high[i]);
+  }
+  std::vector<float> k(D);
+  auto row_of = [&](const T* src) {
+    for (int d = 0; d < D; ++d) k[d] = to_float(src[d]);
+    return k.data();
+  };
+  const float log_s = std::log(static_cast<float>(S));
+  for (int64_t b = low; b < max_high; ++b) {
+    const float* kbar = row_of(summary.at(row, kv_head, b));
+    for (int i = 0; i < tq.n; ++i)
+      if (b < high[i]) acc[i].add(scale * dot(tq.rows.data() + static_cast<size_t>(i) * D, kbar, D) + log_s);
+  }
+  auto exact = [&](int64_t from, int64_t to) {
+    for (int64_t j = from; j < to; ++j) {
+      const float* kj = row_of(keys.at(row, kv_head, j));
+      for (int i = 0; i < tq.n; ++i)
+        if (j < end[i] && (j < low * S || j >= high[i] * S))
+          acc[i].add(scale * dot(tq.rows.data() + static_cast<size_t>(i) * D, kj, D));
+    }
+  };
+  exact(sink, std::min(low * S, max_end));
+  exact(std::max(min_high, low) * S, max_end);
+  std::vector<float> out(tq.n);
+  for (int i = 0; i < tq.n; ++i) out[i] = acc[i].value();
+  return out;
+}
+
 constexpr int64_t kTileTokens = 16;  // query tokens of one sequence scored together
 
 struct Task {
@@ -676,7 +737,9 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
          const at::Tensor& v_table, int64_t v_bs, const c10::optional<at::Tensor>& k_dist,
          const c10::optional<at::Tensor>& k_dist_table, int64_t k_dist_bs,
          const at::Tensor& query_start_loc, const at::Tensor& seq_lens, double scale,
-         int64_t sink, int64_t recent, double tau, const c10::optional<at::Tensor>& mass_lse) {
+         int64_t sink, int64_t recent, double tau, const c10::optional<at::Tensor>& summary,
+         const c10::optional<at::Tensor>& summary_table, int64_t summary_states,
+         int64_t summary_tokens) {
   const int64_t H = q.size(1), D = q.size(2), Dv = out.size(2);
   const int64_t Hkv = k_prox.size(1), G = H / Hkv;
   TORCH_CHECK(D <= 256 && Dv <= 256, "head size <= 256");
@@ -688,8 +751,11 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
   const float* qp = q.data_ptr<float>();
   const float* qdp = q_dist.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  // log of the follower's own distant mass [T, H] replaces lse_D in the gate when given.
-  const float* mass = mass_lse.has_value() ? mass_lse->data_ptr<float>() : nullptr;
+  // Summary block b of a row is state b % states of page table[b / states]: a paged
+  // cache indexed by block. With it, the follower's own estimated mass replaces lse_D.
+  const bool estimated = summary.has_value();
+  Paged<T> sp;
+  if (estimated) sp = make_paged<T>(*summary, *summary_table, summary_states);
   const int64_t rows = seq_lens.size(0);
   const int64_t* qsl = query_start_loc.data_ptr<int64_t>();
   const int64_t* sl = seq_lens.data_ptr<int64_t>();
@@ -749,9 +815,12 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
                      sink, recent, fscale);
       attend_range(prox, tq, kp, vv, row, g, window_start, p1, true, sink, recent, fscale);
       Branch dist(tq.npad, static_cast<int>(Dv));
+      std::vector<float> log_mass;
       if (has_distant && p1 - recent >= sink) {
         const TileQueries tqd = load(qdp, task, p0);
         attend_range(dist, tqd, kd, vv, row, g, sink, p1 - recent, false, sink, recent, fscale);
+        if (estimated)
+          log_mass = estimated_log_mass(tq, kp, sp, summary_tokens, row, g, sink, recent, fscale);
       }
       for (int i = 0; i < tq.n; ++i) {
         const int64_t t = task.token_begin + i / G, h = g * G + i % G;
@@ -759,8 +828,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
         float gate = 1.f;
         if (dist.l[i] > 0.f) {
           // g = sigmoid(lse_P - lse_D), lse = m + log l
-          const float lse_d =
-              mass ? mass[t * H + h] : dist.m[i] + std::log(dist.l[i]);
+          const float lse_d = estimated ? log_mass[i] : dist.m[i] + std::log(dist.l[i]);
           const float diff = (prox.m[i] + std::log(prox.l[i])) - lse_d;
           gate = 1.f / (1.f + std::exp(-diff));
           if (tau > 0 && gate >= tau) gate = 1.f;
@@ -777,22 +845,26 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
 
 }  // namespace
 
-// out [T, H, Dv] float32; q, q_dist [T, H, D] float32; caches as channel-sliced views.
+// out [T, H, Dv] float32; q, q_dist [T, H, D] float32; caches as channel-sliced views;
+// summary [pages, Hkv, states, D] with its table: estimated mass (else the leader's).
 void pod_attention(at::Tensor out, at::Tensor q, at::Tensor q_dist, at::Tensor k_prox,
                    at::Tensor k_prox_table, int64_t k_prox_bs, at::Tensor v, at::Tensor v_table,
                    int64_t v_bs, c10::optional<at::Tensor> k_dist,
                    c10::optional<at::Tensor> k_dist_table, int64_t k_dist_bs,
                    at::Tensor query_start_loc, at::Tensor seq_lens, double scale, int64_t sink,
-                   int64_t recent, double tau, c10::optional<at::Tensor> mass_lse) {
+                   int64_t recent, double tau, c10::optional<at::Tensor> summary,
+                   c10::optional<at::Tensor> summary_table, int64_t summary_states,
+                   int64_t summary_tokens) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && q.scalar_type() == at::kFloat, "float32 q/out");
-  TORCH_CHECK(!mass_lse.has_value() || (mass_lse->scalar_type() == at::kFloat &&
-                                        mass_lse->is_contiguous()), "float32 dense mass_lse");
+  TORCH_CHECK(!summary.has_value() || (summary->scalar_type() == v.scalar_type() &&
+                                       summary_table.has_value() && k_dist.has_value()),
+              "summaries: the caches' dtype, with a table, for a follower");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "dense head dim");
   TORCH_CHECK(k_prox.scalar_type() == v.scalar_type(), "caches share a dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "pod_attention", [&] {
     run<scalar_t>(out, q, q_dist, k_prox, k_prox_table, k_prox_bs, v, v_table, v_bs, k_dist,
                   k_dist_table, k_dist_bs, query_start_loc, seq_lens, scale, sink, recent, tau,
-                  mass_lse);
+                  summary, summary_table, summary_states, summary_tokens);
   });
 }
 

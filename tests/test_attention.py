@@ -366,13 +366,14 @@ def run_estimated(impl, seqs, feed, block_size, gen, *, sink, recent, size, shar
             q_distant=torch.cat([seqs[r]["qa" if share == "scores" else "q"][a:b]
                                  for r, a, b in spans]),
             k_distant=batch.part(rows, [seqs[r]["ka"][:b] for r, _, b in spans]),
-            mass_lse=estimated_mass(q, own_keys, summary, loc, seq_lens, sink, recent, SCALE),
+            summary=summary,  # each implementation estimates the mass itself
         )
+        mass = estimated_mass(q, own_keys, summary, loc, seq_lens, sink, recent, SCALE)
         out = torch.zeros(loc[-1], HEADS, DIM)
         impl(inputs, loc, seq_lens, out)
         for i, (r, a, b) in enumerate(spans):
             outs[r][a:b] = out[loc[i]:loc[i + 1]]
-            masses[r][a:b] = inputs.mass_lse[loc[i]:loc[i + 1]]
+            masses[r][a:b] = mass[loc[i]:loc[i + 1]]
             done[r] = b
     return outs, masses
 

@@ -28,8 +28,9 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_layershare.attention import native
-from vllm_layershare.attention.mass import SummaryPart, estimated_mass, write_summaries
-from vllm_layershare.attention.portable import LayerInputs, PagedPart, paged_pod_attention
+from vllm_layershare.attention.mass import write_summaries
+from vllm_layershare.attention.paged import LayerInputs, PagedPart, SummaryPart
+from vllm_layershare.attention.portable import paged_pod_attention
 from vllm_layershare.config import LayershareConfig
 from vllm_layershare.layout import COMPANION_SUFFIX, SUMMARY_SUFFIX, layer_name_at
 from vllm_layershare.settings import config_for
@@ -265,16 +266,13 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             if config.share == "scores" else query
         )
         own_keys = self._part(key_cache, 0, self.head_size, key_meta)
-        mass_lse = None
+        summary = None
         if role.summary_cache is not None:
             summary_meta = ctx.attn_metadata[role.summary_cache]
             summary = SummaryPart(ctx.no_compile_layers[role.summary_cache].kv_cache,
                                   summary_meta.block_table, summary_meta.block_size,
                                   config.summary_tokens)
             write_summaries(own_keys, summary, key_meta.token_rows, key_meta.positions)
-            mass_lse = estimated_mass(query, own_keys, summary, meta.query_start_loc,
-                                      meta.seq_lens, config.sink_tokens, config.recent_tokens,
-                                      self.scale)
         return LayerInputs(
             q=query, scale=self.scale,
             k_prox=own_keys,
@@ -283,7 +281,7 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             q_distant=q_distant,
             k_distant=self._part(lead_cache, 0, self.head_size, lead_meta),
             gate_skip_threshold=config.gate_skip_threshold,
-            mass_lse=mass_lse,
+            summary=summary,
         )
 
     @staticmethod

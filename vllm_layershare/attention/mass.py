@@ -12,38 +12,20 @@ such blocks (they sit next to the sinks or the window, whose key blocks are kept
     log M(i) = logsumexp( {scale q_l[i].kbar[b] + log S}_b  U  {scale q_l[i].k_l[j]}_j )
 
 The summary of a block is written in the step that writes its last key, from the
-key window (the block is still there: S divides the key block size).
+key window (the block is still there: S divides the key block size). The portable
+path uses `estimated_mass`; the CPU kernel computes the same sum in its task loop
+(`estimated_log_mass` in csrc/), and the tests hold both to a brute-force reference.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from vllm_layershare.attention.portable import PagedPart, row_batches
+from vllm_layershare.attention.paged import PagedPart, SummaryPart, row_batches
 
-
-@dataclass
-class SummaryPart:
-    """A follower's summary cache [pages, Hkv, states, D]: state b % states of page
-    table[b * S // tokens_per_page] holds kbar[b]."""
-
-    cache: torch.Tensor
-    block_table: torch.Tensor
-    tokens_per_page: int
-    summary_tokens: int
-
-    def locate(self, rows: torch.Tensor, blocks: torch.Tensor):
-        """(page, state) of summary blocks `blocks` [B, N] of requests `rows` [B]."""
-        start = blocks * self.summary_tokens
-        pages = self.block_table[rows].gather(1, start // self.tokens_per_page)
-        return pages, (start % self.tokens_per_page) // self.summary_tokens
-
-    def gather(self, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        pages, states = self.locate(rows, blocks)
-        return self.cache[pages, :, states]  # [B, N, Hkv, D]
+__all__ = ["SummaryPart", "estimated_mass", "write_summaries"]
 
 
 def write_summaries(keys: PagedPart, summary: SummaryPart, rows: torch.Tensor,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_layershare.attention.portable import LayerInputs
+from vllm_layershare.attention.paged import LayerInputs
 
 try:
     from vllm_layershare import _C
@@ -44,10 +44,11 @@ def native_pod_attention(
     output: torch.Tensor,
 ) -> None:
     """Write attention of every scheduled token into `output` [T, H, Dv]."""
-    kp, v, kd = inputs.k_prox, inputs.v, inputs.k_distant
+    kp, v, kd, summary = inputs.k_prox, inputs.v, inputs.k_distant, inputs.summary
     q = inputs.q.float()
     out = torch.empty(output.shape, dtype=torch.float32)
     distant = kd is not None
+    estimated = distant and summary is not None
     _C.pod_attention(
         out, q, inputs.q_distant.float() if distant else q,
         kp.cache[..., kp.lo : kp.hi], kp.block_table, kp.block_size,
@@ -58,6 +59,9 @@ def native_pod_attention(
         torch.as_tensor(seq_lens, dtype=torch.int64),
         inputs.scale, inputs.sink, inputs.recent,
         -1.0 if inputs.gate_skip_threshold is None else inputs.gate_skip_threshold,
-        None if inputs.mass_lse is None else inputs.mass_lse.float().contiguous(),
+        summary.cache if estimated else None,
+        summary.block_table if estimated else None,
+        summary.tokens_per_page // summary.summary_tokens if estimated else 1,
+        summary.summary_tokens if estimated else 1,
     )
     output.copy_(out)

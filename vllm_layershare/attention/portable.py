@@ -13,46 +13,12 @@ branch may read are gathered, so a follower never touches a freed key block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-# Query rows of one prefill handled at once: bounds the logit matrix in memory.
-QUERY_CHUNK = 256
-UNBOUNDED = 1 << 40
+from vllm_layershare.attention.mass import estimated_mass
+from vllm_layershare.attention.paged import LayerInputs, PagedPart, row_batches
 
-
-@dataclass
-class PagedPart:
-    """Channels [lo, hi) of one layer's paged cache [blocks, Hkv, block_size, C]."""
-
-    cache: torch.Tensor
-    lo: int
-    hi: int
-    block_table: torch.Tensor  # [num_reqs, max_blocks] of this cache's KV-cache group
-    block_size: int
-
-    def gather(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Entries at token `positions` [B, N] of requests `rows` [B] -> [B, N, Hkv, hi-lo]."""
-        blocks = self.block_table[rows].gather(1, positions // self.block_size)
-        return self.cache[..., self.lo : self.hi][blocks, :, positions % self.block_size]
-
-
-@dataclass
-class LayerInputs:
-    """Everything one layer's attention reads, for one forward step."""
-
-    q: torch.Tensor  # [T, H, D], this layer's queries
-    k_prox: PagedPart  # keys of the proximal branch (own keys)
-    v: PagedPart  # own values, every token
-    scale: float
-    sink: int = 0
-    recent: int = UNBOUNDED
-    q_distant: torch.Tensor | None = None  # leader's (scores) or own (keys) queries
-    k_distant: PagedPart | None = None  # the leader's keys
-    gate_skip_threshold: float | None = None
-    # log of the follower's own distant mass [T, H] (mass.py); None: the leader's mass
-    mass_lse: torch.Tensor | None = None
+__all__ = ["LayerInputs", "PagedPart", "paged_pod_attention"]
 
 
 def attend(
@@ -125,8 +91,10 @@ def attend_rows(
     token_index: torch.Tensor,
     first: torch.Tensor,
     last: torch.Tensor,
+    mass_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Outputs of the queries `token_index` [B, Q] at positions first..last per row."""
+    """Outputs of the queries `token_index` [B, Q] at positions first..last per row;
+    mass_lse [T, H]: the distant branch's log-mass, if not the leader's."""
     n_q = token_index.shape[1]
     q_pos = torch.minimum(first[:, None] + torch.arange(n_q, device=first.device), last[:, None])
     sink, recent = inputs.sink, inputs.recent
@@ -155,37 +123,9 @@ def attend_rows(
         mask,
         inputs.scale,
     )
-    if inputs.mass_lse is not None:
-        lse_d = inputs.mass_lse[token_index]
+    if mass_lse is not None:
+        lse_d = mass_lse[token_index]
     return merge(out, lse_p, o_d, lse_d, inputs.gate_skip_threshold)
-
-
-def row_batches(query_start_loc: list[int], seq_lens: list[int], device: torch.device):
-    """(rows [B], token_index [B, Q], first [B], last [B]) batches of a step's queries.
-
-    Decode rows (one query) come as one padded batch; each prefill (or prefill chunk)
-    alone, QUERY_CHUNK queries at a time.
-    """
-    decode_rows, prefill_rows = [], []
-    for row in range(len(seq_lens)):
-        n_q = query_start_loc[row + 1] - query_start_loc[row]
-        if n_q == 1:
-            decode_rows.append(row)
-        elif n_q > 1:
-            prefill_rows.append(row)
-    if decode_rows:
-        tokens = torch.tensor([query_start_loc[r] for r in decode_rows], device=device)
-        last = torch.tensor([seq_lens[r] - 1 for r in decode_rows], device=device)
-        yield torch.tensor(decode_rows, device=device), tokens[:, None], last, last
-    for row in prefill_rows:
-        start, end = query_start_loc[row], query_start_loc[row + 1]
-        first_pos = seq_lens[row] - (end - start)
-        for chunk in range(start, end, QUERY_CHUNK):
-            stop = min(chunk + QUERY_CHUNK, end)
-            yield (torch.tensor([row], device=device),
-                   torch.arange(chunk, stop, device=device)[None],
-                   torch.tensor([first_pos + chunk - start], device=device),
-                   torch.tensor([first_pos + stop - 1 - start], device=device))
 
 
 def paged_pod_attention(
@@ -195,5 +135,10 @@ def paged_pod_attention(
     output: torch.Tensor,
 ) -> None:
     """Write attention of every scheduled token into `output` [T, H, Dv]."""
+    mass_lse = None
+    if inputs.summary is not None and inputs.k_distant is not None:
+        mass_lse = estimated_mass(inputs.q, inputs.k_prox, inputs.summary, query_start_loc,
+                                  seq_lens, inputs.sink, inputs.recent, inputs.scale)
     for rows, tokens, first, last in row_batches(query_start_loc, seq_lens, inputs.q.device):
-        output[tokens] = attend_rows(inputs, rows, tokens, first, last).to(output.dtype)
+        output[tokens] = attend_rows(inputs, rows, tokens, first, last,
+                                     mass_lse).to(output.dtype)
