@@ -44,6 +44,7 @@ demo: model
 
 bench: install
 	$(VPY) benchmarks/throughput.py
+	$(VPY) benchmarks/throughput.py --grouping configs/smollm2-135m/groups3-estimated.yaml
 
 # docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock
 # attention through vLLM (about 1.5 h on a 2-core CPU machine).

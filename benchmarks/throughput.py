@@ -1,9 +1,10 @@
 """Stock CPU attention vs layershare on the same model and the same KV memory, one run.
 
 Prints vLLM's planned KV capacity and concurrency at the context length, prefill
-tokens/s and decode tokens/s at equal batch, and layershare/stock ratios (medians
-of --repeats runs). The model is random with SmolLM2-135M's geometry (30 layers,
-9 query / 3 KV heads, head dim 64): speed and memory do not depend on the weights.
+tokens/s and decode tokens/s at equal batch (every request decoding), and
+layershare/stock ratios (medians of --repeats runs, of decode steps). The model is
+random with SmolLM2-135M's geometry (30 layers, 9 query / 3 KV heads, head dim 64):
+speed and memory do not depend on the weights.
 
     python benchmarks/throughput.py [--context 8192] [--kv-mib 256]
 """
@@ -46,22 +47,46 @@ def timed(llm, prompts, max_tokens: int) -> float:
     return time.perf_counter() - start
 
 
+def decode_steps(llm, prompts, max_tokens: int) -> list[float]:
+    """Durations of the engine steps in which every request decodes (all prefills done,
+    none finished: requests that finished prefill early also finish early).
+
+    Timed step by step: the difference of two whole runs would bury decode's second
+    in prefill's noise.
+    """
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"decode-{time.monotonic_ns()}-{i}", {"prompt_token_ids": prompt},
+                           params)
+    started, finished, durations = set(), set(), []
+    while engine.has_unfinished_requests():
+        all_decoding = len(started) == len(prompts) and not finished
+        start = time.perf_counter()
+        outputs = engine.step()
+        if all_decoding:
+            durations.append(time.perf_counter() - start)
+        started.update(o.request_id for o in outputs if o.outputs and o.outputs[0].token_ids)
+        finished.update(o.request_id for o in outputs if o.finished)
+    return durations
+
+
 def measure(llm, args) -> dict[str, float]:
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 250) for _ in range(args.prompt_len)] for _ in range(args.batch)]
     timed(llm, prompts[:1], 2)  # warm-up
-    prefill, decode = [], []
+    prefill, steps = [], []
     for _ in range(args.repeats):
-        t_prefill = timed(llm, prompts, 1)
-        t_total = timed(llm, prompts, args.decode_tokens + 1)
-        prefill.append(args.batch * args.prompt_len / t_prefill)
-        decode.append(args.batch * args.decode_tokens / max(t_total - t_prefill, 1e-9))
+        prefill.append(args.batch * args.prompt_len / timed(llm, prompts, 1))
+        steps += decode_steps(llm, prompts, args.decode_tokens + 1)
     cache = llm.llm_engine.vllm_config.cache_config
     return {
         "kv_tokens": cache.kv_cache_size_tokens,
         "concurrency": cache.kv_cache_max_concurrency,
         "prefill_tok_s": statistics.median(prefill),
-        "decode_tok_s": statistics.median(decode),
+        "decode_tok_s": args.batch / statistics.median(steps),
     }
 
 
@@ -96,8 +121,9 @@ def main() -> None:
     formula = 1 / load_config(args.grouping).kv_fraction(args.context)
     print(f"\ncontext {args.context}, KV memory {args.kv_mib} MiB, batch {args.batch} x "
           f"{args.prompt_len} prompt tokens, {args.decode_tokens} decode steps, "
-          f"max_num_batched_tokens {args.batched_tokens}, {args.dtype}, "
-          f"medians of {args.repeats}; formula capacity ratio {formula:.3f}x\n")
+          f"max_num_batched_tokens {args.batched_tokens}, {args.dtype}; prefill: median of "
+          f"{args.repeats} runs, decode: median step of {args.repeats} runs; "
+          f"formula capacity ratio {formula:.3f}x\n")
     print("| metric | stock | layershare | ratio |\n|---|---|---|---|")
     for key, label in (("kv_tokens", "KV cache tokens (vLLM plan)"),
                        ("concurrency", f"max concurrency at {args.context}"),
