@@ -562,11 +562,13 @@ inline __m512 transpose_sum16(const __m512* v) {
                        _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
-constexpr int kNarrowKeys = 16;  // keys per step of the bf16 decode path: one vector of logits
+constexpr int kNarrowKeys = 64;  // keys per online-softmax step of the bf16 decode path
+constexpr int kNarrowVecs = kNarrowKeys / kLanes;
 
 // Decode path for bf16 caches whose head sizes are multiples of 32 (keys) and 16
-// (values), with bf16-exact queries: bf16 dot products, 16 keys per online-softmax
-// step, values read as bf16 once per step for all query vectors. False if it does not apply.
+// (values), with bf16-exact queries: bf16 dot products, logits 16 keys to a vector,
+// one online-softmax step per 64 keys, values read as bf16 once per step for all
+// query vectors. False if it does not apply.
 template <typename T>
 bool attend_range_narrow_bf16(Branch& st, const TileQueries& tq, const Paged<T>& keys,
                               const Paged<T>& values, int64_t row, int64_t kv_head,
@@ -586,9 +588,10 @@ bool attend_range_narrow_bf16(Branch& st, const TileQueries& tq, const Paged<T>&
     int64_t k_left = 0, v_left = 0;
     for (int64_t start = first; start <= last; start += kNarrowKeys) {
       const int n = static_cast<int>(std::min<int64_t>(kNarrowKeys, last - start + 1));
+      const int vecs = (n + kLanes - 1) / kLanes;
       const T* krow[kNarrowKeys];
       const T* vrow[kNarrowKeys];
-      for (int j = 0; j < kNarrowKeys; ++j) {
+      for (int j = 0; j < vecs * kLanes; ++j) {
         if (j >= n) {  // lanes past the range: scored from a real key, then masked
           krow[j] = krow[0];
           vrow[j] = vrow[0];
@@ -611,29 +614,43 @@ bool attend_range_narrow_bf16(Branch& st, const TileQueries& tq, const Paged<T>&
         __m512bh q[8];  // D <= 256
         for (int c = 0; c < D / 32; ++c)
           q[c] = (__m512bh)_mm512_loadu_si512(tq.bf16_rows.data() + static_cast<size_t>(i) * D + 32 * c);
-        __m512 parts[kNarrowKeys];
-        for (int j = 0; j < kNarrowKeys; ++j) {
-          __m512 acc = _mm512_setzero_ps();
-          for (int c = 0; c < D / 32; ++c)
-            acc = _mm512_dpbf16_ps(acc, q[c], (__m512bh)_mm512_loadu_si512(krow[j] + 32 * c));
-          parts[j] = acc;
-        }
         const Bounds b = bounds_for(tq.pos[i], start, proximal, sink, recent);
-        const __mmask16 visible =
-            _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(n)) &
-            _mm512_cmple_epi32_mask(lane, _mm512_set1_epi32(b.hi)) &
-            (_mm512_cmple_epi32_mask(lane, _mm512_set1_epi32(b.sink_hi)) |
-             _mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32(b.window_lo)));
+        __m512 logits[kNarrowVecs];
+        __mmask16 visible[kNarrowVecs];
+        float block_max = kNegInf;
+        for (int u = 0; u < vecs; ++u) {
+          __m512 parts[kLanes];
+          for (int j = 0; j < kLanes; ++j) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int c = 0; c < D / 32; ++c)
+              acc = _mm512_dpbf16_ps(acc, q[c],
+                                     (__m512bh)_mm512_loadu_si512(krow[u * kLanes + j] + 32 * c));
+            parts[j] = acc;
+          }
+          const __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(u * kLanes));
+          visible[u] = _mm512_cmplt_epi32_mask(key, _mm512_set1_epi32(n)) &
+                       _mm512_cmple_epi32_mask(key, _mm512_set1_epi32(b.hi)) &
+                       (_mm512_cmple_epi32_mask(key, _mm512_set1_epi32(b.sink_hi)) |
+                        _mm512_cmpge_epi32_mask(key, _mm512_set1_epi32(b.window_lo)));
+          logits[u] = _mm512_mul_ps(transpose_sum16(parts), vscale);
+          if (visible[u])
+            block_max = std::max(block_max, _mm512_mask_reduce_max_ps(visible[u], logits[u]));
+        }
         rescale[i] = 1.f;
-        _mm512_store_ps(weights[i], _mm512_setzero_ps());
-        if (visible == 0) continue;
-        const __m512 logits = _mm512_mul_ps(transpose_sum16(parts), vscale);
-        const float m_new = std::max(st.m[i], _mm512_mask_reduce_max_ps(visible, logits));
+        if (block_max == kNegInf) {  // nothing visible to this query vector here
+          for (int u = 0; u < vecs; ++u) _mm512_store_ps(weights[i] + u * kLanes, _mm512_setzero_ps());
+          continue;
+        }
+        const float m_new = std::max(st.m[i], block_max);
         rescale[i] = st.m[i] == kNegInf ? 0.f : exp_nonpositive(st.m[i] - m_new);
-        const __m512 e = _mm512_maskz_mov_ps(
-            visible, exp_nonpositive16(_mm512_sub_ps(logits, _mm512_set1_ps(m_new))));
-        _mm512_store_ps(weights[i], e);
-        st.l[i] = st.l[i] * rescale[i] + _mm512_reduce_add_ps(e);
+        __m512 sum = _mm512_setzero_ps();
+        for (int u = 0; u < vecs; ++u) {
+          const __m512 e = _mm512_maskz_mov_ps(
+              visible[u], exp_nonpositive16(_mm512_sub_ps(logits[u], _mm512_set1_ps(m_new))));
+          _mm512_store_ps(weights[i] + u * kLanes, e);
+          sum = _mm512_add_ps(sum, e);
+        }
+        st.l[i] = st.l[i] * rescale[i] + _mm512_reduce_add_ps(sum);
         st.m[i] = m_new;
       }
       weighted_values(st.acc.data(), N, Dv, rescale, &weights[0][0], 1, kNarrowKeys, n,
