@@ -22,7 +22,8 @@ from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from vllm_layershare.attention.native import describe, native_pod_attention
-from vllm_layershare.attention.portable import LayerInputs, PagedPart, paged_pod_attention
+from vllm_layershare.attention.paged import LayerInputs, PagedPart
+from vllm_layershare.attention.portable import paged_pod_attention
 
 HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 32
 DTYPE = torch.bfloat16

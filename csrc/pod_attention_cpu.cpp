@@ -61,6 +61,28 @@ struct Paged {
   int64_t run_length(int64_t pos) const { return block_size - pos % block_size; }
 };
 
+// Walks one sequence's token rows of a paged cache in position order: a table lookup
+// only where a block starts, no division per token.
+template <typename T>
+struct RowCursor {
+  const Paged<T>& paged;
+  int64_t row, head;
+  const T* ptr = nullptr;
+  int64_t left = 0;
+  RowCursor(const Paged<T>& p, int64_t r, int64_t h) : paged(p), row(r), head(h) {}
+  // The row of `pos`, which must be one past the previous call's (or any, first).
+  const T* next(int64_t pos) {
+    if (left == 0) {
+      ptr = paged.at(row, head, pos);
+      left = paged.run_length(pos);
+    }
+    const T* out = ptr;
+    ptr += paged.s_token;
+    --left;
+    return out;
+  }
+};
+
 template <typename T>
 Paged<T> make_paged(const at::Tensor& cache, const at::Tensor& table, int64_t block_size) {
   TORCH_CHECK(cache.dim() == 4 && cache.stride(3) == 1, "cache must be [B,H,N,C], C dense");
@@ -131,51 +153,33 @@ struct TileQueries {
   int n = 0, npad = 0, dim = 0;
   std::vector<float> rows, cols;
   std::vector<int64_t> pos;  // position of each query vector; -1 for padding lanes
-  // When every query value is exactly a bf16 (bf16 models), [dim/2][npad] pairs of
-  // bf16 for the AVX-512 bf16 dot-product instruction; otherwise empty.
-  std::vector<uint32_t> bf16_pairs;
-  // Narrow tiles of bf16 models: the rows as bf16 bits ([n][dim]); otherwise empty.
+  // When every query value is exactly a bf16 (bf16 models): the rows as bf16 bits
+  // ([n][dim]), and for wide tiles [dim/2][npad] pairs for the AVX-512 bf16
+  // dot-product instruction; otherwise empty.
   std::vector<uint16_t> bf16_rows;
+  std::vector<uint32_t> bf16_pairs;
 };
 
-inline uint32_t bf16_bits(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  return bits >> 16;
-}
-
-// Fill tq.bf16_pairs if the queries are exactly representable in bf16.
-inline void pack_bf16_pairs(TileQueries& tq) {
-#if defined(__AVX512BF16__)
-  if (tq.dim % 2 != 0) return;
-  for (float x : tq.rows) {
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof(bits));
-    if (bits & 0xFFFFu) return;  // not a bf16 value: keep the fp32 path
-  }
-  const int pairs = tq.dim / 2;
-  tq.bf16_pairs.assign(static_cast<size_t>(pairs) * tq.npad, 0u);
-  for (int i = 0; i < tq.n; ++i)
-    for (int p = 0; p < pairs; ++p) {
-      const float* q = tq.rows.data() + static_cast<size_t>(i) * tq.dim + 2 * p;
-      tq.bf16_pairs[static_cast<size_t>(p) * tq.npad + i] = bf16_bits(q[0]) | (bf16_bits(q[1]) << 16);
-    }
-#else
-  (void)tq;
-#endif
-}
-
-// Fill tq.bf16_rows if the queries are exactly representable in bf16.
-inline void pack_bf16_rows(TileQueries& tq) {
+// Fill tq.bf16_rows if the queries are exactly representable in bf16 (bf16 models),
+// and for wide tiles their column pairs tq.bf16_pairs; both stay empty otherwise.
+inline void pack_bf16(TileQueries& tq) {
 #if defined(__AVX512BF16__)
   std::vector<uint16_t> rows(tq.rows.size());
   for (size_t k = 0; k < rows.size(); ++k) {
     uint32_t bits;
     std::memcpy(&bits, &tq.rows[k], sizeof(bits));
-    if (bits & 0xFFFFu) return;
+    if (bits & 0xFFFFu) return;  // not a bf16 value: keep the fp32 paths
     rows[k] = static_cast<uint16_t>(bits >> 16);
   }
   tq.bf16_rows = std::move(rows);
+  if (tq.n < kWideTile || tq.dim % 2 != 0) return;
+  const int pairs = tq.dim / 2;
+  tq.bf16_pairs.assign(static_cast<size_t>(pairs) * tq.npad, 0u);
+  for (int i = 0; i < tq.n; ++i)
+    for (int p = 0; p < pairs; ++p) {
+      const uint16_t* q = tq.bf16_rows.data() + static_cast<size_t>(i) * tq.dim + 2 * p;
+      tq.bf16_pairs[static_cast<size_t>(p) * tq.npad + i] = q[0] | (static_cast<uint32_t>(q[1]) << 16);
+    }
 #else
   (void)tq;
 #endif
@@ -310,33 +314,19 @@ void weighted_values(float* acc, int rows, int Dv, const float* rescale, const f
 }
 #endif
 
-// Keys and values of positions start..start+n-1 into float rows. Walks the pages: a
-// table lookup only where a block starts, no division per key.
+// Keys and values of positions start..start+n-1 into float rows.
 template <typename T>
 void load_chunk(const Paged<T>& keys, const Paged<T>& values, int64_t row, int64_t kv_head,
                 int64_t start, int n, int D, int Dv, RowBuffer& kbuf, RowBuffer& vbuf,
                 const T** key_rows = nullptr, bool convert_keys = true) {
-  const T* k = nullptr;
-  const T* v = nullptr;
-  int64_t k_left = 0, v_left = 0;
+  RowCursor<T> kc(keys, row, kv_head), vc(values, row, kv_head);
   for (int j = 0; j < n; ++j) {
-    const int64_t pos = start + j;
-    if (k_left == 0) {
-      k = keys.at(row, kv_head, pos);
-      k_left = keys.run_length(pos);
-    }
-    if (v_left == 0) {
-      v = values.at(row, kv_head, pos);
-      v_left = values.run_length(pos);
-    }
+    const T* k = kc.next(start + j);
+    const T* v = vc.next(start + j);
     if (key_rows != nullptr) key_rows[j] = k;
     if (convert_keys)
       for (int d = 0; d < D; ++d) kbuf[j][d] = to_float(k[d]);
     for (int d = 0; d < Dv; ++d) vbuf[j][d] = to_float(v[d]);
-    k += keys.s_token;
-    v += values.s_token;
-    --k_left;
-    --v_left;
   }
 }
 
@@ -583,9 +573,7 @@ bool attend_range_narrow_bf16(Branch& st, const TileQueries& tq, const Paged<T>&
     const __m512 vscale = _mm512_set1_ps(scale);
     alignas(64) float weights[kWideTile][kNarrowKeys];
     float rescale[kWideTile];
-    const T* k = nullptr;
-    const T* v = nullptr;
-    int64_t k_left = 0, v_left = 0;
+    RowCursor<T> kc(keys, row, kv_head), vc(values, row, kv_head);
     for (int64_t start = first; start <= last; start += kNarrowKeys) {
       const int n = static_cast<int>(std::min<int64_t>(kNarrowKeys, last - start + 1));
       const int vecs = (n + kLanes - 1) / kLanes;
@@ -597,18 +585,8 @@ bool attend_range_narrow_bf16(Branch& st, const TileQueries& tq, const Paged<T>&
           vrow[j] = vrow[0];
           continue;
         }
-        if (k_left == 0) {
-          k = keys.at(row, kv_head, start + j);
-          k_left = keys.run_length(start + j);
-        }
-        if (v_left == 0) {
-          v = values.at(row, kv_head, start + j);
-          v_left = values.run_length(start + j);
-        }
-        krow[j] = k;
-        vrow[j] = v;
-        k += keys.s_token; v += values.s_token;
-        --k_left; --v_left;
+        krow[j] = kc.next(start + j);
+        vrow[j] = vc.next(start + j);
       }
       for (int i = 0; i < N; ++i) {
         __m512bh q[8];  // D <= 256
@@ -811,8 +789,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
         }
         tq.pos[i] = first_pos + (t - task.token_begin);
       }
-    if (tq.n >= kWideTile) pack_bf16_pairs(tq);
-    else pack_bf16_rows(tq);
+    pack_bf16(tq);
     return tq;
   };
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from vllm_layershare.attention import native
-from vllm_layershare.attention.mass import SummaryPart, estimated_mass, write_summaries
-from vllm_layershare.attention.portable import LayerInputs, PagedPart, paged_pod_attention
+from vllm_layershare.attention.mass import estimated_mass, write_summaries
+from vllm_layershare.attention.paged import LayerInputs, PagedPart, SummaryPart
+from vllm_layershare.attention.portable import paged_pod_attention
 from vllm_layershare.attention.reference import dense_attention, dense_pod_attention
 
 HEADS, KV_HEADS, DIM = 4, 2, 8

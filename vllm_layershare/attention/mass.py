@@ -25,8 +25,6 @@ import torch
 
 from vllm_layershare.attention.paged import PagedPart, SummaryPart, row_batches
 
-__all__ = ["SummaryPart", "estimated_mass", "write_summaries"]
-
 
 def write_summaries(keys: PagedPart, summary: SummaryPart, rows: torch.Tensor,
                     positions: torch.Tensor) -> None:

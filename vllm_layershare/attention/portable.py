@@ -16,9 +16,7 @@ from __future__ import annotations
 import torch
 
 from vllm_layershare.attention.mass import estimated_mass
-from vllm_layershare.attention.paged import LayerInputs, PagedPart, row_batches
-
-__all__ = ["LayerInputs", "PagedPart", "paged_pod_attention"]
+from vllm_layershare.attention.paged import LayerInputs, row_batches
 
 
 def attend(
