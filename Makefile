@@ -43,8 +43,8 @@ demo: model
 	$(VPY) -m vllm_layershare.tools.demo
 
 bench: install
-	$(VPY) benchmarks/throughput.py
-	$(VPY) benchmarks/throughput.py --grouping configs/smollm2-135m/groups3-estimated.yaml
+	$(VPY) benchmarks/throughput.py --grouping configs/smollm2-135m-groups3.yaml \
+		configs/smollm2-135m/groups3-estimated.yaml
 
 # docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock
 # attention through vLLM (about 1.5 h on a 2-core CPU machine).
