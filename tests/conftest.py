@@ -7,10 +7,16 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 # In-process engine: plugin code runs in the test process and starts in seconds.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. Triton
+# reads this when it is first imported, so it is set before anything imports it; vLLM
+# on CPU does not use Triton, with or without it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 NUM_LAYERS = 6
 

@@ -225,7 +225,7 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         FORWARD_CALLS += 1
         if FORWARD_CALLS == 1:
             logger.info("layershare: attention impl running in this process, %s",
-                        native.describe() if query.device.type == "cpu" else "portable path")
+                        native.describe() if query.device.type == "cpu" else "Triton kernels")
         name = layer.layer_name
         role = self._role(name)
         n = attn_metadata.num_actual_tokens
@@ -246,6 +246,11 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         if native.available(query.device, self.head_size):
             native.native_pod_attention(inputs, attn_metadata.query_start_loc_cpu,
                                         attn_metadata.seq_lens_cpu, output[:n])
+        elif query.device.type == "cuda":
+            from vllm_layershare.attention.triton_paged import triton_pod_attention
+
+            triton_pod_attention(inputs, attn_metadata.query_start_loc_cpu,
+                                 attn_metadata.seq_lens_cpu, output[:n])
         else:
             paged_pod_attention(inputs, attn_metadata.query_start_loc, attn_metadata.seq_lens,
                                 output[:n])

@@ -1,0 +1,369 @@
+"""The CUDA decode kernel (csrc/pod_decode_cuda.cu), on machines without a GPU.
+
+1. nvcc compiles it for sm_80 and sm_90 (skipped only where nvcc is absent).
+2. Its math, csrc/pod_decode.cuh, which the kernel and the host build share (page
+   walk, tiles, online softmax, split merge, gate), is built with g++ into a shared
+   library that runs the kernel's schedule block by block, emulating the threads of a
+   block phase by phase; through ctypes it must equal the dense reference
+   (vllm_layershare/attention/reference.py) on paged caches with shuffled block tables.
+   Cache slots the kernel must not read (a follower's freed keys, the leader's keys
+   outside the distant set, channels outside [lo, hi)) hold NaN, so a stray read shows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_layershare.attention.reference import dense_attention, dense_pod_attention
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+UNBOUNDED = 1 << 40
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+LO, EXTRA = 3, 2  # the cache holds EXTRA channels after and LO before the part read
+# (emulated threads per block, reverse order): the GPU's 128, in both orders, and odd
+# counts; every schedule must give bit-identical outputs (no race inside a phase).
+SCHEDULES = [(128, False), (128, True), (37, True), (1, False)]
+
+
+def find_nvcc() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and Path(home, "bin", "nvcc").is_file():
+            return str(Path(home, "bin", "nvcc"))
+    return shutil.which("nvcc")
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_nvcc_compiles(arch, tmp_path):
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA_HOME, /usr/local/cuda or PATH); CI has it")
+    obj = tmp_path / "pod_decode.o"
+    result = subprocess.run(
+        [nvcc, "-c", "-std=c++17", f"-arch={arch}", "-Werror", "all-warnings", "-o", str(obj),
+         str(CSRC / "pod_decode_cuda.cu")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert obj.stat().st_size > 0
+
+
+class PagedPartC(ctypes.Structure):
+    """LayersharePagedPart of csrc/pod_decode.cuh."""
+
+    _fields_ = [("data", ctypes.c_void_p), ("stride_block", ctypes.c_int64),
+                ("stride_head", ctypes.c_int64), ("stride_slot", ctypes.c_int64),
+                ("block_table", ctypes.c_void_p), ("table_stride", ctypes.c_int64),
+                ("block_size", ctypes.c_int32)]
+
+
+I64, I32, F32, PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+PART = ctypes.POINTER(PagedPartC)
+
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory):
+    """csrc/pod_decode_host_test.cpp built with g++ and loaded through ctypes."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    lib_path = tmp_path_factory.mktemp("pod_decode") / "libpod_decode_host.so"
+    result = subprocess.run(
+        [cxx, "-O2", "-std=c++17", "-Wall", "-Wextra", "-shared", "-fPIC",
+         "-o", str(lib_path), str(CSRC / "pod_decode_host_test.cpp")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lib = ctypes.CDLL(str(lib_path))
+    lib.layershare_pod_decode_workspace_bytes.restype = ctypes.c_size_t
+    lib.layershare_pod_decode_workspace_bytes.argtypes = [I32, I32, I32, I32]
+    lib.layershare_pod_decode_host.restype = I32
+    lib.layershare_pod_decode_host.argtypes = [
+        PTR, I64, I64,  # out
+        PTR, I64, I64,  # q
+        PTR, I64, I64,  # q_distant
+        PART, PART, PART, I32,  # k_prox, v, k_distant, cache dtype
+        PTR, I32, I32, I32, I32, I32,  # seq_lens, reqs, heads, kv heads, D, Dv
+        F32, I64, I64, F32, I32,  # scale, sink, recent, tau, splits
+        PTR, ctypes.c_size_t, I32, I32,  # workspace, its bytes, threads, reverse
+    ]
+    return lib
+
+
+@dataclass
+class Paged:
+    """A part of a paged cache and the tensors it points into (kept alive here)."""
+
+    cache: torch.Tensor
+    table: torch.Tensor
+    block_size: int
+
+    def c(self) -> PagedPartC:
+        return PagedPartC(self.cache.data_ptr() + LO * self.cache.element_size(),
+                          *self.cache.stride()[:3], self.table.data_ptr(), self.table.stride(0),
+                          self.block_size)
+
+
+def page(rows: list[torch.Tensor], readable: list[torch.Tensor], block_size: int,
+         dtype: torch.dtype, gen: torch.Generator) -> Paged:
+    """Pages per-request rows [L, Hkv, C] into a cache [blocks, Hkv, block_size, LO+C+EXTRA]
+    at channels [LO, LO+C), blocks in shuffled order. Only `readable` [L] tokens are
+    written; every other slot is NaN, and a table entry whose block holds no readable
+    token points at an all-NaN block (a freed block)."""
+    hkv, channels = rows[0].shape[1:]
+    needed = [-(-len(r) // block_size) for r in rows]
+    order = torch.randperm(sum(needed) + 1, generator=gen).tolist()
+    poison = order.pop()
+    cache = torch.full((len(order) + 1, hkv, block_size, LO + channels + EXTRA), math.nan,
+                       dtype=dtype)
+    # Wider than needed: the row stride differs from the blocks a request uses.
+    table = torch.full((len(rows), max(needed, default=0) + 2), poison, dtype=torch.int32)
+    for b, (r, ok) in enumerate(zip(rows, readable, strict=True)):
+        for blk in range(needed[b]):
+            positions = [p for p in range(blk * block_size, min(len(r), (blk + 1) * block_size))
+                         if ok[p]]
+            if not positions:
+                continue
+            table[b, blk] = block = order.pop()
+            for p in positions:
+                cache[block, :, p % block_size, LO:LO + channels] = r[p].to(dtype)
+    return Paged(cache, table, block_size)
+
+
+@dataclass
+class Case:
+    lens: tuple[int, ...] = (1, 5, 9, 23, 40)
+    heads: int = 8
+    kv_heads: int = 2
+    dim: int = 16
+    dim_v: int = 16
+    sink: int = 2
+    recent: int = 6
+    share: str | None = "scores"  # None: a leader (full attention)
+    dtype: torch.dtype = torch.float32
+    block_sizes: tuple[int, int, int] = (4, 5, 3)  # k_prox, v, k_distant
+    gate_skip: bool = False
+    seed: int = 0
+
+
+CASES = {
+    "scores-fp32": Case(),
+    "keys-fp32": Case(share="keys", seed=1),
+    "scores-gate-fp32": Case(gate_skip=True, seed=2),
+    "keys-gate-bf16": Case(share="keys", gate_skip=True, dtype=torch.bfloat16, seed=3),
+    "scores-bf16": Case(dtype=torch.bfloat16, block_sizes=(16, 7, 8), seed=4),
+    "scores-fp16": Case(dtype=torch.float16, block_sizes=(3, 3, 3), seed=5),
+    "leader-fp32": Case(lens=(1, 17, 33), share=None, sink=0, recent=UNBOUNDED, seed=6),
+    "leader-bf16": Case(lens=(2, 31, 45), share=None, sink=0, recent=UNBOUNDED,
+                        dtype=torch.bfloat16, block_sizes=(16, 16, 16), seed=7),
+    # Multi-tile ranges (kTile = 32) in both branches and sequences not past the sinks.
+    "long-gate-fp32": Case(lens=(70, 3, 4), sink=4, recent=33, gate_skip=True, seed=8),
+    # MQA, Dv != D, no sinks; a padded batch entry (seq_len 0) gives zeros.
+    "mqa-dv-fp32": Case(lens=(0, 6, 13, 30), heads=4, kv_heads=1, dim=8, dim_v=12, sink=0,
+                        recent=3, share="keys", seed=9),
+    # MHA, a window of one token.
+    "mha-fp32": Case(lens=(2, 5, 30), heads=3, kv_heads=3, dim=32, dim_v=32, sink=4, recent=1,
+                     block_sizes=(2, 32, 5), seed=10),
+}
+
+
+def positions(length: int, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """(proximal, distant) masks [L] of the query at L - 1 (method.md)."""
+    j, i = torch.arange(length), length - 1
+    proximal = (j < case.sink) | (j > i - case.recent)
+    return proximal, ~proximal
+
+
+def proximal_mass(q, k, q_d, k_d, case: Case, scale: float) -> torch.Tensor:
+    """Gate g = softmax mass of P of the last query, per head [H] (picks a tau)."""
+    group = case.heads // case.kv_heads
+    proximal, _ = positions(len(k), case)
+    s_p = scale * torch.einsum("hd,lhd->lh", q[-1].double(), k.double().repeat_interleave(group, 1))
+    s_d = scale * torch.einsum("hd,lhd->lh", q_d[-1].double(),
+                               k_d.double().repeat_interleave(group, 1))
+    weights = torch.softmax(torch.where(proximal[:, None], s_p, s_d), dim=0)
+    return weights[proximal].sum(0)
+
+
+def pick_tau(gates: torch.Tensor) -> float:
+    """A threshold between two gates near the median, clear of every gate."""
+    g = gates.sort().values
+    gaps = [(abs(i - len(g) / 2), i) for i in range(1, len(g)) if g[i] - g[i - 1] > 1e-3]
+    _, i = min(gaps)
+    return float(g[i - 1] + g[i]) / 2
+
+
+@dataclass
+class Prepared:
+    case: Case
+    q: torch.Tensor  # [B, H, D] view into a wider buffer (strided)
+    q_distant: torch.Tensor
+    parts: tuple[Paged, Paged, Paged | None]
+    seq_lens: torch.Tensor
+    scale: float
+    tau: float | None
+    expected: torch.Tensor  # [B, H, Dv] float64
+
+
+def prepare(case: Case) -> Prepared:
+    gen = torch.Generator().manual_seed(case.seed)
+    h, hkv, d, dv = case.heads, case.kv_heads, case.dim, case.dim_v
+    scale = 1.0 / math.sqrt(d)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    def rounded(x):  # what the cache stores, as the reference must see it
+        return x.to(case.dtype).float()
+
+    seqs = []
+    for length in case.lens:
+        seqs.append(dict(q=rand(length, h, d), k=rounded(rand(length, hkv, d)),
+                         v=rounded(rand(length, hkv, dv)), q_lead=rand(length, h, d),
+                         k_lead=rounded(rand(length, hkv, d))))
+    leader = case.share is None
+    for s in seqs:
+        s["q_d"] = s["q"] if case.share == "keys" else s["q_lead"]
+    tau = None
+    if case.gate_skip:
+        gates = [proximal_mass(s["q"], s["k"], s["q_d"], s["k_lead"], case, scale)
+                 for s in seqs if positions(len(s["k"]), case)[1].any()]
+        tau = pick_tau(torch.cat(gates))
+    expected = torch.zeros(len(seqs), h, dv, dtype=torch.float64)
+    for b, s in enumerate(seqs):
+        if not len(s["q"]):
+            continue  # a padded entry: zeros
+        if leader:
+            expected[b] = dense_attention(s["q"], s["k"], s["v"], scale)[-1]
+        else:
+            expected[b] = dense_pod_attention(
+                s["q"], s["k"], s["v"], s["q_lead"], s["k_lead"], scale, sink=case.sink,
+                recent=case.recent, share=case.share, gate_skip_threshold=tau)[-1]
+    masks = [positions(len(s["k"]), case) for s in seqs]
+    kp_bs, v_bs, kd_bs = case.block_sizes
+    k_prox = page([s["k"] for s in seqs], [m[0] for m in masks], kp_bs, case.dtype, gen)
+    v = page([s["v"] for s in seqs], [torch.ones(len(m[0]), dtype=torch.bool) for m in masks],
+             v_bs, case.dtype, gen)
+    k_dist = None if leader else page([s["k_lead"] for s in seqs], [m[1] for m in masks],
+                                      kd_bs, case.dtype, gen)
+
+    def last_rows(key):  # decode queries [B, H, D] inside a wider [B, H + 3, D] buffer
+        buf = torch.full((len(seqs), h + 3, d), math.nan)
+        for b, s in enumerate(seqs):
+            if len(s[key]):
+                buf[b, :h] = s[key][-1]
+        return buf[:, :h]
+
+    q = last_rows("q")
+    q_distant = q if case.share == "keys" else last_rows("q_lead")  # keys: aliases q
+    seq_lens = torch.tensor(case.lens, dtype=torch.int32)
+    return Prepared(case, q, q_distant, (k_prox, v, k_dist), seq_lens, scale, tau, expected)
+
+
+def run_host(lib, p: Prepared, splits: int, threads: int = 128, reverse: bool = False,
+             **override) -> torch.Tensor:
+    """The host build of the kernel; checks that it writes only out and its workspace."""
+    c = p.case
+    b, h, dv = len(c.lens), c.heads, c.dim_v
+    out_buf = torch.full((b, h + 1, dv + 2), math.nan)
+    out = out_buf[:, :h, :dv]
+    ws_bytes = lib.layershare_pod_decode_workspace_bytes(b, h, dv, splits)
+    guard = 64
+    workspace = torch.full((ws_bytes // 4 + guard,), 12345.0)
+    k_prox, v, k_dist = (part.c() if part else None for part in p.parts)
+    args = dict(
+        out=out.data_ptr(), out_s0=out.stride(0), out_s1=out.stride(1),
+        q=p.q.data_ptr(), q_s0=p.q.stride(0), q_s1=p.q.stride(1),
+        qd=p.q_distant.data_ptr(), qd_s0=p.q_distant.stride(0), qd_s1=p.q_distant.stride(1),
+        k_prox=ctypes.byref(k_prox), v=ctypes.byref(v),
+        k_dist=ctypes.byref(k_dist) if k_dist else None, dtype=DTYPE_CODES[c.dtype],
+        seq_lens=p.seq_lens.data_ptr(), reqs=b, heads=h, kv_heads=c.kv_heads, dim=c.dim,
+        dim_v=dv, scale=p.scale, sink=c.sink, recent=c.recent,
+        tau=-1.0 if p.tau is None else p.tau, n_splits=splits, ws=workspace.data_ptr(),
+        ws_bytes=ws_bytes, threads=threads, reverse=int(reverse),
+    )
+    args.update(override)
+    status = lib.layershare_pod_decode_host(*args.values())
+    assert status == 0, f"launcher returned {status}"
+    assert torch.all(workspace[ws_bytes // 4:] == 12345.0), "wrote past the workspace"
+    assert out_buf[:, h:].isnan().all() and out_buf[:, :h, dv:].isnan().all(), "wrote past out"
+    return out.clone()
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    cache = {}
+
+    def get(name: str) -> Prepared:
+        if name not in cache:
+            cache[name] = prepare(CASES[name])
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_host_kernel_matches_reference(host_lib, prepared, name):
+    p = prepared(name)
+    case = p.case
+    tol = dict(atol=2e-5, rtol=2e-5)  # the reference sees the cache's rounded values
+    for splits in sorted({1, 3, max(case.lens), max(case.lens) + 5}):
+        outs = [run_host(host_lib, p, splits, threads, reverse) for threads, reverse in SCHEDULES]
+        for other in outs[1:]:
+            assert torch.equal(outs[0], other), f"schedule-dependent output at {splits} splits"
+        torch.testing.assert_close(outs[0].double(), p.expected, **tol,
+                                   msg=lambda m, s=splits: f"{name}, {s} splits: {m}")
+
+
+def test_gate_skip_cases_skip_some_rows_only(prepared):
+    """The gate-skip cases are not vacuous: tau turns some (not all) rows to o_P."""
+    for name in ("scores-gate-fp32", "keys-gate-bf16", "long-gate-fp32"):
+        p = prepared(name)
+        no_skip = prepare(Case(**{**p.case.__dict__, "gate_skip": False}))
+        changed = (p.expected - no_skip.expected).abs().amax(-1) > 1e-9  # [B, H]
+        has_distant = torch.tensor([n > p.case.sink + p.case.recent for n in p.case.lens])
+        assert changed.any(), name
+        assert (~changed & has_distant[:, None]).any(), name
+
+
+def test_follower_equal_to_leader_is_attention(host_lib):
+    """Invariant 5: share scores, a follower's q, K, V equal to its leader's gives plain
+    attention; invariant 1: with D empty a follower is plain attention too."""
+    case = Case(lens=(9, 30, 41), seed=11)
+    gen = torch.Generator().manual_seed(case.seed)
+    h, hkv, d = case.heads, case.kv_heads, case.dim
+    ks = [torch.randn(n, hkv, d, generator=gen) for n in case.lens]
+    vs = [torch.randn(n, hkv, d, generator=gen) for n in case.lens]
+    qs = [torch.randn(n, h, d, generator=gen) for n in case.lens]
+    every = [torch.ones(n, dtype=torch.bool) for n in case.lens]
+    keys, values = page(ks, every, 4, case.dtype, gen), page(vs, every, 5, case.dtype, gen)
+    scale = 1.0 / math.sqrt(d)
+    expected = torch.stack([dense_attention(q, k, v, scale)[-1]
+                            for q, k, v in zip(qs, ks, vs, strict=True)])
+    q_last = torch.stack([q[-1] for q in qs])
+    seq_lens = torch.tensor(case.lens, dtype=torch.int32)
+    same = Prepared(case, q_last, q_last, (keys, values, keys), seq_lens, scale, None, expected)
+    for splits in (1, 3):
+        torch.testing.assert_close(run_host(host_lib, same, splits).double(), expected,
+                                   atol=2e-5, rtol=2e-5)
+    # D empty everywhere (n_s + n_r > every length): distant queries (NaN) are never used.
+    near = Prepared(Case(lens=case.lens, sink=3, recent=41), q_last,
+                    torch.full_like(q_last, math.nan), (keys, values, keys), seq_lens, scale,
+                    0.5, expected)
+    torch.testing.assert_close(run_host(host_lib, near, 3).double(), expected,
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_bad_arguments_are_refused(host_lib, prepared):
+    p = prepared("scores-fp32")
+    for override, code in [(dict(kv_heads=3), -1), (dict(n_splits=0), -1), (dict(dtype=7), -2),
+                           (dict(ws_bytes=16), -3)]:
+        with pytest.raises(AssertionError, match=f"returned {code}"):
+            run_host(host_lib, p, 2, **override)

@@ -1,0 +1,298 @@
+"""Paged PoD attention in Triton (the CUDA platform), same contract as portable.py.
+
+One program per (request, tile of query tokens, KV head). The tile packs every
+query head of that KV head into its rows, so each key and value loaded from the
+paged cache serves the whole GQA group. Per row it keeps two online softmaxes:
+
+    proximal  (m_P, l_P, acc_P)  over sinks U window, q . k_prox, own V
+    distant   (m_D, l_D, acc_D)  over [n_s, i - n_r],  q_distant . k_distant, own V
+
+and merges them as portable.merge does: g = sigmoid(lse_P - lse_D), optional gate
+skip, o = g o_P + (1 - g) o_D. With `distant_mass: estimated` lse_D is replaced by
+the follower's own log-mass over its block summaries and exact keys (mass.py).
+No score matrix is materialised; freed key blocks are never read.
+
+On a machine without a GPU the same kernels run under TRITON_INTERPRET=1 on CPU
+tensors (the tests do); the interpreter keeps bf16 as raw integers, so loads are
+converted to float32 there (UPCAST).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_layershare.attention.paged import UNBOUNDED, LayerInputs, PagedPart
+
+NEG_BIG = tl.constexpr(-1.0e30)  # finite start for running maxima: exp(-inf - NEG_BIG) = 0
+# Which keys a scan keeps (_keep).
+PROXIMAL = tl.constexpr(0)
+DISTANT = tl.constexpr(1)
+EXACT_MASS = tl.constexpr(2)
+
+
+@triton.jit
+def _keep(n, q_pos, sink, recent, exact_lo, exact_hi, MODE: tl.constexpr):
+    """[M, N] mask of key positions n [N] a row at q_pos [M] reads in this scan."""
+    n = n[None, :]
+    q_pos = q_pos[:, None]
+    if MODE == PROXIMAL:
+        return (n <= q_pos) & ((n < sink) | (n > q_pos - recent))  # sinks, window
+    elif MODE == DISTANT:  # [n_s, i - n_r]
+        return (n >= sink) & (n <= q_pos - recent)
+    else:  # EXACT_MASS: distant keys outside the whole summary blocks [exact_lo, exact_hi)
+        return (n >= sink) & (n <= q_pos - recent) & (
+            (n < exact_lo) | (n >= exact_hi[:, None]))
+
+
+@triton.jit
+def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, q_pos, sink, recent, scale,
+          exact_lo, exact_hi,
+          k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
+          v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
+          D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+          MODE: tl.constexpr, WITH_V: tl.constexpr, UPCAST: tl.constexpr,
+          PRECISION: tl.constexpr):
+    """One online-softmax pass over key positions [lo, hi): returns (m, l, acc)."""
+    d = tl.arange(0, BLOCK_D)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        in_range = n < hi
+        page = tl.load(k_table + row * k_table_stride + n // k_bs, mask=in_range, other=0)
+        k = tl.load(k_ptr + page[:, None] * k_sb + kv_head * k_sh + (n % k_bs)[:, None] * k_ss
+                    + d[None, :], mask=in_range[:, None] & (d[None, :] < D), other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        keep = _keep(n, q_pos, sink, recent, exact_lo, exact_hi, MODE) & in_range[None, :]
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if WITH_V:
+            vpage = tl.load(v_table + row * v_table_stride + n // v_bs, mask=in_range, other=0)
+            v = tl.load(v_ptr + vpage[:, None] * v_sb + kv_head * v_sh
+                        + (n % v_bs)[:, None] * v_ss + d[None, :],
+                        mask=in_range[:, None] & (d[None, :] < D), other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _summary_scan(m_i, l_i, q, row, kv_head, low, high_last, high, scale, log_size,
+                  s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+                  SUMMARY: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Log-sum-exp over the mean keys of summary blocks [low, high) of each row."""
+    d = tl.arange(0, BLOCK_D)
+    for start in range(low, high_last, BLOCK_N):
+        b = start + tl.arange(0, BLOCK_N)
+        in_range = b < high_last
+        first_token = b * SUMMARY
+        page = tl.load(s_table + row * s_table_stride + first_token // tokens_per_page,
+                       mask=in_range, other=0)
+        state = (first_token % tokens_per_page) // SUMMARY
+        kbar = tl.load(s_ptr + page[:, None] * s_sb + kv_head * s_sh + state[:, None] * s_ss
+                       + d[None, :], mask=in_range[:, None] & (d[None, :] < D), other=0.0)
+        if UPCAST:
+            kbar = kbar.to(tl.float32)
+        s = tl.dot(q, tl.trans(kbar), input_precision=PRECISION) * scale + log_size
+        s = tl.where(in_range[None, :] & (b[None, :] < high[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m_i = m_new
+    return m_i, l_i
+
+
+@triton.jit
+def _pod_attention_kernel(
+    out_ptr, o_st, o_sh,
+    q_ptr, q_st, q_sh, qd_ptr, qd_st, qd_sh,
+    query_start_loc, seq_lens,
+    kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+    v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
+    kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs,
+    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+    scale, sink, recent, gate_tau, log_summary,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr, SUMMARY: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    row = tl.program_id(0)
+    tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    TOKENS: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile
+    q_begin = tl.load(query_start_loc + row)
+    q_len = tl.load(query_start_loc + row + 1) - q_begin
+    if tile * TOKENS >= q_len:
+        return
+    seq_len = tl.load(seq_lens + row)
+    first = seq_len - q_len + tile * TOKENS  # position of the tile's first query
+    last = tl.minimum(first + TOKENS, seq_len) - 1
+
+    r = tl.arange(0, BLOCK_M)
+    t = tile * TOKENS + r // GROUP
+    head = kv_head * GROUP + r % GROUP
+    row_ok = (r < TOKENS * GROUP) & (t < q_len)
+    q_pos = tl.minimum(seq_len - q_len + t, last)
+    d = tl.arange(0, BLOCK_D)
+    tok = q_begin + t
+    q_mask = row_ok[:, None] & (d[None, :] < D)
+    q = tl.load(q_ptr + tok[:, None] * q_st + head[:, None] * q_sh + d[None, :],
+                mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # Proximal branch: sinks [0, min(n_s, last + 1)), then the window [w0, last].
+    m_p = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_p = tl.zeros([BLOCK_M], tl.float32)
+    acc_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    sink_end = tl.minimum(sink, last + 1)
+    window = tl.maximum(sink_end, first - recent + 1)
+    m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, 0, sink_end, q_pos, sink, recent,
+                            scale, 0, q_pos,
+                            kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+                            v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
+                            D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION)
+    m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, window, last + 1, q_pos, sink,
+                            recent, scale, 0, q_pos,
+                            kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+                            v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
+                            D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION)
+    out = acc_p / tl.where(l_p > 0, l_p, 1.0)[:, None]
+
+    if HAS_DISTANT:
+        distant_end = last - recent + 1  # distant positions of the tile: [n_s, distant_end)
+        if distant_end > sink:
+            qd = tl.load(qd_ptr + tok[:, None] * qd_st + head[:, None] * qd_sh + d[None, :],
+                         mask=q_mask, other=0.0)
+            if UPCAST:
+                qd = qd.to(tl.float32)
+            m_d = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+            l_d = tl.zeros([BLOCK_M], tl.float32)
+            acc_d = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            m_d, l_d, acc_d = _scan(m_d, l_d, acc_d, qd, row, kv_head, sink, distant_end, q_pos,
+                                    sink, recent, scale, 0, q_pos,
+                                    kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride,
+                                    kd_bs, v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride,
+                                    v_bs, D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST, PRECISION)
+            out_d = acc_d / tl.where(l_d > 0, l_d, 1.0)[:, None]
+            lse_p = m_p + tl.log(l_p)  # the proximal branch always holds the query itself
+            lse_d = tl.where(l_d > 0, m_d + tl.log(tl.where(l_d > 0, l_d, 1.0)), float("-inf"))
+            if SUMMARY > 0:
+                lse_d = _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent,
+                                            scale, log_summary, kp_ptr, kp_sb, kp_sh, kp_ss,
+                                            kp_table, kp_table_stride, kp_bs, s_ptr, s_sb, s_sh,
+                                            s_ss, s_table, s_table_stride, tokens_per_page,
+                                            SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST,
+                                            PRECISION)
+            gate = 1.0 / (1.0 + tl.exp(lse_d - lse_p))  # sigmoid(lse_P - lse_D)
+            if gate_tau > 0:
+                gate = tl.where(gate >= gate_tau, 1.0, gate)
+            out = gate[:, None] * out + (1.0 - gate[:, None]) * out_d
+
+    tl.store(out_ptr + tok[:, None] * o_st + head[:, None] * o_sh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale, log_summary,
+                        k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
+                        s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+                        SUMMARY: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """log M of mass.py: summaries of whole distant blocks, exact keys elsewhere."""
+    low = (sink + SUMMARY - 1) // SUMMARY  # first block wholly after the sinks
+    high = tl.maximum((q_pos - recent + 1) // SUMMARY, low)  # per row: blocks [low, high)
+    high_first = tl.maximum((first - recent + 1) // SUMMARY, low)
+    high_last = tl.maximum((last - recent + 1) // SUMMARY, low)
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i, l_i = _summary_scan(m_i, l_i, q, row, kv_head, low, high_last, high, scale,
+                             log_summary, s_ptr, s_sb, s_sh, s_ss, s_table,
+                             s_table_stride, tokens_per_page, SUMMARY, D, BLOCK_N, BLOCK_D,
+                             UPCAST, PRECISION)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # unused: the scans below keep no values
+    exact_hi = high * SUMMARY
+    # Exact keys next to the sinks, then next to the window (still in the key cache).
+    m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, sink,
+                          tl.minimum(low * SUMMARY, last - recent + 1), q_pos, sink, recent,
+                          scale, low * SUMMARY, exact_hi,
+                          k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
+                          k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
+                          D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION)
+    m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head,
+                          high_first * SUMMARY, last - recent + 1,
+                          q_pos, sink, recent, scale, low * SUMMARY, exact_hi,
+                          k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
+                          k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
+                          D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION)
+    return tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+
+
+def _paged_args(part: PagedPart) -> tuple:
+    """Pointer at channel `lo`, strides (block, head, slot), table, its row stride, size."""
+    view = part.cache[..., part.lo : part.hi]
+    return (view, view.stride(0), view.stride(1), view.stride(2), part.block_table,
+            part.block_table.stride(0), part.block_size)
+
+
+def triton_pod_attention(
+    inputs: LayerInputs,
+    query_start_loc: list[int] | torch.Tensor,
+    seq_lens: list[int] | torch.Tensor,
+    output: torch.Tensor,
+) -> None:
+    """Write attention of every scheduled token into `output` [T, H, Dv]."""
+    q, kp, v, kd, summary = inputs.q, inputs.k_prox, inputs.v, inputs.k_distant, inputs.summary
+    device = q.device
+    starts = torch.as_tensor(query_start_loc, dtype=torch.int64)
+    num_reqs = starts.shape[0] - 1
+    max_q = int((starts[1:] - starts[:-1]).max()) if num_reqs > 0 else 0  # host values: no sync
+    if max_q == 0:
+        return
+    starts = starts.to(device)
+    lens = torch.as_tensor(seq_lens, dtype=torch.int64).to(device)
+    heads, dim = q.shape[1], q.shape[2]
+    kv_heads = kp.cache.shape[1]
+    group = heads // kv_heads
+    if v.hi - v.lo != dim or kp.hi - kp.lo != dim:
+        raise ValueError("layershare's Triton kernels need equal query, key and value sizes")
+    block_m = max(16, triton.next_power_of_2(group))
+    if max_q > 1:
+        block_m = max(block_m, 64)
+    tokens = block_m // group
+    distant = kd is not None
+    estimated = distant and summary is not None
+    qd = inputs.q_distant if distant else q
+    q, qd = q.to(kp.cache.dtype), qd.to(kp.cache.dtype)  # tl.dot takes one input type
+    kd_args = _paged_args(kd) if distant else _paged_args(kp)
+    if estimated:
+        s_args = (summary.cache, *summary.cache.stride()[:3], summary.block_table,
+                  summary.block_table.stride(0), summary.tokens_per_page)
+    else:
+        s_args = (kp.cache, 0, 0, 0, kp.block_table, 0, 1)
+    grid = (num_reqs, triton.cdiv(max_q, tokens), kv_heads)
+    _pod_attention_kernel[grid](
+        output, output.stride(0), output.stride(1),
+        q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1),
+        starts, lens,
+        *_paged_args(kp), *_paged_args(v), *kd_args, *s_args,
+        inputs.scale, inputs.sink, min(inputs.recent, UNBOUNDED),
+        -1.0 if inputs.gate_skip_threshold is None else inputs.gate_skip_threshold,
+        math.log(summary.summary_tokens) if estimated else 0.0,
+        GROUP=group, D=dim, BLOCK_M=block_m, BLOCK_N=16,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)), HAS_DISTANT=distant,
+        SUMMARY=summary.summary_tokens if estimated else 0,
+        UPCAST=device.type == "cpu",
+        # fp32 caches (tests, fp32 models) get exact fp32 products, not TF32.
+        PRECISION="ieee" if kp.cache.dtype == torch.float32 else "tf32",
+    )
