@@ -89,8 +89,10 @@ class LayershareMetadata:
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     block_size: int
-    token_rows: torch.Tensor  # [T] request row of each scheduled token
-    positions: torch.Tensor  # [T] its position in its sequence
+    # Scheduled tokens that complete a summary block (distant_mass: estimated): their
+    # request rows and positions, found once per step on the host, not per layer.
+    summary_rows: torch.Tensor
+    summary_ends: torch.Tensor
 
 
 class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
@@ -105,6 +107,8 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
+        config = config_for(vllm_config)
+        self.summary_tokens = config.summary_tokens if config.estimates_mass else 0
 
     def build(
         self,
@@ -119,6 +123,8 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
             torch.arange(m.num_reqs), query_start_loc[1:] - query_start_loc[:-1])
         token_index = torch.arange(token_rows.shape[0])
         positions = seq_lens[token_rows] - query_start_loc[token_rows + 1] + token_index
+        ends = ((positions + 1) % self.summary_tokens == 0 if self.summary_tokens
+                else torch.zeros_like(positions, dtype=torch.bool))
         device = m.block_table_tensor.device
         return LayershareMetadata(
             num_actual_tokens=m.num_actual_tokens,
@@ -129,8 +135,8 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
             block_table=m.block_table_tensor[: m.num_reqs].long(),
             slot_mapping=m.slot_mapping[: m.num_actual_tokens].long(),
             block_size=self.block_size,
-            token_rows=token_rows.to(device),
-            positions=positions.to(device),
+            summary_rows=token_rows[ends].to(device),
+            summary_ends=positions[ends].to(device),
         )
 
 
@@ -277,7 +283,8 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             summary = SummaryPart(ctx.no_compile_layers[role.summary_cache].kv_cache,
                                   summary_meta.block_table, summary_meta.block_size,
                                   config.summary_tokens)
-            write_summaries(own_keys, summary, key_meta.token_rows, key_meta.positions)
+            if key_meta.summary_ends.numel():  # known on the host: no sync
+                write_summaries(own_keys, summary, key_meta.summary_rows, key_meta.summary_ends)
         return LayerInputs(
             q=query, scale=self.scale,
             k_prox=own_keys,
