@@ -441,13 +441,23 @@ LS_HD void pod_decode_merge(const Block& blk, const DecodeParams& p, int b, int 
   });
 }
 
-// Argument checks shared by the launchers; 0 when the call can run.
-LS_HD int check_args(const DecodeParams& p, int cache_dtype, size_t workspace_size) {
+inline bool part_ok(const LayersharePagedPart* part) {
+  return part && part->data && part->block_table && part->block_size > 0;
+}
+
+// Argument checks shared by the launchers (the CUDA one and the host test's); 0 when the
+// call can run.
+inline int check_args(const DecodeParams& p, int cache_dtype, size_t workspace_size,
+                      const LayersharePagedPart* k_prox, const LayersharePagedPart* v,
+                      const LayersharePagedPart* k_distant) {
   if (p.num_reqs < 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 ||
       p.num_heads % p.num_kv_heads != 0 || p.head_dim <= 0 || p.head_dim_v <= 0 ||
       p.num_splits <= 0 || p.sink < 0 || p.recent < 0 || !p.out || !p.q || !p.seq_lens ||
       (p.has_distant && !p.qd))
     return LAYERSHARE_BAD_ARGS;
+  if (!part_ok(k_prox) || !part_ok(v) || (p.has_distant && !part_ok(k_distant)))
+    return LAYERSHARE_BAD_ARGS;
+  if (p.num_kv_heads > 65535 || p.num_reqs > 65535) return LAYERSHARE_BAD_ARGS;  // grid y, z
   if (cache_dtype != LAYERSHARE_F32 && cache_dtype != LAYERSHARE_BF16 &&
       cache_dtype != LAYERSHARE_F16)
     return LAYERSHARE_BAD_DTYPE;
@@ -455,10 +465,6 @@ LS_HD int check_args(const DecodeParams& p, int cache_dtype, size_t workspace_si
       (p.num_reqs > 0 && !p.workspace))
     return LAYERSHARE_SMALL_WORKSPACE;
   return LAYERSHARE_OK;
-}
-
-inline bool part_ok(const LayersharePagedPart* part) {
-  return part && part->data && part->block_table && part->block_size > 0;
 }
 
 // The launcher's flat arguments as DecodeParams (has_distant: k_distant given).

@@ -118,11 +118,8 @@ int layershare_pod_decode(float* out, int64_t out_stride_req, int64_t out_stride
       out, out_stride_req, out_stride_head, q, q_stride_req, q_stride_head, q_distant,
       qd_stride_req, qd_stride_head, has_distant, seq_lens, num_reqs, num_heads, num_kv_heads,
       head_dim, head_dim_v, scale, sink, recent, gate_tau, num_splits, workspace);
-  const int status = check_args(p, cache_dtype, workspace_size);
+  const int status = check_args(p, cache_dtype, workspace_size, k_prox, v, k_distant);
   if (status != LAYERSHARE_OK) return status;
-  if (!part_ok(k_prox) || !part_ok(v) || (has_distant && !part_ok(k_distant)))
-    return LAYERSHARE_BAD_ARGS;
-  if (num_kv_heads > 65535 || num_reqs > 65535) return LAYERSHARE_BAD_ARGS;  // grid y, z
   if (num_reqs == 0) return LAYERSHARE_OK;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (cache_dtype) {

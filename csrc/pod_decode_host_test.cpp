@@ -69,10 +69,9 @@ int layershare_pod_decode_host(float* out, int64_t out_stride_req, int64_t out_s
       out, out_stride_req, out_stride_head, q, q_stride_req, q_stride_head, q_distant,
       qd_stride_req, qd_stride_head, has_distant, seq_lens, num_reqs, num_heads, num_kv_heads,
       head_dim, head_dim_v, scale, sink, recent, gate_tau, num_splits, workspace);
-  const int status = check_args(p, cache_dtype, workspace_size);
+  const int status = check_args(p, cache_dtype, workspace_size, k_prox, v, k_distant);
   if (status != LAYERSHARE_OK) return status;
-  if (!part_ok(k_prox) || !part_ok(v) || (has_distant && !part_ok(k_distant)) || threads <= 0)
-    return LAYERSHARE_BAD_ARGS;
+  if (threads <= 0) return LAYERSHARE_BAD_ARGS;
   switch (cache_dtype) {
     case LAYERSHARE_F32:
       run_all<float>(p, *k_prox, *v, k_distant, threads, reverse != 0);
