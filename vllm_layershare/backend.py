@@ -86,6 +86,9 @@ class LayershareMetadata:
     seq_lens: list[int]
     query_start_loc_cpu: torch.Tensor  # the same, as int64 host tensors (CPU kernel)
     seq_lens_cpu: torch.Tensor
+    query_start_loc_device: torch.Tensor  # vLLM's device copies (GPU kernels)
+    seq_lens_device: torch.Tensor
+    max_query_len: int
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     block_size: int
@@ -132,6 +135,9 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
             seq_lens=seq_lens.tolist(),
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
+            query_start_loc_device=m.query_start_loc[: m.num_reqs + 1],
+            seq_lens_device=m.seq_lens[: m.num_reqs],
+            max_query_len=m.max_query_len,
             block_table=m.block_table_tensor[: m.num_reqs].long(),
             slot_mapping=m.slot_mapping[: m.num_actual_tokens].long(),
             block_size=self.block_size,
@@ -255,8 +261,9 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         elif query.device.type == "cuda":
             from vllm_layershare.attention.triton_paged import triton_pod_attention
 
-            triton_pod_attention(inputs, attn_metadata.query_start_loc_cpu,
-                                 attn_metadata.seq_lens_cpu, output[:n])
+            triton_pod_attention(inputs, attn_metadata.query_start_loc_device,
+                                 attn_metadata.seq_lens_device, output[:n],
+                                 attn_metadata.max_query_len)
         else:
             paged_pod_attention(inputs, attn_metadata.query_start_loc, attn_metadata.seq_lens,
                                 output[:n])

@@ -112,6 +112,14 @@ def _summary_scan(m_i, l_i, q, row, kv_head, low, high_last, high, scale, log_si
 
 
 @triton.jit
+def _load_rows(ptr, stride_token, stride_head, tok, head, d, mask, UPCAST: tl.constexpr):
+    """The query vectors of a tile's rows (token tok[m], head head[m]) -> [M, BLOCK_D]."""
+    rows = tl.load(ptr + tok[:, None] * stride_token + head[:, None] * stride_head + d[None, :],
+                   mask=mask, other=0.0)
+    return rows.to(tl.float32) if UPCAST else rows
+
+
+@triton.jit
 def _pod_attention_kernel(
     out_ptr, o_st, o_sh,
     q_ptr, q_st, q_sh, qd_ptr, qd_st, qd_sh,
@@ -145,10 +153,7 @@ def _pod_attention_kernel(
     d = tl.arange(0, BLOCK_D)
     tok = q_begin + t
     q_mask = row_ok[:, None] & (d[None, :] < D)
-    q = tl.load(q_ptr + tok[:, None] * q_st + head[:, None] * q_sh + d[None, :],
-                mask=q_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
 
     # Proximal branch: sinks [0, min(n_s, last + 1)), then the window [w0, last].
     m_p = tl.full([BLOCK_M], NEG_BIG, tl.float32)
@@ -171,10 +176,7 @@ def _pod_attention_kernel(
     if HAS_DISTANT:
         distant_end = last - recent + 1  # distant positions of the tile: [n_s, distant_end)
         if distant_end > sink:
-            qd = tl.load(qd_ptr + tok[:, None] * qd_st + head[:, None] * qd_sh + d[None, :],
-                         mask=q_mask, other=0.0)
-            if UPCAST:
-                qd = qd.to(tl.float32)
+            qd = _load_rows(qd_ptr, qd_st, qd_sh, tok, head, d, q_mask, UPCAST)
             m_d = tl.full([BLOCK_M], NEG_BIG, tl.float32)
             l_d = tl.zeros([BLOCK_M], tl.float32)
             acc_d = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -250,17 +252,23 @@ def triton_pod_attention(
     query_start_loc: list[int] | torch.Tensor,
     seq_lens: list[int] | torch.Tensor,
     output: torch.Tensor,
+    max_query_len: int | None = None,
 ) -> None:
-    """Write attention of every scheduled token into `output` [T, H, Dv]."""
+    """Write attention of every scheduled token into `output` [T, H, Dv].
+
+    The backend passes the step's device tensors and vLLM's max_query_len, so a layer
+    neither copies metadata to the GPU nor waits for it; lists work too (tests).
+    """
     q, kp, v, kd, summary = inputs.q, inputs.k_prox, inputs.v, inputs.k_distant, inputs.summary
     device = q.device
-    starts = torch.as_tensor(query_start_loc, dtype=torch.int64)
-    num_reqs = starts.shape[0] - 1
-    max_q = int((starts[1:] - starts[:-1]).max()) if num_reqs > 0 else 0  # host values: no sync
+    starts = torch.as_tensor(query_start_loc, device=device)
+    lens = torch.as_tensor(seq_lens, device=device)
+    num_reqs = lens.shape[0]
+    if max_query_len is None:
+        max_query_len = int((starts[1:] - starts[:-1]).max()) if num_reqs > 0 else 0
+    max_q = max_query_len
     if max_q == 0:
         return
-    starts = starts.to(device)
-    lens = torch.as_tensor(seq_lens, dtype=torch.int64).to(device)
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = kp.cache.shape[1]
     group = heads // kv_heads
