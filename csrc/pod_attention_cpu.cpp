@@ -676,12 +676,14 @@ struct LogSumExp {
 };
 
 // log M of each query vector of a tile (the follower's own queries): whole distant
-// summary blocks b in [low, high) by their mean key (+ log S), the other distant
-// positions [sink, p - recent] by their exact keys, which the key window still holds.
+// summary blocks b in [low, high) by their mean key (+ log_w of the row's query head:
+// log S and its calibrated offset), the other distant positions [sink, p - recent] by
+// their exact keys, which the key window still holds. Row i is head kv_head * G + i % G.
 template <typename T>
 std::vector<float> estimated_log_mass(const TileQueries& tq, const Paged<T>& keys,
-                                      const Paged<T>& summary, int64_t S, int64_t row,
-                                      int64_t kv_head, int64_t sink, int64_t recent, float scale) {
+                                      const Paged<T>& summary, int64_t S, const float* log_w,
+                                      int64_t G, int64_t row, int64_t kv_head, int64_t sink,
+                                      int64_t recent, float scale) {
   const int D = tq.dim;
   const int64_t low = (sink + S - 1) / S;  // first block wholly at or after the sinks
   std::vector<LogSumExp> acc(tq.n);
@@ -699,11 +701,13 @@ std::vector<float> estimated_log_mass(const TileQueries& tq, const Paged<T>& key
     for (int d = 0; d < D; ++d) k[d] = to_float(src[d]);
     return k.data();
   };
-  const float log_s = std::log(static_cast<float>(S));
+  const float* head_w = log_w + kv_head * G;
   for (int64_t b = low; b < max_high; ++b) {
     const float* kbar = row_of(summary.at(row, kv_head, b));
     for (int i = 0; i < tq.n; ++i)
-      if (b < high[i]) acc[i].add(scale * dot(tq.rows.data() + static_cast<size_t>(i) * D, kbar, D) + log_s);
+      if (b < high[i])
+        acc[i].add(scale * dot(tq.rows.data() + static_cast<size_t>(i) * D, kbar, D) +
+                   head_w[i % G]);
   }
   auto exact = [&](int64_t from, int64_t to) {
     for (int64_t j = from; j < to; ++j) {
@@ -734,7 +738,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
          const at::Tensor& query_start_loc, const at::Tensor& seq_lens, double scale,
          int64_t sink, int64_t recent, double tau, const c10::optional<at::Tensor>& summary,
          const c10::optional<at::Tensor>& summary_table, int64_t summary_states,
-         int64_t summary_tokens) {
+         int64_t summary_tokens, const c10::optional<at::Tensor>& summary_log_weight) {
   const int64_t H = q.size(1), D = q.size(2), Dv = out.size(2);
   const int64_t Hkv = k_prox.size(1), G = H / Hkv;
   TORCH_CHECK(D <= 256 && Dv <= 256, "head size <= 256");
@@ -751,6 +755,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
   const bool estimated = summary.has_value();
   Paged<T> sp;
   if (estimated) sp = make_paged<T>(*summary, *summary_table, summary_states);
+  const float* log_w = estimated ? summary_log_weight->data_ptr<float>() : nullptr;
   const int64_t rows = seq_lens.size(0);
   const int64_t* qsl = query_start_loc.data_ptr<int64_t>();
   const int64_t* sl = seq_lens.data_ptr<int64_t>();
@@ -814,7 +819,8 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
         const TileQueries tqd = load(qdp, task, p0);
         attend_range(dist, tqd, kd, vv, row, g, sink, p1 - recent, false, sink, recent, fscale);
         if (estimated)
-          log_mass = estimated_log_mass(tq, kp, sp, summary_tokens, row, g, sink, recent, fscale);
+          log_mass = estimated_log_mass(tq, kp, sp, summary_tokens, log_w, G, row, g, sink,
+                                        recent, fscale);
       }
       for (int i = 0; i < tq.n; ++i) {
         const int64_t t = task.token_begin + i / G, h = g * G + i % G;
@@ -840,7 +846,8 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
 }  // namespace
 
 // out [T, H, Dv] float32; q, q_dist [T, H, D] float32; caches as channel-sliced views;
-// summary [pages, Hkv, states, D] with its table: estimated mass (else the leader's).
+// summary [pages, Hkv, states, D] with its table and log weights [H] (log S + offset):
+// estimated mass (else the leader's).
 void pod_attention(at::Tensor out, at::Tensor q, at::Tensor q_dist, at::Tensor k_prox,
                    at::Tensor k_prox_table, int64_t k_prox_bs, at::Tensor v, at::Tensor v_table,
                    int64_t v_bs, c10::optional<at::Tensor> k_dist,
@@ -848,17 +855,22 @@ void pod_attention(at::Tensor out, at::Tensor q, at::Tensor q_dist, at::Tensor k
                    at::Tensor query_start_loc, at::Tensor seq_lens, double scale, int64_t sink,
                    int64_t recent, double tau, c10::optional<at::Tensor> summary,
                    c10::optional<at::Tensor> summary_table, int64_t summary_states,
-                   int64_t summary_tokens) {
+                   int64_t summary_tokens, c10::optional<at::Tensor> summary_log_weight) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && q.scalar_type() == at::kFloat, "float32 q/out");
   TORCH_CHECK(!summary.has_value() || (summary->scalar_type() == v.scalar_type() &&
                                        summary_table.has_value() && k_dist.has_value()),
               "summaries: the caches' dtype, with a table, for a follower");
+  TORCH_CHECK(!summary.has_value() ||
+                  (summary_log_weight.has_value() &&
+                   summary_log_weight->scalar_type() == at::kFloat &&
+                   summary_log_weight->is_contiguous() && summary_log_weight->numel() == q.size(1)),
+              "summaries: float32 log weights, one per query head");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "dense head dim");
   TORCH_CHECK(k_prox.scalar_type() == v.scalar_type(), "caches share a dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "pod_attention", [&] {
     run<scalar_t>(out, q, q_dist, k_prox, k_prox_table, k_prox_bs, v, v_table, v_bs, k_dist,
                   k_dist_table, k_dist_bs, query_start_loc, seq_lens, scale, sink, recent, tau,
-                  summary, summary_table, summary_states, summary_tokens);
+                  summary, summary_table, summary_states, summary_tokens, summary_log_weight);
   });
 }
 

@@ -31,6 +31,7 @@ def reference_logprobs(model_dir, config: LayershareConfig, token_ids: list[int]
                 q, k, v, qa, ka, scaling, sink=config.sink_tokens, recent=config.recent_tokens,
                 share=config.share, gate_skip_threshold=config.gate_skip_threshold,
                 distant_mass=config.distant_mass, summary_tokens=config.summary_tokens,
+                summary_offsets=config.offsets_of(layer),
             )
         return out.to(query.dtype)[None], None
 

@@ -335,8 +335,9 @@ def oracle_gate_reference(seq, *, sink, recent):
     return out
 
 
-def brute_force_mass(seq, i, h, *, sink, recent, size):
-    """log M(i) from its definition: whole blocks by their mean key, the rest exactly."""
+def brute_force_mass(seq, i, h, *, sink, recent, size, offsets=None):
+    """log M(i) from its definition: whole blocks by their mean key (weighed S e^delta_h),
+    the rest exactly."""
     q, k = seq["q"].double(), seq["k"].double()
     kv = h // (HEADS // KV_HEADS)
     terms = []
@@ -346,18 +347,20 @@ def brute_force_mass(seq, i, h, *, sink, recent, size):
         if not whole:
             terms.append(SCALE * q[i, h] @ k[j, kv])
         elif j % size == 0:
-            terms.append(SCALE * q[i, h] @ k[j:j + size, kv].mean(0) + math.log(size))
+            delta = 0.0 if offsets is None else offsets[h]
+            terms.append(SCALE * q[i, h] @ k[j:j + size, kv].mean(0) + math.log(size) + delta)
     return torch.logsumexp(torch.stack(terms), 0) if terms else torch.tensor(float("-inf"))
 
 
-def estimated_reference(seq, *, sink, recent, size, share="scores", tau=None):
+def estimated_reference(seq, *, sink, recent, size, share="scores", tau=None, offsets=None):
     return dense_pod_attention(seq["q"], seq["k"], seq["v"], seq["qa"], seq["ka"], SCALE,
                                sink=sink, recent=recent, share=share, gate_skip_threshold=tau,
-                               distant_mass="estimated", summary_tokens=size)
+                               distant_mass="estimated", summary_tokens=size,
+                               summary_offsets=offsets)
 
 
 def run_estimated(impl, seqs, feed, block_size, gen, *, sink, recent, size, share="scores",
-                  tau=None):
+                  tau=None, offsets=None):
     """Like run_paged, with vLLM's block-granular freeing of follower keys (a key block
     goes once all its tokens are distant; sink blocks stay) and a persistent summary
     cache of two states per page, written each step. Returns (outputs, log M per step)."""
@@ -390,7 +393,8 @@ def run_estimated(impl, seqs, feed, block_size, gen, *, sink, recent, size, shar
                     k[blk * block_size:(blk + 1) * block_size] = float("nan")
             keys.append(k)
         own_keys = batch.part(rows, keys)
-        summary = SummaryPart(summary_cache, summary_table[rows], per_page, size)
+        summary = SummaryPart(summary_cache, summary_table[rows], per_page, size,
+                              SummaryPart.log_weights(size, HEADS, offsets))
         token_rows = torch.cat([torch.full((b - a,), i) for i, (_, a, b) in enumerate(spans)])
         positions = torch.cat([torch.arange(a, b) for _, a, b in spans])
         write_summaries(own_keys, summary, token_rows, positions)
@@ -415,21 +419,25 @@ def run_estimated(impl, seqs, feed, block_size, gen, *, sink, recent, size, shar
 
 
 @pytest.mark.parametrize("feed", list(FEEDS))
-@pytest.mark.parametrize("size, block_size, sink", [(4, 8, 3), (8, 8, 5), (1, 4, 2)])
-def test_estimated_mass_equals_dense_reference(impl, feed, size, block_size, sink):
+@pytest.mark.parametrize("size, block_size, sink, offsets", [
+    (4, 8, 3, None), (8, 8, 5, [0.9, -0.4, 1.7, 2.5]), (1, 4, 2, None)])
+def test_estimated_mass_equals_dense_reference(impl, feed, size, block_size, sink, offsets):
     """Paged estimated mass (summaries written as blocks complete, any feeding, freed
-    key blocks NaN) equals the dense reference of the same estimate."""
+    key blocks NaN, calibrated per-head offsets or none) equals the dense reference of
+    the same estimate."""
+    assert offsets is None or len(offsets) == HEADS
     gen = torch.Generator().manual_seed(hash((feed, size, block_size)) % 1000)
     lengths = [45, 20, 58]
     seqs = [random_sequence(n, gen) for n in lengths]
     outs, masses = run_estimated(impl, seqs, [FEEDS[feed](n) for n in lengths], block_size, gen,
-                                 sink=sink, recent=9, size=size)
+                                 sink=sink, recent=9, size=size, offsets=offsets)
     for seq, out, mass in zip(seqs, outs, masses, strict=True):
-        ref = estimated_reference(seq, sink=sink, recent=9, size=size)
+        ref = estimated_reference(seq, sink=sink, recent=9, size=size, offsets=offsets)
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
         for i in {0, 13, len(out) // 2 + 5, len(out) - 1}:
             for h in (0, 3):
-                expected = brute_force_mass(seq, i, h, sink=sink, recent=9, size=size)
+                expected = brute_force_mass(seq, i, h, sink=sink, recent=9, size=size,
+                                            offsets=offsets)
                 torch.testing.assert_close(mass[i, h].double(), expected.double(), atol=1e-5,
                                            rtol=1e-5)
 

@@ -15,7 +15,15 @@ from conftest import NUM_LAYERS, close_llm, make_llm
 from vllm_layershare import calibrate
 from vllm_layershare.attention.reference import dense_attention, dense_pod_attention
 from vllm_layershare.config import load_config, parse_config
-from vllm_layershare.tools.damage import Follower
+from vllm_layershare.tools.capture import CapturingModel
+from vllm_layershare.tools.damage import (
+    Follower,
+    NextTokenMeter,
+    estimated_lse,
+    kl_divergence,
+    mass_offsets,
+    pod_output,
+)
 from vllm_layershare.tools.grouping import (
     damage_groups_for_saving,
     greedy_groups,
@@ -192,14 +200,19 @@ def body(path) -> list[str]:
 def test_regroup_from_saved_similarity(tiny_model, tmp_path):
     first = tmp_path / "first.yaml"
     calibrate.main(["--model", str(tiny_model), "--out", str(first), "--threshold", "0.99",
-                    *TINY_ARGS])
+                    "--distant-mass", "leader", *TINY_ARGS])  # no offsets measured
     regrouped = tmp_path / "regrouped.yaml"
+    estimated = ["--similarity", str(tmp_path / "first.similarity.json"),
+                 "--distant-mass", "estimated", "--summary-tokens", "16", *TINY_ARGS]
+    with pytest.raises(SystemExit, match="holds no summary offsets"):
+        calibrate.main(["--model", "unused", "--out", str(regrouped), "--threshold", "-1",
+                        *estimated])
     calibrate.main(["--model", "unused", "--out", str(regrouped), "--threshold", "-1",
-                    "--similarity", str(tmp_path / "first.similarity.json"),
-                    "--distant-mass", "estimated", "--summary-tokens", "16", *TINY_ARGS])
+                    "--offsets", "none", *estimated])
     config = load_config(regrouped)
     assert config.groups == (tuple(range(NUM_LAYERS)),)
     assert config.estimates_mass and config.summary_tokens == 16
+    assert config.summary_offsets == ()
     assert not (tmp_path / "regrouped.similarity.json").exists()
     with pytest.raises(SystemExit, match="measured with --sink 4 --recent 16"):
         calibrate.main(["--model", "unused", "--out", str(regrouped), "--similarity",
@@ -207,6 +220,7 @@ def test_regroup_from_saved_similarity(tiny_model, tmp_path):
                         *TINY_ARGS[:-4]])
     with pytest.raises(SystemExit, match="the most possible is"):
         calibrate.main(["--model", "unused", "--out", str(regrouped), "--target-saving", "0.9",
+                        "--distant-mass", "leader",
                         "--similarity", str(tmp_path / "first.similarity.json"), *TINY_ARGS])
 
 
@@ -310,8 +324,129 @@ def test_calibrate_by_damage_on_the_tiny_model(tiny_model, tmp_path):
     assert "# damage to leader" in out.read_text()
     measured = json.loads((tmp_path / "damage.similarity.json").read_text())
     assert measured["damage_method"] == {"share": "scores", "distant_mass": "estimated",
-                                         "summary_tokens": 8}
+                                         "summary_tokens": 8, "measure": "output",
+                                         "offsets": True}
+    # the followers' fitted offsets are in the file, one per query head
+    assert [i for i, _ in config.summary_offsets] == config.followers
+    assert all(len(o) == 4 for _, o in config.summary_offsets)
+    torch.testing.assert_close(
+        torch.tensor([o for _, o in config.summary_offsets]),
+        torch.tensor(measured["summary_offsets"])[config.followers], atol=1e-3, rtol=0)
     with pytest.raises(SystemExit, match="holds no damage measured"):
         calibrate.main(["--model", "unused", "--out", str(tmp_path / "x.yaml"), "--method",
                         "damage", "--target-saving", "0.2", "--similarity",
                         str(tmp_path / "damage.similarity.json"), *TINY_ARGS])
+
+
+# --- next-token damage -----------------------------------------------------------------
+
+
+def test_kl_divergence_matches_definition():
+    gen = torch.Generator().manual_seed(11)
+    a, b = torch.randn(3, 7, generator=gen), torch.randn(3, 7, generator=gen)
+    for row in range(3):
+        p = [math.exp(x) for x in a[row].tolist()]
+        q = [math.exp(x) for x in b[row].tolist()]
+        p, q = [x / sum(p) for x in p], [x / sum(q) for x in q]
+        expected = sum(x * math.log(x / y) for x, y in zip(p, q, strict=True))
+        assert float(kl_divergence(a, b)[row]) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("share, size", [("scores", None), ("keys", 4)])
+def test_pod_output_of_every_query_matches_the_dense_reference(share, size):
+    gen = torch.Generator().manual_seed(12)
+    lead, own = sequence_layers(gen, 37), sequence_layers(gen, 37)
+    got = pod_output(own, lead[:2], 0.3, chunk=5, sink=2, recent=6, share=share,
+                     summary_tokens=size)
+    q, k, v = (x.transpose(0, 1) for x in own)
+    qa, ka = (x.transpose(0, 1) for x in lead[:2])
+    expected = dense_pod_attention(q, k, v, qa, ka, 0.3, sink=2, recent=6, share=share,
+                                   distant_mass="leader" if size is None else "estimated",
+                                   summary_tokens=size or 1)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_resumed_runs_reproduce_the_model_and_see_a_changed_layer(tiny_model):
+    """Resuming at a layer with its own attention as the override gives the dense
+    logits; following itself with its own mass too; another leader changes them."""
+    model = CapturingModel(str(tiny_model))
+    positions = torch.tensor([40, 77, 99])
+    window = model.run(list(range(3, 103)), positions, keep_inputs=True)
+    full = model.model(torch.tensor([list(range(3, 103))])).logits[0, positions]
+    torch.testing.assert_close(window.logits, full)
+
+    def plain(q, k, v, scale):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=True)[0]\
+            .transpose(0, 1)
+
+    method = dict(sink=2, recent=10, share="scores", summary_tokens=None)
+    for layer in (1, NUM_LAYERS - 1):
+        torch.testing.assert_close(model.resume(window, layer, plain), window.logits)
+        itself = model.resume(window, layer, lambda q, k, v, s, layer=layer: pod_output(
+            (q, k, v), window.qkv[layer][:2], s, **method))
+        assert float(kl_divergence(window.logits, itself).max()) < 1e-6
+    other = model.resume(window, 3, lambda q, k, v, s: pod_output(
+        (q, k, v), window.qkv[0][:2], s, **method))
+    assert float(kl_divergence(window.logits, other).mean()) > 1e-5
+
+
+def test_next_token_meter_measures_only_near_leaders():
+    meter = NextTokenMeter(6, span=2)
+    assert meter.pairs() == [(0, 1), (0, 2), (1, 2), (1, 3), (2, 3), (2, 4), (3, 4),
+                             (3, 5), (4, 5)]
+    damage = meter.per_layer()
+    assert torch.isnan(damage[0, 3]) and float(damage[2, 4]) == 0.0
+    groups = min_damage_groups(damage, 3)  # NaN pairs are never chosen
+    assert groups is not None and max(map(len, groups[0])) <= 3
+
+
+def test_calibrate_by_next_token_damage_on_the_tiny_model(tiny_model, tmp_path):
+    out = tmp_path / "kl.yaml"
+    calibrate.main(["--model", str(tiny_model), "--out", str(out), "--method", "damage",
+                    "--damage-measure", "next-token", "--target-saving", "0.2", *TINY_ARGS])
+    config = load_config(out)
+    assert 1.0 - config.kv_fraction(1024) >= 0.2
+    assert max(map(len, config.groups)) <= calibrate.NEXT_TOKEN_GROUP_SIZE
+    assert "KL change of the next-token distribution" in out.read_text()
+    measured = json.loads((tmp_path / "kl.similarity.json").read_text())
+    assert measured["damage_method"]["measure"] == "next-token"
+    damage = torch.tensor(measured["damage"])
+    assert torch.isnan(damage[0, 5]) and float(damage[4, 5]) > 0.0
+    assert torch.tensor(measured["damage_output"]).shape == damage.shape
+    with pytest.raises(SystemExit, match="holds no damage measured"):
+        calibrate.main(["--model", "unused", "--out", str(tmp_path / "x.yaml"), "--method",
+                        "damage", "--target-saving", "0.2", "--similarity",
+                        str(tmp_path / "kl.similarity.json"), *TINY_ARGS])
+
+
+def test_mass_offsets_match_their_definition():
+    """delta_h = mean over queries of log(true mass of the whole distant blocks) -
+    log(sum over those blocks of S exp(c q.kbar)), from loops."""
+    gen = torch.Generator().manual_seed(14)
+    q, k = torch.randn(2, 3, 5, generator=gen), torch.randn(2, 40, 5, generator=gen) * 1.5
+    positions, size, sink, recent, scale = torch.tensor([20, 31, 39]), 4, 3, 6, 0.7
+    got = mass_offsets(q, k, positions, scale, sink, recent, size)
+    for h in range(2):
+        gaps = []
+        for i, p in enumerate(positions.tolist()):
+            blocks = [b for b in range(40 // size)
+                      if b * size >= sink and (b + 1) * size - 1 <= p - recent]
+            true = sum(math.exp(scale * float(q[h, i] @ k[h, j])) for b in blocks
+                       for j in range(b * size, (b + 1) * size))
+            est = sum(size * math.exp(scale * float(q[h, i] @ k[h, b * size:(b + 1) * size]
+                                                   .mean(0))) for b in blocks)
+            gaps.append(math.log(true) - math.log(est))
+        assert float(got[h]) == pytest.approx(sum(gaps) / len(gaps), rel=1e-4)
+        assert float(got[h]) > 0  # Jensen: mean keys underestimate
+
+
+def test_offsets_move_the_estimate_by_their_weight():
+    gen = torch.Generator().manual_seed(15)
+    q, k = torch.randn(2, 2, 5, generator=gen), torch.randn(2, 30, 5, generator=gen)
+    positions = torch.tensor([28, 29])
+    plain = estimated_lse(q, k, positions, 0.5, 2, 5, 4)
+    shifted = estimated_lse(q, k, positions, 0.5, 2, 5, 4, torch.tensor([0.0, 30.0]))
+    torch.testing.assert_close(shifted[0], plain[0])
+    # a huge offset makes the summary blocks the whole mass: log M moves by ~30
+    assert float((shifted[1] - plain[1]).min()) > 25.0

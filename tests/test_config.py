@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import make_llm, write_grouping
 
 from vllm_layershare.config import LayershareConfigError, load_config
@@ -26,6 +27,18 @@ BAD_FILES = {
                                  "key 'summary_tokens' only applies with 'distant_mass: "),
     "zero summary": ({"distant_mass": "estimated", "summary_tokens": 0},
                      "key 'summary_tokens' must be >= 1"),
+    "offsets without estimate": ({"distant_mass": "leader", "summary_offsets": {1: [0.0]}},
+                                 "key 'summary_offsets' only applies with 'distant_mass: "),
+    "offsets of a leader": ({"summary_offsets": {3: [0.0, 1.0]}},
+                            "names layer 3, which is not a follower"),
+    "offsets not numbers": ({"summary_offsets": {1: ["a"]}},
+                            "for layer 1 must be a list of finite numbers"),
+    "offsets not finite": ({"summary_offsets": {1: [float("nan")]}},
+                           "for layer 1 must be a list of finite numbers"),
+    "offsets of two widths": ({"summary_offsets": {1: [0.0, 1.0], 2: [1.0]}},
+                              "lists differ in length"),
+    "offsets not a mapping": ({"summary_offsets": [1.0]}, "key 'summary_offsets' must be a "
+                              "mapping"),
 }
 
 
@@ -105,3 +118,35 @@ def test_unsupported_model_feature_is_refused(tmp_path):
     (model / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(Exception, match="sliding-window attention, which the layershare"):
         make_llm(model, write_grouping(tmp_path / "g.yaml"))
+
+
+def test_backend_answers_vllm_selector_honestly():
+    """What vLLM's CUDA selector asks (validate_configuration, with keywords)."""
+    from vllm.platforms.interface import DeviceCapability
+
+    from vllm_layershare.backend import LayershareBackend
+
+    def reasons(**changes):
+        config = dict(head_size=96, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=16,
+                      use_mla=False, has_sink=False, use_sparse=False, use_mm_prefix=False,
+                      use_per_head_quant_scales=False, device_capability=DeviceCapability(9, 0),
+                      attn_type="decoder")
+        return LayershareBackend.validate_configuration(**{**config, **changes})
+
+    assert reasons() == []
+    assert reasons(dtype=torch.float16, block_size=5) == []
+    assert "compute capability not supported" in reasons(device_capability=DeviceCapability(7, 5))
+    assert "kv_cache_dtype not supported" in reasons(kv_cache_dtype="fp8")
+    assert "MLA not supported" in reasons(use_mla=True)
+    assert "sliding window not supported" in reasons(has_sliding_window=True)
+
+
+def test_summary_offsets_are_per_follower_and_head(tmp_path):
+    config = load_config(write_grouping(tmp_path / "g.yaml", summary_offsets={
+        4: [0.5, 1.0, 1.5, 2.0], 1: [0.0, 0.1, 0.2, 0.3]}))
+    assert config.offsets_of(4) == (0.5, 1.0, 1.5, 2.0) and config.offsets_of(2) is None
+    assert "calibrated offsets for 2 followers" in config.describe(1024)
+    config.check_model(6, [], num_heads=4)
+    with pytest.raises(LayershareConfigError, match="has 4 offsets for layer 1 but the model "
+                       "has 8 query heads"):
+        config.check_model(6, [], num_heads=8)

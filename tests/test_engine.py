@@ -47,9 +47,13 @@ def test_no_distant_tokens_is_token_identical_to_stock(tiny_model, tmp_path):
         {"share": "keys", "distant_mass": "leader"},
         {"gate_skip_threshold": 0.6, "sink_tokens": 0, "distant_mass": "leader"},
         {"distant_mass": "estimated", "summary_tokens": 16, "sink_tokens": 5},
+        {"distant_mass": "estimated", "summary_tokens": 16, "summary_offsets": {
+            1: [1.5, -0.7, 0.3, 2.0], 2: [0.0, 1.1, -1.2, 0.6], 4: [2.2, 0.4, 0.9, -0.3],
+            5: [-0.5, 1.8, 0.2, 1.0]}},
         {"distant_mass": "estimated", "share": "keys", "gate_skip_threshold": 0.7},
     ],
-    ids=["scores", "keys", "gate_skip", "estimated_mass", "estimated_keys_skip"],
+    ids=["scores", "keys", "gate_skip", "estimated_mass", "estimated_offsets",
+         "estimated_keys_skip"],
 )
 def test_prompt_logprobs_match_hf_reference(tiny_model, tmp_path, overrides):
     """Real sharing, chunked prefill and a mixed batch: prompt logprobs equal the HF

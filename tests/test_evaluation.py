@@ -102,7 +102,7 @@ def table_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("|")]
 
 
-def test_evaluate_reuses_an_earlier_stock_run(tiny_model, tmp_path):
+def test_evaluate_reuses_an_earlier_stock_run(tiny_model, tmp_path, capsys):
     common = ["--model", str(tiny_model), "--lengths", "768", "--depths", "50",
               "--kv-probes", "1", "--ppl-windows", "1", "--kv-memory-mib", "32",
               "--dtype", "float32", "--max-num-batched-tokens", "128"]
@@ -119,3 +119,13 @@ def test_evaluate_reuses_an_earlier_stock_run(tiny_model, tmp_path):
     with pytest.raises(SystemExit, match="measured with other --lengths"):
         evaluate.main([*common[:3], "1024", *common[4:], "--config", str(estimated),
                        "--stock-from", str(first), "--out", str(second)])
+    # --report over both runs: one table, stock once, the later run's row added
+    evaluate.main(["--report", str(first), str(second)])
+    rows = table_lines(capsys.readouterr().out)
+    assert [r.split("|")[1].strip() for r in rows[2:]] == ["stock", "estimated"]
+    other = tmp_path / "other.json"
+    saved = json.loads(second.read_text())
+    saved["args"]["lengths"] = "[1024]"
+    other.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="other --lengths than"):
+        evaluate.main(["--report", str(first), str(other)])

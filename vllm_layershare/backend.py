@@ -13,9 +13,11 @@ from typing import ClassVar
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.platforms.interface import DeviceCapability
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -41,6 +43,8 @@ logger = init_logger("vllm." + __name__)  # under vLLM's log handlers
 BACKEND_NAME = "CUSTOM"
 # Forward-context key where a leader leaves its queries for its followers.
 LEADER_QUERY_KEY = "layershare_leader_query"
+# Oldest NVIDIA GPU generation the GPU kernels serve: Ampere.
+MIN_CAPABILITY = DeviceCapability(8, 0)
 # Forward calls with real metadata in this process: tests use it to prove this code ran.
 FORWARD_CALLS = 0
 
@@ -75,6 +79,11 @@ class LayershareBackend(AttentionBackend):
     @classmethod
     def supports_sliding_window(cls) -> bool:
         return False
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        # The GPU kernels are built and tested for sm_80 and newer (bf16 in Triton too).
+        return capability is None or capability >= MIN_CAPABILITY
 
 
 @dataclass
@@ -205,6 +214,7 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.config: LayershareConfig = config_for(get_current_vllm_config())
         self.role: LayerRole | None = None
+        self.summary_log_weight: torch.Tensor | None = None  # [H] on the layer's device
 
     def _role(self, layer_name: str) -> LayerRole:
         if self.role is None:
@@ -216,7 +226,17 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
                 summary = layer_name + SUMMARY_SUFFIX if self.config.estimates_mass else None
                 self.role = LayerRole(layer_name_at(layer_name, index, leader),
                                       layer_name + COMPANION_SUFFIX, summary)
+                if summary is not None:
+                    self.summary_log_weight = self._log_weights(index)
         return self.role
+
+    def _log_weights(self, index: int) -> torch.Tensor:
+        """log S + this rank's query heads' calibrated offsets (the file lists all heads)."""
+        offsets = self.config.offsets_of(index)
+        if offsets is not None:
+            first = get_tensor_model_parallel_rank() * self.num_heads
+            offsets = offsets[first:first + self.num_heads]
+        return SummaryPart.log_weights(self.config.summary_tokens, self.num_heads, offsets)
 
     def forward(
         self,
@@ -287,9 +307,12 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         summary = None
         if role.summary_cache is not None:
             summary_meta = ctx.attn_metadata[role.summary_cache]
+            assert self.summary_log_weight is not None
+            if self.summary_log_weight.device != query.device:  # once: the first forward
+                self.summary_log_weight = self.summary_log_weight.to(query.device)
             summary = SummaryPart(ctx.no_compile_layers[role.summary_cache].kv_cache,
                                   summary_meta.block_table, summary_meta.block_size,
-                                  config.summary_tokens)
+                                  config.summary_tokens, self.summary_log_weight)
             if key_meta.summary_ends.numel():  # known on the host: no sync
                 write_summaries(own_keys, summary, key_meta.summary_rows, key_meta.summary_ends)
         return LayerInputs(

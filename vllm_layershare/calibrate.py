@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from vllm_layershare.config import DEFAULT_MASS, DEFAULT_SUMMARY_TOKENS, load_config
 from vllm_layershare.tools import texts
-from vllm_layershare.tools.damage import DamageMeter
+from vllm_layershare.tools.capture import CapturingModel
+from vllm_layershare.tools.damage import DamageMeter, NextTokenMeter, mass_offsets
 from vllm_layershare.tools.grouping import (
     damage_groups_for_saving,
     greedy_groups,
@@ -33,7 +34,8 @@ from vllm_layershare.tools.grouping import (
 )
 from vllm_layershare.tools.similarity import SimilarityMeter, distant_distribution
 
-ATTENTION_NAME = "layershare_calibration"
+# Next-token damage runs the later layers once per pair: leaders at most 3 layers back.
+NEXT_TOKEN_GROUP_SIZE = 4
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,6 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="group by distant-attention similarity (the paper, greedy) or by "
                              "measured output damage (dynamic programming; needs "
                              "--target-saving)")
+    parser.add_argument("--damage-measure", choices=("output", "next-token"), default="output",
+                        help="damage as the relative change of the follower's attention "
+                             "output, or as the KL change of the model's next-token "
+                             "distribution (one run of the later layers per pair; leaders "
+                             "at most --max-group-size - 1 layers back)")
     parser.add_argument("--context", type=int, default=8192,
                         help="context length the saving is computed for")
     parser.add_argument("--sink", type=int, default=16, help="sink_tokens of the file")
@@ -62,6 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "estimated from mean keys (default), or the leader's (the paper)")
     parser.add_argument("--summary-tokens", type=int, default=DEFAULT_SUMMARY_TOKENS,
                         help="tokens per mean key with --distant-mass estimated")
+    parser.add_argument("--offsets", choices=("fit", "none"), default="fit",
+                        help="with --distant-mass estimated: fit each follower's per-head "
+                             "correction of the mean keys' log mass (summary_offsets; "
+                             "default), or leave the plain mean")
     parser.add_argument("--max-group-size", type=int, help="cap on layers per group")
     parser.add_argument("--windows", type=int, default=4, help="calibration windows")
     parser.add_argument("--window-tokens", type=int, default=4096, help="tokens per window")
@@ -79,9 +90,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--target-saving must be a fraction in (0, 1), e.g. 0.25")
     if args.method == "damage" and args.target_saving is None:
         parser.error("--method damage needs --target-saving")
+    if args.damage_measure == "next-token" and args.method != "damage":
+        parser.error("--damage-measure next-token needs --method damage")
+    if args.damage_measure == "next-token" and args.max_group_size is None:
+        args.max_group_size = NEXT_TOKEN_GROUP_SIZE
     if args.threshold is None and args.target_saving is None:
         args.threshold = 0.5
     args.summary = args.summary_tokens if args.distant_mass == "estimated" else None
+    args.fit_offsets = args.summary is not None and args.offsets == "fit"
     return args
 
 
@@ -95,53 +111,67 @@ def sample_positions(args: argparse.Namespace, window: int) -> torch.Tensor:
 
 
 def measure_windows(args: argparse.Namespace, windows: list[list[int]]) -> dict:
-    """One forward per window of the unmodified model; every layer's q, K, V feed the
-    similarity meter (and the damage meter with --method damage)."""
-    from transformers import AttentionInterface, AutoModelForCausalLM
-
-    captured: dict[int, tuple] = {}
-
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                  **kwargs):
-        captured[module.layer_idx] = (query[0], key[0], value[0], scaling)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2), None
-
-    AttentionInterface.register(ATTENTION_NAME, attention)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=torch.float32, attn_implementation=ATTENTION_NAME).eval()
-    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    """One dense pass per window feeds the similarity meter (and, with --method damage,
+    the damage meter; the next-token measure then reruns the layers per pair)."""
+    model = CapturingModel(args.model)
+    layers, heads = model.num_layers, model.num_heads
+    offsets = fit_offsets(args, model, windows) if args.fit_offsets else None
     similarity = SimilarityMeter(layers, heads)
     damage = DamageMeter(layers, heads) if args.method == "damage" else None
-    steps = len(windows) * layers * (2 if damage else 1)
-    with tqdm(total=steps, desc=f"calibrating ({args.method})") as bar:
-        for index, window in enumerate(windows):
+    next_token = (NextTokenMeter(layers, args.max_group_size - 1)
+                  if damage and args.damage_measure == "next-token" else None)
+    per_window = layers * (2 if damage else 1) + (len(next_token.pairs()) if next_token else 0)
+    method = dict(sink=args.sink, recent=args.recent, share=args.share,
+                  summary_tokens=args.summary, offsets=offsets)
+    with tqdm(total=len(windows) * per_window, desc=f"calibrating ({args.method})") as bar:
+        for index, tokens in enumerate(windows):
             positions = sample_positions(args, index)
+            window = model.run(tokens, positions, keep_inputs=next_token is not None)
             with torch.no_grad():
-                model(torch.tensor([window]))
-                qkv = [captured[i][:3] for i in range(layers)]
-                scale = captured[0][3]
                 similarity.add_window(
-                    [distant_distribution(q, k, positions, scale, args.sink, args.recent)
-                     for q, k, _ in qkv], progress=bar)
+                    [distant_distribution(q, k, positions, window.scale, args.sink,
+                                          args.recent) for q, k, _ in window.qkv],
+                    progress=bar)
                 if damage:
-                    damage.add_window(qkv, positions, scale, progress=bar, sink=args.sink,
-                                      recent=args.recent, share=args.share,
-                                      summary_tokens=args.summary)
+                    damage.add_window(window.qkv, positions, window.scale, progress=bar,
+                                      **method)
                     bar.update(1)  # add_window counts layers 1..N-1
-            captured.clear()
+                if next_token:
+                    next_token.add_window(model, window, progress=bar, **method)
     result = {"per_layer": similarity.per_layer(), "per_head": similarity.per_head()}
+    if offsets is not None:
+        result["summary_offsets"] = torch.stack(offsets)
     if damage:
         result.update(damage=damage.per_layer(), damage_per_head=damage.per_head(),
                       damage_method=damage_method(args))
+    if next_token:
+        result.update(damage_output=result["damage"], damage=next_token.per_layer())
     return result
+
+
+def fit_offsets(args: argparse.Namespace, model: CapturingModel,
+                windows: list[list[int]]) -> list[torch.Tensor]:
+    """Per layer [H]: the mean keys' log-mass correction, averaged over the windows
+    (a pass of its own: the damage measures then use the offsets the file will hold)."""
+    total = None
+    for index, tokens in enumerate(tqdm(windows, desc="fitting summary offsets")):
+        positions = sample_positions(args, index)
+        window = model.run(tokens)
+        with torch.no_grad():
+            fitted = torch.stack([
+                mass_offsets(q[:, positions].float(),
+                             k.float().repeat_interleave(q.shape[0] // k.shape[0], 0),
+                             positions, window.scale, args.sink, args.recent, args.summary)
+                for q, k, _ in window.qkv])
+        total = fitted if total is None else total + fitted
+    return list(total / len(windows))
 
 
 def damage_method(args: argparse.Namespace) -> dict:
     """What a damage measurement depends on besides the text and windows."""
     return {"share": args.share, "distant_mass": args.distant_mass,
-            "summary_tokens": args.summary}
+            "summary_tokens": args.summary, "measure": args.damage_measure,
+            "offsets": args.fit_offsets}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -166,11 +196,20 @@ def load_measurements(args: argparse.Namespace) -> dict:
         raise SystemExit(
             f"layershare-calibrate: {args.similarity} was measured with --sink "
             f"{measured['sink']} --recent {measured['recent']}; pass the same values.")
-    if args.method == "damage" and measured.get("damage_method") != damage_method(args):
+    found = measured.get("damage_method")
+    if found is not None:  # files from before the next-token measure and the offsets
+        found.setdefault("measure", "output")
+        found.setdefault("offsets", False)
+    if args.fit_offsets and "summary_offsets" not in measured:
+        raise SystemExit(
+            f"layershare-calibrate: {args.similarity} holds no summary offsets; run on the "
+            "model with --distant-mass estimated, or pass --offsets none.")
+    if args.method == "damage" and found != damage_method(args):
         raise SystemExit(
             f"layershare-calibrate: {args.similarity} holds no damage measured for "
             f"{damage_method(args)}; run --method damage on the model instead.")
-    for key in ("per_layer", "per_head", "damage", "damage_per_head"):
+    for key in ("per_layer", "per_head", "damage", "damage_per_head", "damage_output",
+                "summary_offsets"):
         if key in measured:
             measured[key] = torch.tensor(measured[key], dtype=torch.float64)
     return measured
@@ -183,9 +222,11 @@ def choose_groups(args: argparse.Namespace, measured: dict) -> tuple[list, str]:
             groups, total = damage_groups_for_saving(
                 measured["damage"], args.target_saving, args.sink, args.recent, args.context,
                 args.max_group_size, args.summary)
+            what = ("KL change of the next-token distribution (nats)"
+                    if args.damage_measure == "next-token"
+                    else "relative change of the followers' attention outputs")
             return groups, (f"the consecutive groups with {sum(len(g) - 1 for g in groups)} "
-                            "followers that minimise the summed relative change of the "
-                            f"followers' attention outputs (total {total:.3f}).")
+                            f"followers that minimise the summed {what} (total {total:.3f}).")
         if args.target_saving is None:
             threshold = args.threshold
             groups = greedy_groups(measured["per_layer"], threshold, args.max_group_size)
@@ -217,8 +258,10 @@ def main(argv: list[str] | None = None) -> None:
     ]
     shown = measured["damage"] if args.method == "damage" else measured["per_layer"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    offsets = measured.get("summary_offsets") if args.fit_offsets else None
     args.out.write_text(grouping_yaml(groups, shown, args.sink, args.recent, args.share,
-                                      header, args.summary, measure=args.method))
+                                      header, args.summary, measure=args.method,
+                                      offsets=offsets))
     if not args.similarity:
         sidecar.write_text(json.dumps({"command": command, **{
             k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in measured.items()}}))
@@ -228,9 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         from vllm_layershare.tools.plots import similarity_heatmap
 
-        title = (f"{Path(args.model).name}: {args.method}, {len(config.followers)} followers, "
+        shape = args.damage_measure if args.method == "damage" else "similarity"
+        what = f"damage ({shape})" if args.method == "damage" else shape
+        title = (f"{Path(args.model).name}: {what}, {len(config.followers)} followers, "
                  f"{saving:.1%} KV saved at {args.context}")
-        similarity_heatmap(shown.numpy(), groups, title, args.plot, args.method)
+        similarity_heatmap(shown.numpy(), groups, title, args.plot, shape)
         print(f"wrote {args.plot}")
 
 

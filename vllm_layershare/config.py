@@ -9,6 +9,8 @@ A grouping file is YAML with exactly these keys::
     gate_skip_threshold: null # optional; 0 < tau <= 1 turns the gate skip on
     distant_mass: estimated   # optional; estimated (default: own mass, from mean keys) | leader
     summary_tokens: 32        # optional; tokens per mean key (estimated); divides 2 x block size
+    summary_offsets:          # optional (estimated); per follower, per query head: added to
+      4: [1.2, 0.9, ...]      #   the log mass of each summary block (calibration writes it)
     groups:                   # consecutive layer indices; the first is the leader
       - [0, 1, 2]
       - [3, 4, 5]
@@ -19,6 +21,7 @@ the key and the fix, before vLLM allocates anything.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ import yaml
 ENV_VAR = "VLLM_LAYERSHARE_CONFIG"
 SHARE_MODES = ("scores", "keys")
 REQUIRED_KEYS = ("num_layers", "sink_tokens", "recent_tokens", "share", "groups")
-OPTIONAL_KEYS = ("gate_skip_threshold", "distant_mass", "summary_tokens")
+OPTIONAL_KEYS = ("gate_skip_threshold", "distant_mass", "summary_tokens", "summary_offsets")
 MASS_MODES = ("leader", "estimated")
 # Measured training-free (docs/quality.md): the leader's mass swamps followers; their own
 # estimated mass keeps perplexity. 32 divides 2 x block size for every block size >= 16.
@@ -53,7 +56,13 @@ class LayershareConfig:
     gate_skip_threshold: float | None = None
     distant_mass: str = DEFAULT_MASS
     summary_tokens: int = DEFAULT_SUMMARY_TOKENS
+    # (follower, per-query-head offsets of its summary blocks' log mass); others: 0
+    summary_offsets: tuple[tuple[int, tuple[float, ...]], ...] = ()
     source: str = "<inline>"
+
+    def offsets_of(self, layer: int) -> tuple[float, ...] | None:
+        """The calibrated log-mass offsets of a follower's summary blocks, if any."""
+        return dict(self.summary_offsets).get(layer)
 
     def leader_of(self, layer: int) -> int:
         """The leader of the group that holds `layer` (itself for a leader)."""
@@ -108,7 +117,9 @@ class LayershareConfig:
         mass = self.distant_mass
         if self.estimates_mass:
             mass += (f" (one mean key per {self.summary_tokens} tokens: "
-                     f"{self.summary_fraction:.2%} of a layer)")
+                     f"{self.summary_fraction:.2%} of a layer"
+                     + (f"; calibrated offsets for {len(self.summary_offsets)} followers"
+                        if self.summary_offsets else "") + ")")
         return (
             f"layershare: {len(self.groups)} groups {groups}; "
             f"{len(self.groups)} leaders, {len(self.followers)} followers; "
@@ -119,8 +130,9 @@ class LayershareConfig:
             f"({1.0 / (1.0 - saved):.2f}x tokens in the same memory)"
         )
 
-    def check_model(self, num_layers: int, unsupported: list[str]) -> None:
-        """Refuse a model whose layer count or attention features do not fit."""
+    def check_model(self, num_layers: int, unsupported: list[str],
+                    num_heads: int | None = None) -> None:
+        """Refuse a model whose layer count, head count or attention features do not fit."""
         if num_layers != self.num_layers:
             raise _error(
                 self.source,
@@ -128,6 +140,12 @@ class LayershareConfig:
                 f"is {self.num_layers} but the model has {num_layers} layers",
                 f"set num_layers: {num_layers} and group all {num_layers} layers",
             )
+        for layer, offsets in self.summary_offsets:
+            if num_heads is not None and len(offsets) != num_heads:
+                raise _error(self.source, "summary_offsets",
+                             f"has {len(offsets)} offsets for layer {layer} but the model has "
+                             f"{num_heads} query heads",
+                             "calibrate this model again (layershare-calibrate)")
         if unsupported:
             raise LayershareConfigError(
                 f"layershare ({self.source}): the model uses "
@@ -185,6 +203,39 @@ def _summary_field(raw: dict[str, Any], source: str) -> int:
     return tokens
 
 
+def _offsets_field(raw: dict[str, Any], source: str,
+                   groups: tuple[tuple[int, ...], ...]) -> tuple:
+    offsets = raw.get("summary_offsets")
+    if offsets is None:
+        return ()
+    fix = ("write one list of numbers per follower layer, one number per query head, "
+           "e.g. '4: [1.2, 0.9]' (layershare-calibrate writes them)")
+    if raw.get("distant_mass", DEFAULT_MASS) != "estimated":
+        raise _error(source, "summary_offsets", "only applies with 'distant_mass: estimated'",
+                     "remove it, or set 'distant_mass: estimated'")
+    if not isinstance(offsets, dict):
+        raise _error(source, "summary_offsets", f"must be a mapping, got {offsets!r}", fix)
+    followers = {layer for group in groups for layer in group[1:]}
+    widths = set()
+    result = []
+    for layer, values in sorted(offsets.items(), key=lambda item: str(item[0])):
+        if layer not in followers:
+            raise _error(source, "summary_offsets", f"names layer {layer!r}, which is not a "
+                         "follower", "keep entries for followers only")
+        if (not isinstance(values, list) or not values or any(
+                isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
+                for x in values)):
+            raise _error(source, "summary_offsets",
+                         f"for layer {layer} must be a list of finite numbers, got {values!r}",
+                         fix)
+        widths.add(len(values))
+        result.append((layer, tuple(float(x) for x in values)))
+    if len(widths) > 1:
+        raise _error(source, "summary_offsets", "lists differ in length (one number per query "
+                     "head of the model)", fix)
+    return tuple(sorted(result))
+
+
 def _groups_field(raw: dict[str, Any], source: str, num_layers: int) -> tuple[tuple[int, ...], ...]:
     groups = raw["groups"]
     fix = f"list groups of consecutive layers covering 0..{num_layers - 1} in order"
@@ -239,15 +290,17 @@ def parse_config(raw: Any, source: str = "<inline>") -> LayershareConfig:
     if share not in SHARE_MODES:
         raise _error(source, "share", f"must be one of {', '.join(SHARE_MODES)}, got {share!r}",
                      "write 'share: scores' (the paper) or 'share: keys'")
+    groups = _groups_field(raw, source, num_layers)
     return LayershareConfig(
         num_layers=num_layers,
         sink_tokens=sink,
         recent_tokens=recent,
         share=share,
-        groups=_groups_field(raw, source, num_layers),
+        groups=groups,
         gate_skip_threshold=_tau_field(raw, source),
         distant_mass=_mass_field(raw, source),
         summary_tokens=_summary_field(raw, source),
+        summary_offsets=_offsets_field(raw, source, groups),
         source=source,
     )
 

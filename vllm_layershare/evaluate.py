@@ -43,8 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="layershare-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Hugging Face model directory")
-    parser.add_argument("--report", type=Path,
-                        help="no engines: print the table and draw the plots of a results JSON")
+    parser.add_argument("--report", type=Path, nargs="+",
+                        help="no engines: print the table and draw the plots of results "
+                             "JSONs (runs with the same workload, e.g. made with "
+                             "--stock-from; a later run's row replaces one of the same name)")
     parser.add_argument("--config", action="append", default=[], type=Path,
                         help="grouping file to evaluate (repeat for several)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192],
@@ -222,15 +224,35 @@ def plot(results: list[dict], plot_dir: Path) -> None:
         frontier(results, plot_dir / "frontier.png")
 
 
+def workload_differences(saved_args: dict, args: dict) -> list[str]:
+    """The workload options (as --flags) on which two runs differ."""
+    return ["--" + k.replace("_", "-") for k in WORKLOAD_ARGS
+            if saved_args.get(k) != args.get(k)]
+
+
 def earlier_stock(args: argparse.Namespace) -> dict:
     """The stock result of an earlier run, refused if its workload differs."""
     earlier_args, results = load_results(args.stock_from)
-    mine = {k: str(v) for k, v in vars(args).items()}
-    differ = [k for k in WORKLOAD_ARGS if earlier_args.get(k) != mine[k]]
+    differ = workload_differences(earlier_args, {k: str(v) for k, v in vars(args).items()})
     if differ:
         raise SystemExit(f"layershare-eval: {args.stock_from} was measured with other "
-                         f"{', '.join('--' + k.replace('_', '-') for k in differ)}.")
+                         f"{', '.join(differ)}.")
     return next(r for r in results if r["name"] == STOCK)
+
+
+def combined_results(paths: list[Path]) -> list[dict]:
+    """The rows of several runs of one workload, in order; a later row replaces an
+    earlier one of the same name."""
+    first_args, rows = load_results(paths[0])
+    by_name = {r["name"]: r for r in rows}
+    for path in paths[1:]:
+        saved_args, results = load_results(path)
+        differ = workload_differences(first_args, saved_args)
+        if differ:
+            raise SystemExit(f"layershare-eval: {path} was measured with other "
+                             f"{', '.join(differ)} than {paths[0]}.")
+        by_name.update((r["name"], r) for r in results if r["name"] != STOCK)
+    return list(by_name.values())
 
 
 def load_results(path: Path) -> tuple[dict, list[dict]]:
@@ -251,8 +273,9 @@ def save(args: argparse.Namespace, results: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.report:
-        _, results = load_results(args.report)
+        results = combined_results(args.report)
         lengths = sorted(results[0]["perplexity"])
+        add_changes(results, lengths)
         print(table(results, lengths))
         if args.plot_dir:
             plot(results, args.plot_dir)

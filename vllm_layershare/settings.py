@@ -62,7 +62,8 @@ def check_vllm_config(vllm_config: VllmConfig) -> LayershareConfig:
     config = config_for(vllm_config)
     model_config = vllm_config.model_config
     config.check_model(model_config.hf_text_config.num_hidden_layers,
-                       unsupported_features(vllm_config))
+                       unsupported_features(vllm_config),
+                       model_config.hf_text_config.num_attention_heads)
     cache_config = vllm_config.cache_config
     if cache_config.enable_prefix_caching:
         # Sink-keeping key windows have no prefix-cache hit rule in vLLM yet.

@@ -63,5 +63,6 @@ def native_pod_attention(
         summary.block_table if estimated else None,
         summary.tokens_per_page // summary.summary_tokens if estimated else 1,
         summary.summary_tokens if estimated else 1,
+        summary.log_weight.float().contiguous() if estimated else None,
     )
     output.copy_(out)

@@ -5,6 +5,7 @@ Shared by the portable path, the mass estimate and the compiled kernel's wrapper
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +34,24 @@ class PagedPart:
 @dataclass
 class SummaryPart:
     """A follower's summary cache [pages, Hkv, states, D]: state b % states of page
-    table[b * S // tokens_per_page] holds kbar[b]."""
+    table[b * S // tokens_per_page] holds kbar[b]. A summary block stands for
+    exp(log_weight[h] + scale q.kbar[b]) of query head h's mass: log_weight = log S
+    plus the head's calibrated offset."""
 
     cache: torch.Tensor
     block_table: torch.Tensor
     tokens_per_page: int
     summary_tokens: int
+    log_weight: torch.Tensor  # [H] float32
+
+    @staticmethod
+    def log_weights(summary_tokens: int, heads: int, offsets=None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+        """[heads] float32: log S + offsets (0 where none were calibrated)."""
+        weight = torch.full((heads,), math.log(summary_tokens), dtype=torch.float32)
+        if offsets is not None:
+            weight += torch.as_tensor(offsets, dtype=torch.float32)
+        return weight.to(device)
 
     def locate(self, rows: torch.Tensor, blocks: torch.Tensor):
         """(page, state) of summary blocks `blocks` [B, N] of requests `rows` [B]."""

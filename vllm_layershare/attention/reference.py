@@ -25,6 +25,8 @@ and from exact keys for distant tokens outside such blocks:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -49,6 +51,7 @@ def dense_pod_attention(
     gate_skip_threshold: float | None = None,
     distant_mass: str = "leader",
     summary_tokens: int = 64,
+    summary_offsets: list[float] | None = None,
 ) -> torch.Tensor:
     """Follower attention of a whole sequence at positions 0..L-1.
 
@@ -56,7 +59,8 @@ def dense_pod_attention(
     """
     if distant_mass == "estimated":
         return _estimated_mass_attention(q, k, v, q_lead, k_lead, scale, sink, recent, share,
-                                         gate_skip_threshold, summary_tokens)
+                                         gate_skip_threshold, summary_tokens,
+                                         summary_offsets or [0.0] * q.shape[1])
     length, num_heads, _ = q.shape
     group = num_heads // k.shape[1]
     q, k, v = q.double(), k.double(), v.double()
@@ -83,7 +87,7 @@ def dense_pod_attention(
 
 
 def _estimated_mass_attention(q, k, v, q_lead, k_lead, scale, sink, recent, share, tau,
-                              block) -> torch.Tensor:
+                              block, offsets) -> torch.Tensor:
     length, num_heads, _ = q.shape
     group = num_heads // k.shape[1]
     q, k, v = q.double(), k.double(), v.double()
@@ -105,8 +109,9 @@ def _estimated_mass_attention(q, k, v, q_lead, k_lead, scale, sink, recent, shar
                 continue
             s_far = torch.stack([scale * torch.dot(q_distant[i, h], k_lead[j, kv]) for j in far])
             o_far = torch.softmax(s_far, 0) @ v[far, kv]
-            mass = sum(block * torch.exp(scale * torch.dot(q[i, h], k[b * block:(b + 1) * block,
-                                                                      kv].mean(0)))
+            weight = block * math.exp(offsets[h])  # a block counts as S e^delta mean keys
+            mass = sum(weight * torch.exp(scale * torch.dot(q[i, h], k[b * block:(b + 1) * block,
+                                                                       kv].mean(0)))
                        for b in whole)
             mass = mass + sum(torch.exp(scale * torch.dot(q[i, h], k[j, kv]))
                               for j in far if j not in covered)

@@ -19,8 +19,6 @@ converted to float32 there (UPCAST).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -86,11 +84,12 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, q_pos, sink, recent, scale,
 
 
 @triton.jit
-def _summary_scan(m_i, l_i, q, row, kv_head, low, high_last, high, scale, log_size,
+def _summary_scan(m_i, l_i, q, row, kv_head, low, high_last, high, scale, log_w,
                   s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
                   SUMMARY: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Log-sum-exp over the mean keys of summary blocks [low, high) of each row."""
+    """Log-sum-exp over the mean keys of summary blocks [low, high) of each row; a block
+    weighs log_w of the row's query head (log S + its offset)."""
     d = tl.arange(0, BLOCK_D)
     for start in range(low, high_last, BLOCK_N):
         b = start + tl.arange(0, BLOCK_N)
@@ -103,7 +102,7 @@ def _summary_scan(m_i, l_i, q, row, kv_head, low, high_last, high, scale, log_si
                        + d[None, :], mask=in_range[:, None] & (d[None, :] < D), other=0.0)
         if UPCAST:
             kbar = kbar.to(tl.float32)
-        s = tl.dot(q, tl.trans(kbar), input_precision=PRECISION) * scale + log_size
+        s = tl.dot(q, tl.trans(kbar), input_precision=PRECISION) * scale + log_w[:, None]
         s = tl.where(in_range[None, :] & (b[None, :] < high[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
@@ -128,7 +127,7 @@ def _pod_attention_kernel(
     v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs,
     s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
-    scale, sink, recent, gate_tau, log_summary,
+    scale, sink, recent, gate_tau, log_w_ptr,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr, SUMMARY: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -189,8 +188,9 @@ def _pod_attention_kernel(
             lse_p = m_p + tl.log(l_p)  # the proximal branch always holds the query itself
             lse_d = tl.where(l_d > 0, m_d + tl.log(tl.where(l_d > 0, l_d, 1.0)), float("-inf"))
             if SUMMARY > 0:
+                log_w = tl.load(log_w_ptr + head, mask=row_ok, other=0.0)
                 lse_d = _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent,
-                                            scale, log_summary, kp_ptr, kp_sb, kp_sh, kp_ss,
+                                            scale, log_w, kp_ptr, kp_sb, kp_sh, kp_ss,
                                             kp_table, kp_table_stride, kp_bs, s_ptr, s_sb, s_sh,
                                             s_ss, s_table, s_table_stride, tokens_per_page,
                                             SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST,
@@ -205,7 +205,7 @@ def _pod_attention_kernel(
 
 
 @triton.jit
-def _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale, log_summary,
+def _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale, log_w,
                         k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                         s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
                         SUMMARY: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -219,7 +219,7 @@ def _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     m_i, l_i = _summary_scan(m_i, l_i, q, row, kv_head, low, high_last, high, scale,
-                             log_summary, s_ptr, s_sb, s_sh, s_ss, s_table,
+                             log_w, s_ptr, s_sb, s_sh, s_ss, s_table,
                              s_table_stride, tokens_per_page, SUMMARY, D, BLOCK_N, BLOCK_D,
                              UPCAST, PRECISION)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # unused: the scans below keep no values
@@ -296,7 +296,7 @@ def triton_pod_attention(
         *_paged_args(kp), *_paged_args(v), *kd_args, *s_args,
         inputs.scale, inputs.sink, min(inputs.recent, UNBOUNDED),
         -1.0 if inputs.gate_skip_threshold is None else inputs.gate_skip_threshold,
-        math.log(summary.summary_tokens) if estimated else 0.0,
+        summary.log_weight.to(device=device, dtype=torch.float32) if estimated else output,
         GROUP=group, D=dim, BLOCK_M=block_m, BLOCK_N=16,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), HAS_DISTANT=distant,
         SUMMARY=summary.summary_tokens if estimated else 0,

@@ -118,9 +118,10 @@ def damage_groups_for_saving(damage: torch.Tensor, target: float, sink: int, rec
 
 def grouping_yaml(groups: Groups, measured: torch.Tensor, sink: int, recent: int,
                   share: str, header: Sequence[str], summary_tokens: int | None = None,
-                  measure: str = "similarity") -> str:
+                  measure: str = "similarity", offsets: torch.Tensor | None = None) -> str:
     """A grouping file in the backend's schema; each follower's measurement against its
-    leader (`measure`: similarity or damage) as comments."""
+    leader (`measure`: similarity or damage) as comments; with `offsets` [N, H], the
+    followers' summary offsets."""
     lines = [f"# {line}" if line else "#" for line in header]
     lines += [
         f"num_layers: {sum(len(g) for g in groups)}",
@@ -141,4 +142,9 @@ def grouping_yaml(groups: Groups, measured: torch.Tensor, sink: int, recent: int
             scores = " ".join(f"{i}:{float(measured[group[0], i]):.3f}" for i in group[1:])
             entry = f"{entry}  # {measure} to leader {group[0]}: {scores}"
         lines.append(entry)
+    followers = [i for g in groups for i in g[1:]]
+    if offsets is not None and summary_tokens is not None and followers:
+        lines.append("summary_offsets:  # per follower and query head, fitted by calibration")
+        lines += [f"  {i}: [{', '.join(f'{float(x):.3f}' for x in offsets[i])}]"
+                  for i in followers]
     return "\n".join(lines) + "\n"

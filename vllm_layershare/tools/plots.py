@@ -11,10 +11,14 @@ matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+DAMAGE_LABELS = {"output": "relative change of the follower's attention output",
+                 "next-token": "KL change of the next-token distribution (nats)"}
+
 
 def similarity_heatmap(matrix, groups: Sequence[Sequence[int]], title: str, out: Path,
                        measure: str = "similarity") -> None:
-    """Layer-by-layer similarity (or damage) with each chosen group outlined."""
+    """Layer-by-layer similarity (or a damage measure: `output`, `next-token`) with
+    each chosen group outlined."""
     n = len(matrix)
     fig, ax = plt.subplots(figsize=(7, 6))
     if measure == "similarity":
@@ -22,7 +26,7 @@ def similarity_heatmap(matrix, groups: Sequence[Sequence[int]], title: str, out:
         label = "1 - JSD (distant-token attention)"
     else:  # damage(leader a, follower l), a < l: the upper triangle
         image = ax.imshow(matrix, vmin=0.0, cmap="magma_r")
-        label = "relative change of the follower's attention output"
+        label = DAMAGE_LABELS[measure]
     for group in groups:
         ax.add_patch(Rectangle((group[0] - 0.5, group[0] - 0.5), len(group), len(group),
                                fill=False, edgecolor="red", linewidth=2))
@@ -61,25 +65,29 @@ def needle_heatmap(accuracy: dict[str, dict[int, dict[int, float]]], out: Path) 
 
 
 def frontier(points: Sequence[dict], out: Path) -> None:
-    """KV saving (x) against quality change (y), stock at the origin; two panels."""
-    fig, (ppl_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    """KV saving (x) against quality change (y), stock at the origin; two panels and
+    one legend (names as labels overlap where points share a saving)."""
+    fig, (ppl_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2 + 0.18 * len(points)))
+    markers = "osD^vP*Xph<>"
     for ax, key, label in (
         (ppl_ax, "perplexity_change", "perplexity change (%)"),
         (acc_ax, "retrieval_change", "retrieval accuracy change (points)"),
     ):
         for index, point in enumerate(points):
-            ax.scatter(100 * point["kv_saving"], point[key], s=30)
-            # staggered labels: frontier points often share a saving
-            ax.annotate(point["name"], (100 * point["kv_saving"], point[key]), fontsize=7,
-                        xytext=(-60 if index % 2 else 4, 4 + 9 * (index % 3)),
-                        textcoords="offset points")
+            ax.scatter(100 * point["kv_saving"], point[key], s=40, label=point["name"],
+                       marker=markers[index % len(markers)], color=f"C{index % 10}")
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xlabel("KV bytes saved at equal memory (%, vLLM's plan)")
         ax.set_ylabel(label)
     ppl_ax.set_yscale("symlog", linthresh=10)  # a failed gate can cost +1000%
     ppl_ax.axhline(3.0, color="red", linestyle="--", linewidth=0.8)  # the quality bar
     acc_ax.axhline(-5.0, color="red", linestyle="--", linewidth=0.8)
-    _save(fig, out)
+    fig.legend(*ppl_ax.get_legend_handles_labels(), loc="lower center",
+               ncol=min(3, len(points)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07 * (1 + len(points) // 3), 1, 1))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def _save(fig, out: Path) -> None:
