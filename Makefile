@@ -47,21 +47,28 @@ bench: install
 		configs/smollm2-135m/groups3-estimated.yaml
 
 # docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock
-# attention through vLLM (about 1.5 h on a 2-core CPU machine).
+# attention through vLLM (about 3 h on a 2-core CPU machine).
 SMOL := models/SmolLM2-135M-Instruct
 QUALITY_CONFIGS := damage-0.30-estimated saving-0.30 saving-0.30-estimated damage-0.25-estimated \
-    damage-0.15-estimated
+    damage-0.15-estimated damage-0.20-estimated damage-0.30-leader damage-0.15-leader \
+    kl-0.30-estimated damage-0.30-offsets damage-0.25-offsets damage-0.15-offsets
 GRP  := configs/smollm2-135m
 CAL  := $(VPY) -m vllm_layershare.calibrate --model $(SMOL)
 SIM  := $(GRP)/threshold-0.50.similarity.json
 EST  := --distant-mass estimated --summary-tokens 64
 quality: model
+	$(VPY) benchmarks/mass_summaries.py --model $(SMOL) --windows 3 --sizes 32 64 128
 	$(CAL) --distant-mass leader --out $(GRP)/threshold-0.50.yaml --plot docs/img/calibration-smollm2-135m.png
 	$(CAL) --similarity $(SIM) --distant-mass leader --target-saving 0.15 --out $(GRP)/saving-0.15.yaml
 	$(CAL) --similarity $(SIM) --distant-mass leader --target-saving 0.30 --out $(GRP)/saving-0.30.yaml
-	$(CAL) --similarity $(SIM) $(EST) --target-saving 0.30 --out $(GRP)/saving-0.30-estimated.yaml
-	$(CAL) --method damage $(EST) --target-saving 0.25 --out $(GRP)/damage-0.25-estimated.yaml --plot docs/img/damage-smollm2-135m.png
-	for t in 0.15 0.30; do $(CAL) --method damage --similarity $(GRP)/damage-0.25-estimated.similarity.json $(EST) --target-saving $$t --out $(GRP)/damage-$$t-estimated.yaml; done
+	$(CAL) --similarity $(SIM) $(EST) --offsets none --target-saving 0.30 --out $(GRP)/saving-0.30-estimated.yaml
+	$(CAL) --method damage $(EST) --offsets none --target-saving 0.25 --out $(GRP)/damage-0.25-estimated.yaml --plot docs/img/damage-smollm2-135m.png
+	for t in 0.15 0.20 0.30; do $(CAL) --method damage --similarity $(GRP)/damage-0.25-estimated.similarity.json $(EST) --offsets none --target-saving $$t --out $(GRP)/damage-$$t-estimated.yaml; done
+	$(CAL) --method damage --distant-mass leader --target-saving 0.30 --out $(GRP)/damage-0.30-leader.yaml
+	$(CAL) --method damage --similarity $(GRP)/damage-0.30-leader.similarity.json --distant-mass leader --target-saving 0.15 --out $(GRP)/damage-0.15-leader.yaml
+	$(CAL) --method damage --damage-measure next-token $(EST) --offsets none --windows 1 --queries 256 --target-saving 0.30 --out $(GRP)/kl-0.30-estimated.yaml --plot docs/img/kl-damage-smollm2-135m.png
+	$(CAL) --method damage $(EST) --target-saving 0.30 --out $(GRP)/damage-0.30-offsets.yaml --plot docs/img/damage-offsets-smollm2-135m.png
+	for t in 0.15 0.25; do $(CAL) --method damage --similarity $(GRP)/damage-0.30-offsets.similarity.json $(EST) --target-saving $$t --out $(GRP)/damage-$$t-offsets.yaml; done
 	$(VPY) -m vllm_layershare.evaluate --model $(SMOL) --out docs/results/smollm2-135m.json \
 	    --max-num-batched-tokens 512 --ppl-windows 1 --kv-probes 2 --plot-dir docs/img \
 	    $(foreach c,$(QUALITY_CONFIGS),--config $(GRP)/$(c).yaml)

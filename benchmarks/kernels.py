@@ -3,10 +3,12 @@
 Needs only PyTorch and Triton (no vLLM). Llama-3-8B head geometry: 32 query heads,
 8 KV heads, head dim 128, bf16, paged caches with block size 16 and shuffled block
 tables. For decode and prefill chunks at contexts 4K-128K and batches 1-256 it
-prints the time of the leader (full-attention) kernel, of the follower kernel
-(share scores, sink 16, recent 1008), of PyTorch's scaled_dot_product_attention on
-the same data laid out densely (a sanity line), the bytes each kernel must read
-over its time against the device's measured copy bandwidth, and follower / full.
+prints the time of the leader (full-attention) kernel, of the same kernel when it
+also writes its followers' shared decode scores, of the follower kernel (share
+scores, sink 16, recent 1008; in decode it reads the leader's scores, not its keys),
+of PyTorch's scaled_dot_product_attention on the same data laid out densely (a
+sanity line), the bytes each kernel must read over its time against the device's
+measured copy bandwidth, and follower / full.
 
     python benchmarks/kernels.py                 # on a GPU
     TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # tiny shapes, CPU
@@ -24,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a bare checkout
 
-from vllm_layershare.attention.paged import LayerInputs, PagedPart  # noqa: E402
+from vllm_layershare.attention.paged import LayerInputs, PagedPart, SharedScores  # noqa: E402
 from vllm_layershare.attention.triton_paged import triton_pod_attention  # noqa: E402
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16
@@ -75,16 +77,20 @@ def paged_layer(batch: int, context: int, queries: int, device: torch.device, dt
     return leader, values, table, q, starts, [context] * batch
 
 
-def layer_inputs(leader, values, table, q, follower: bool, recent: int) -> LayerInputs:
+def layer_inputs(leader, values, table, q, role: str, recent: int,
+                 scores: torch.Tensor) -> LayerInputs:
+    """role: full (a leader alone), writing (a leader sharing its decode scores),
+    follower (reading them)."""
     keys = PagedPart(leader, 0, DIM, table, BLOCK)
-    if not follower:
+    shared = SharedScores(scores, SINK, recent, write=role == "writing")
+    if role != "follower":
         return LayerInputs(q=q, k_prox=keys, v=PagedPart(leader, DIM, 2 * DIM, table, BLOCK),
-                           scale=DIM ** -0.5)
+                           scale=DIM ** -0.5, shared_scores=shared if role == "writing" else None)
     # The follower's own key window: a separate cache would hold only sinks and the
     # window; the kernel reads only those positions, so the leader's keys stand in.
     return LayerInputs(q=q, k_prox=keys, v=PagedPart(values, 0, DIM, table, BLOCK),
                        scale=DIM ** -0.5, sink=SINK, recent=recent, q_distant=q,
-                       k_distant=keys)
+                       k_distant=keys, shared_scores=shared)
 
 
 def kernel_ms(inputs: LayerInputs, starts: list[int], lens: list[int], out: torch.Tensor,
@@ -92,11 +98,15 @@ def kernel_ms(inputs: LayerInputs, starts: list[int], lens: list[int], out: torc
     return timed_ms(lambda: triton_pod_attention(inputs, starts, lens, out), out.device, repeats)
 
 
-def bytes_read(batch: int, context: int, follower: bool) -> int:
-    """Cache bytes a kernel must read once: K and V of every token (a follower reads its
-    window's keys and the leader's distant keys: the same count, until decode reuses
-    the leader's scores)."""
-    return batch * context * KV_HEADS * DIM * 2 * 2
+def bytes_read(batch: int, context: int, queries: int, role: str, recent: int) -> int:
+    """Bytes a kernel must read once: K and V of every token (bf16); a decoding
+    follower reads V, its own window's keys, and the leader's fp32 scores (per query
+    head) instead of the leader's distant keys."""
+    full = context * KV_HEADS * DIM * 2 * 2
+    if role != "follower" or queries > 1:
+        return batch * full
+    near = min(context, SINK + recent)
+    return batch * (full // 2 + near * KV_HEADS * DIM * 2 + (context - near) * HEADS * 4)
 
 
 def sdpa_ms(batch, context, queries, device, dtype, repeats) -> float:
@@ -134,8 +144,9 @@ def main() -> None:
     print(f"{name}; copy bandwidth {bandwidth:.0f} GB/s; {HEADS} query / {KV_HEADS} KV heads, "
           f"head dim {DIM}, {dtype}, block {BLOCK}; follower: share scores, sink {SINK}, "
           f"recent {recent}\n")
-    print("| case | context | batch | full ms | follower ms | follower/full | SDPA ms "
-          "| full GB/s (% copy) | follower GB/s (% copy) |\n|---|---|---|---|---|---|---|---|---|")
+    print("| case | context | batch | full ms | full+share ms | follower ms | follower/full "
+          "| SDPA ms | full GB/s (% copy) | follower GB/s (% copy) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for case, context, batch, queries in cases:
         if not fits(batch, context, device):
             print(f"| {case} | {context} | {batch} | (does not fit) |")
@@ -143,18 +154,20 @@ def main() -> None:
         leader, values, table, q, starts, lens = paged_layer(batch, context, queries, device,
                                                              dtype)
         out = torch.empty_like(q)
-        ms = {role: kernel_ms(layer_inputs(leader, values, table, q, role == "follower",
-                                           recent), starts, lens, out, repeats)
-              for role in ("full", "follower")}
-        del leader, values
+        scores = torch.empty(leader.shape[0] * BLOCK, HEADS, device=device)
+        # in this order: the follower reads what the writing leader left
+        ms = {role: kernel_ms(layer_inputs(leader, values, table, q, role, recent, scores),
+                              starts, lens, out, repeats)
+              for role in ("full", "writing", "follower")}
+        del leader, values, scores
         sdpa = sdpa_ms(batch, context, queries, device, dtype, repeats)
         rates = []
         for role in ("full", "follower"):
-            gbs = bytes_read(batch, context, role == "follower") / ms[role] / 1e6
+            gbs = bytes_read(batch, context, queries, role, recent) / ms[role] / 1e6
             rates.append(f"{gbs:.0f} ({100 * gbs / bandwidth:.0f}%)")
-        print(f"| {case} | {context} | {batch} | {ms['full']:.3f} | {ms['follower']:.3f} | "
-              f"{ms['follower'] / ms['full']:.2f}x | {sdpa:.3f} | {rates[0]} | {rates[1]} |",
-              flush=True)
+        print(f"| {case} | {context} | {batch} | {ms['full']:.3f} | {ms['writing']:.3f} | "
+              f"{ms['follower']:.3f} | {ms['follower'] / ms['full']:.2f}x | {sdpa:.3f} | "
+              f"{rates[0]} | {rates[1]} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 
 from vllm_layershare.attention import native
 from vllm_layershare.attention.mass import estimated_mass, write_summaries
-from vllm_layershare.attention.paged import LayerInputs, PagedPart, SummaryPart
+from vllm_layershare.attention.paged import LayerInputs, PagedPart, SharedScores, SummaryPart
 from vllm_layershare.attention.portable import paged_pod_attention
 from vllm_layershare.attention.reference import dense_attention, dense_pod_attention
 
@@ -465,3 +465,64 @@ def test_one_token_summaries_give_the_oracle_gate():
     assert (coarse - expected).abs().max() > 1e-4  # a real estimate, not the oracle
     published = reference(seq, sink=3, recent=8)
     assert (published - expected).abs().max() > 1e-3
+
+
+def test_decode_followers_read_the_leaders_scores():
+    """Share `scores` on the GPU kernels: in one-query rows the leader writes the logits
+    of the distant tokens and the follower reads them instead of the leader's keys,
+    which are NaN for it there; rows with several queries still read keys. Leader and
+    follower equal the dense references, prefill, chunks and decode mixed in steps."""
+    impl = triton_impl()
+    gen = torch.Generator().manual_seed(41)
+    sink, recent, block_size = 3, 7, 8
+    lengths = [40, 29, 52]
+    seqs = [random_sequence(n, gen) for n in lengths]
+    feed = [[30] + [1] * 10, [20, 9], [20, 20] + [1] * 12]
+    batch = PagedBatch(lengths, block_size, gen)
+    scores = torch.full((batch.num_blocks * block_size, HEADS), float("nan"))
+    lead_outs = [torch.zeros(n, HEADS, DIM) for n in lengths]
+    outs = [torch.zeros(n, HEADS, DIM) for n in lengths]
+    done = [0] * len(seqs)
+    for step in range(max(map(len, feed))):
+        rows = [r for r in range(len(seqs)) if step < len(feed[r])]
+        spans = [(r, done[r], done[r] + feed[r][step]) for r in rows]
+        loc = [0]
+        for _, a, b in spans:
+            loc.append(loc[-1] + b - a)
+        seq_lens = [b for _, _, b in spans]
+        lead_keys, follower_view = [], []
+        for r, a, b in spans:
+            lead_keys.append(seqs[r]["ka"][:b])
+            hidden = seqs[r]["ka"][:b].clone()
+            if b - a == 1:  # a shared row: the follower must not read these keys
+                hidden[sink:max(sink, b - recent)] = float("nan")
+            follower_view.append(hidden)
+        leader = LayerInputs(
+            q=torch.cat([seqs[r]["qa"][a:b] for r, a, b in spans]), scale=SCALE,
+            k_prox=batch.part(rows, lead_keys),
+            v=batch.part(rows, [seqs[r]["v"][:b] for r, _, b in spans]),
+            shared_scores=SharedScores(scores, sink, recent, write=True))
+        lead_out = torch.zeros(loc[-1], HEADS, DIM)
+        impl(leader, loc, seq_lens, lead_out)
+        own_keys = []
+        for r, a, b in spans:
+            k = seqs[r]["k"][:b].clone()
+            k[sink:max(sink, a - recent + 1)] = float("nan")
+            own_keys.append(k)
+        follower = LayerInputs(
+            q=torch.cat([seqs[r]["q"][a:b] for r, a, b in spans]), scale=SCALE,
+            k_prox=batch.part(rows, own_keys), v=leader.v, sink=sink, recent=recent,
+            q_distant=leader.q, k_distant=batch.part(rows, follower_view),
+            shared_scores=SharedScores(scores, sink, recent, write=False))
+        out = torch.zeros(loc[-1], HEADS, DIM)
+        impl(follower, loc, seq_lens, out)
+        for i, (r, a, b) in enumerate(spans):
+            lead_outs[r][a:b] = lead_out[loc[i]:loc[i + 1]]
+            outs[r][a:b] = out[loc[i]:loc[i + 1]]
+            done[r] = b
+    assert all(done[r] == lengths[r] for r in range(len(seqs)))
+    for seq, lead_out, out in zip(seqs, lead_outs, outs, strict=True):
+        plain = dense_attention(seq["qa"], seq["ka"], seq["v"], SCALE)
+        torch.testing.assert_close(lead_out.double(), plain, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(out.double(), reference(seq, sink=sink, recent=recent),
+                                   atol=2e-5, rtol=1e-4)

@@ -150,7 +150,7 @@ def test_grouping_yaml_is_a_valid_file():
     sim = banded([0.9, 0.9, 0.3, 0.95, 0.8])
     text = grouping_yaml([[0, 1, 2], [3, 4], [5]], sim, 4, 60, "scores", ["made here", ""])
     assert text.startswith("# made here\n#\n")
-    assert "# similarity to leader 0: 1:0.900 2:0.810" in text
+    assert "# similarity to leader 0: 1:0.9 2:0.81" in text
     config = parse_config(yaml.safe_load(text))
     assert config.groups == ((0, 1, 2), (3, 4), (5,))
     assert (config.sink_tokens, config.recent_tokens, config.share) == (4, 60, "scores")

@@ -120,6 +120,7 @@ def test_evaluate_reuses_an_earlier_stock_run(tiny_model, tmp_path, capsys):
         evaluate.main([*common[:3], "1024", *common[4:], "--config", str(estimated),
                        "--stock-from", str(first), "--out", str(second)])
     # --report over both runs: one table, stock once, the later run's row added
+    capsys.readouterr()
     evaluate.main(["--report", str(first), str(second)])
     rows = table_lines(capsys.readouterr().out)
     assert [r.split("|")[1].strip() for r in rows[2:]] == ["stock", "estimated"]

@@ -23,5 +23,5 @@ def test_kernel_benchmark_smoke_runs():
     rows = [line for line in done.stdout.splitlines() if line.startswith(("| decode", "| prefill"))]
     assert len(rows) == 2, done.stdout
     for row in rows:
-        ratio = row.split("|")[6].strip()
+        ratio = row.split("|")[7].strip()  # follower / full
         assert ratio.endswith("x") and float(ratio[:-1]) > 0, row

@@ -8,7 +8,7 @@ in the step's forward context.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -31,7 +31,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_layershare.attention import native
 from vllm_layershare.attention.mass import write_summaries
-from vllm_layershare.attention.paged import LayerInputs, PagedPart, SummaryPart
+from vllm_layershare.attention.paged import LayerInputs, PagedPart, SharedScores, SummaryPart
 from vllm_layershare.attention.portable import paged_pod_attention
 from vllm_layershare.config import LayershareConfig
 from vllm_layershare.layout import COMPANION_SUFFIX, SUMMARY_SUFFIX, layer_name_at
@@ -43,6 +43,8 @@ logger = init_logger("vllm." + __name__)  # under vLLM's log handlers
 BACKEND_NAME = "CUSTOM"
 # Forward-context key where a leader leaves its queries for its followers.
 LEADER_QUERY_KEY = "layershare_leader_query"
+# ... and, on the GPU kernels with share `scores`, its buffer of decode rows' distant logits.
+LEADER_SCORES_KEY = "layershare_leader_scores"
 # Oldest NVIDIA GPU generation the GPU kernels serve: Ampere.
 MIN_CAPABILITY = DeviceCapability(8, 0)
 # Forward calls with real metadata in this process: tests use it to prove this code ran.
@@ -162,6 +164,7 @@ class LayerRole:
     leader: str | None  # None for a leader or a one-layer group
     key_cache: str | None  # the companion layer holding a follower's keys
     summary_cache: str | None = None  # the companion holding its mean keys (estimated mass)
+    shares_scores: bool = False  # share `scores`: a leader with followers, or a follower
 
 
 def write_cache(cache: torch.Tensor, lo: int, hi: int, data: torch.Tensor,
@@ -215,17 +218,20 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         self.config: LayershareConfig = config_for(get_current_vllm_config())
         self.role: LayerRole | None = None
         self.summary_log_weight: torch.Tensor | None = None  # [H] on the layer's device
+        self.score_buffer: torch.Tensor | None = None  # a leader's SharedScores buffer
 
     def _role(self, layer_name: str) -> LayerRole:
         if self.role is None:
             index = extract_layer_index(layer_name)
             leader = self.config.leader_of(index)
+            scores = self.config.share == "scores"
             if leader == index:
-                self.role = LayerRole(None, None)
+                has_followers = any(g[0] == index and len(g) > 1 for g in self.config.groups)
+                self.role = LayerRole(None, None, shares_scores=scores and has_followers)
             else:
                 summary = layer_name + SUMMARY_SUFFIX if self.config.estimates_mass else None
                 self.role = LayerRole(layer_name_at(layer_name, index, leader),
-                                      layer_name + COMPANION_SUFFIX, summary)
+                                      layer_name + COMPANION_SUFFIX, summary, scores)
                 if summary is not None:
                     self.summary_log_weight = self._log_weights(index)
         return self.role
@@ -272,7 +278,10 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
                 q=query, scale=self.scale,
                 k_prox=self._part(kv_cache, 0, d, attn_metadata),
                 v=self._part(kv_cache, d, kv_cache.shape[-1], attn_metadata),
+                shared_scores=self._scores_to_share(role, kv_cache, attn_metadata, query),
             )
+            if inputs.shared_scores is not None:
+                ctx.additional_kwargs[(LEADER_SCORES_KEY, name)] = inputs.shared_scores
         else:
             inputs = self._follower_inputs(ctx, role, query, key, value, kv_cache, attn_metadata)
         if native.available(query.device, self.head_size):
@@ -288,6 +297,22 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             paged_pod_attention(inputs, attn_metadata.query_start_loc, attn_metadata.seq_lens,
                                 output[:n])
         return output
+
+    def _scores_to_share(self, role: LayerRole, kv_cache: torch.Tensor,
+                         meta: LayershareMetadata, query: torch.Tensor) -> SharedScores | None:
+        """A leader's buffer of its followers' distant logits (Triton kernels only):
+        static, one float per slot of its cache and query head, made on first use."""
+        if not role.shares_scores or query.device.type != "cuda":
+            return None
+        if self.score_buffer is None:
+            slots = kv_cache.shape[0] * meta.block_size
+            self.score_buffer = torch.empty(slots, self.num_heads, dtype=torch.float32,
+                                            device=query.device)
+            logger.info_once("layershare: leaders share decode scores with their followers "
+                             "(%.1f MiB per leader, outside vLLM's KV plan)",
+                             self.score_buffer.numel() * 4 / 2**20)
+        return SharedScores(self.score_buffer, self.config.sink_tokens,
+                            self.config.recent_tokens, write=True)
 
     def _follower_inputs(self, ctx, role: LayerRole, query, key, value, kv_cache,
                          meta: LayershareMetadata) -> LayerInputs:
@@ -324,7 +349,14 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             k_distant=self._part(lead_cache, 0, self.head_size, lead_meta),
             gate_skip_threshold=config.gate_skip_threshold,
             summary=summary,
+            shared_scores=self._shared_with(ctx, role),
         )
+
+    @staticmethod
+    def _shared_with(ctx, role: LayerRole) -> SharedScores | None:
+        """The leader's shared scores of this step, read-only (share `scores`, GPU)."""
+        shared = ctx.additional_kwargs.get((LEADER_SCORES_KEY, role.leader))
+        return replace(shared, write=False) if shared is not None and role.shares_scores else None
 
     @staticmethod
     def _part(cache: torch.Tensor, lo: int, hi: int, meta: LayershareMetadata) -> PagedPart:

@@ -65,6 +65,19 @@ class SummaryPart:
 
 
 @dataclass
+class SharedScores:
+    """A leader's logits of its followers' distant tokens, for one-query rows (decode),
+    share `scores`, GPU kernels: the leader's pass writes them, its followers read them
+    instead of the leader's keys. buffer [slots of the leader's cache, H] float32, slot
+    = block * block_size + offset; static, so the path can be captured in CUDA graphs."""
+
+    buffer: torch.Tensor
+    sink: int  # the followers' window, which the leader's writes follow
+    recent: int
+    write: bool  # True in the leader's pass
+
+
+@dataclass
 class LayerInputs:
     """Everything one layer's attention reads, for one forward step."""
 
@@ -80,6 +93,7 @@ class LayerInputs:
     # The follower's mean keys: with them the distant branch is weighted by the
     # follower's own estimated mass (mass.py); None: by the leader's mass.
     summary: SummaryPart | None = None
+    shared_scores: SharedScores | None = None  # GPU kernels only; others recompute
 
 
 def row_batches(query_start_loc: list[int], seq_lens: list[int], device: torch.device):

@@ -51,20 +51,39 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, q_pos, sink, recent, scale,
           exact_lo, exact_hi,
           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
+          sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok, q_len,
           D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
           MODE: tl.constexpr, WITH_V: tl.constexpr, UPCAST: tl.constexpr,
-          PRECISION: tl.constexpr):
-    """One online-softmax pass over key positions [lo, hi): returns (m, l, acc)."""
+          PRECISION: tl.constexpr, WRITE_SCORES: tl.constexpr, READ_SCORES: tl.constexpr):
+    """One online-softmax pass over key positions [lo, hi): returns (m, l, acc).
+
+    Shared scores (rows with q_len 1): WRITE_SCORES stores the logits of the followers'
+    distant positions [sc_sink, q_pos - sc_recent] at their slots of this cache;
+    READ_SCORES takes the logits from there instead of loading keys.
+    """
     d = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         in_range = n < hi
         page = tl.load(k_table + row * k_table_stride + n // k_bs, mask=in_range, other=0)
-        k = tl.load(k_ptr + page[:, None] * k_sb + kv_head * k_sh + (n % k_bs)[:, None] * k_ss
-                    + d[None, :], mask=in_range[:, None] & (d[None, :] < D), other=0.0)
+        slot = page * k_bs + n % k_bs
+        # [N]-shaped (the interpreter does not broadcast scalar masks): shared row?
+        single = (n * 0 + q_len) == 1
+        k_mask = in_range[:, None] & (d[None, :] < D)
+        if READ_SCORES:  # masked-off loads move no bytes: shared rows read no keys
+            k_mask = k_mask & ~single[:, None]
+        k = tl.load(k_ptr + page[:, None] * k_sb + kv_head * k_sh
+                    + (n % k_bs)[:, None] * k_ss + d[None, :], mask=k_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        if READ_SCORES or WRITE_SCORES:
+            shared = (in_range & single)[None, :] & row_ok[:, None]
+            at = sc_ptr + slot[None, :] * sc_stride + head[:, None]
+        if READ_SCORES:
+            s = tl.where(single[None, :], tl.load(at, mask=shared, other=0.0), s)
+        if WRITE_SCORES:
+            tl.store(at, s, mask=shared & _keep(n, q_pos, sc_sink, sc_recent, 0, 0, DISTANT))
         keep = _keep(n, q_pos, sink, recent, exact_lo, exact_hi, MODE) & in_range[None, :]
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -128,9 +147,11 @@ def _pod_attention_kernel(
     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs,
     s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
     scale, sink, recent, gate_tau, log_w_ptr,
+    sc_ptr, sc_stride, sc_sink, sc_recent,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr, SUMMARY: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WRITE_SCORES: tl.constexpr,
+    READ_SCORES: tl.constexpr,
 ):
     row = tl.program_id(0)
     tile = tl.program_id(1)
@@ -164,12 +185,16 @@ def _pod_attention_kernel(
                             scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                            D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION)
+                            sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok, q_len,
+                            D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
+                            WRITE_SCORES, False)
     m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, window, last + 1, q_pos, sink,
                             recent, scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                            D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION)
+                            sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok, q_len,
+                            D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
+                            WRITE_SCORES, False)
     out = acc_p / tl.where(l_p > 0, l_p, 1.0)[:, None]
 
     if HAS_DISTANT:
@@ -183,7 +208,9 @@ def _pod_attention_kernel(
                                     sink, recent, scale, 0, q_pos,
                                     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride,
                                     kd_bs, v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride,
-                                    v_bs, D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST, PRECISION)
+                                    v_bs, sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok,
+                                    q_len, D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST,
+                                    PRECISION, False, READ_SCORES)
             out_d = acc_d / tl.where(l_d > 0, l_d, 1.0)[:, None]
             lse_p = m_p + tl.log(l_p)  # the proximal branch always holds the query itself
             lse_d = tl.where(l_d > 0, m_d + tl.log(tl.where(l_d > 0, l_d, 1.0)), float("-inf"))
@@ -230,13 +257,17 @@ def _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale
                           scale, low * SUMMARY, exact_hi,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
-                          D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION)
+                          k_ptr, 0, 0, 0, q_pos, q_pos >= 0, 0,
+                          D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
+                          False, False)
     m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head,
                           high_first * SUMMARY, last - recent + 1,
                           q_pos, sink, recent, scale, low * SUMMARY, exact_hi,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
-                          D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION)
+                          k_ptr, 0, 0, 0, q_pos, q_pos >= 0, 0,
+                          D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
+                          False, False)
     return tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
 
 
@@ -288,6 +319,13 @@ def triton_pod_attention(
                   summary.block_table.stride(0), summary.tokens_per_page)
     else:
         s_args = (kp.cache, 0, 0, 0, kp.block_table, 0, 1)
+    shared = inputs.shared_scores
+    write = shared is not None and shared.write
+    read = shared is not None and not shared.write and distant
+    if shared is not None:
+        sc_args = (shared.buffer, shared.buffer.stride(0), shared.sink, shared.recent)
+    else:
+        sc_args = (output, 0, 0, 0)
     grid = (num_reqs, triton.cdiv(max_q, tokens), kv_heads)
     _pod_attention_kernel[grid](
         output, output.stride(0), output.stride(1),
@@ -297,10 +335,12 @@ def triton_pod_attention(
         inputs.scale, inputs.sink, min(inputs.recent, UNBOUNDED),
         -1.0 if inputs.gate_skip_threshold is None else inputs.gate_skip_threshold,
         summary.log_weight.to(device=device, dtype=torch.float32) if estimated else output,
+        *sc_args,
         GROUP=group, D=dim, BLOCK_M=block_m, BLOCK_N=16,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), HAS_DISTANT=distant,
         SUMMARY=summary.summary_tokens if estimated else 0,
         UPCAST=device.type == "cpu",
         # fp32 caches (tests, fp32 models) get exact fp32 products, not TF32.
         PRECISION="ieee" if kp.cache.dtype == torch.float32 else "tf32",
+        WRITE_SCORES=write, READ_SCORES=read,
     )

@@ -139,7 +139,7 @@ def grouping_yaml(groups: Groups, measured: torch.Tensor, sink: int, recent: int
     for group in groups:
         entry = f"  - [{', '.join(str(i) for i in group)}]"
         if len(group) > 1:
-            scores = " ".join(f"{i}:{float(measured[group[0], i]):.3f}" for i in group[1:])
+            scores = " ".join(f"{i}:{float(measured[group[0], i]):.3g}" for i in group[1:])
             entry = f"{entry}  # {measure} to leader {group[0]}: {scores}"
         lines.append(entry)
     followers = [i for g in groups for i in g[1:]]
