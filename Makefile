@@ -61,14 +61,14 @@ quality: model
 	$(CAL) --distant-mass leader --out $(GRP)/threshold-0.50.yaml --plot docs/img/calibration-smollm2-135m.png
 	$(CAL) --similarity $(SIM) --distant-mass leader --target-saving 0.15 --out $(GRP)/saving-0.15.yaml
 	$(CAL) --similarity $(SIM) --distant-mass leader --target-saving 0.30 --out $(GRP)/saving-0.30.yaml
-	$(CAL) --similarity $(SIM) $(EST) --offsets none --target-saving 0.30 --out $(GRP)/saving-0.30-estimated.yaml
-	$(CAL) --method damage $(EST) --offsets none --target-saving 0.25 --out $(GRP)/damage-0.25-estimated.yaml --plot docs/img/damage-smollm2-135m.png
-	for t in 0.15 0.20 0.30; do $(CAL) --method damage --similarity $(GRP)/damage-0.25-estimated.similarity.json $(EST) --offsets none --target-saving $$t --out $(GRP)/damage-$$t-estimated.yaml; done
+	$(CAL) --similarity $(SIM) $(EST) --target-saving 0.30 --out $(GRP)/saving-0.30-estimated.yaml
+	$(CAL) --method damage $(EST) --target-saving 0.25 --out $(GRP)/damage-0.25-estimated.yaml --plot docs/img/damage-smollm2-135m.png
+	for t in 0.15 0.20 0.30; do $(CAL) --method damage --similarity $(GRP)/damage-0.25-estimated.similarity.json $(EST) --target-saving $$t --out $(GRP)/damage-$$t-estimated.yaml; done
 	$(CAL) --method damage --distant-mass leader --target-saving 0.30 --out $(GRP)/damage-0.30-leader.yaml
 	$(CAL) --method damage --similarity $(GRP)/damage-0.30-leader.similarity.json --distant-mass leader --target-saving 0.15 --out $(GRP)/damage-0.15-leader.yaml
-	$(CAL) --method damage --damage-measure next-token $(EST) --offsets none --windows 1 --queries 256 --target-saving 0.30 --out $(GRP)/kl-0.30-estimated.yaml --plot docs/img/kl-damage-smollm2-135m.png
-	$(CAL) --method damage $(EST) --target-saving 0.30 --out $(GRP)/damage-0.30-offsets.yaml --plot docs/img/damage-offsets-smollm2-135m.png
-	for t in 0.15 0.25; do $(CAL) --method damage --similarity $(GRP)/damage-0.30-offsets.similarity.json $(EST) --target-saving $$t --out $(GRP)/damage-$$t-offsets.yaml; done
+	$(CAL) --method damage --damage-measure next-token $(EST) --windows 1 --queries 256 --target-saving 0.30 --out $(GRP)/kl-0.30-estimated.yaml --plot docs/img/kl-damage-smollm2-135m.png
+	$(CAL) --method damage $(EST) --offsets fit --target-saving 0.30 --out $(GRP)/damage-0.30-offsets.yaml --plot docs/img/damage-offsets-smollm2-135m.png
+	for t in 0.15 0.25; do $(CAL) --method damage --similarity $(GRP)/damage-0.30-offsets.similarity.json $(EST) --offsets fit --target-saving $$t --out $(GRP)/damage-$$t-offsets.yaml; done
 	$(VPY) -m vllm_layershare.evaluate --model $(SMOL) --out docs/results/smollm2-135m.json \
 	    --max-num-batched-tokens 512 --ppl-windows 1 --kv-probes 2 --plot-dir docs/img \
 	    $(foreach c,$(QUALITY_CONFIGS),--config $(GRP)/$(c).yaml)

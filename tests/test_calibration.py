@@ -206,9 +206,9 @@ def test_regroup_from_saved_similarity(tiny_model, tmp_path):
                  "--distant-mass", "estimated", "--summary-tokens", "16", *TINY_ARGS]
     with pytest.raises(SystemExit, match="holds no summary offsets"):
         calibrate.main(["--model", "unused", "--out", str(regrouped), "--threshold", "-1",
-                        *estimated])
+                        "--offsets", "fit", *estimated])
     calibrate.main(["--model", "unused", "--out", str(regrouped), "--threshold", "-1",
-                    "--offsets", "none", *estimated])
+                    *estimated])
     config = load_config(regrouped)
     assert config.groups == (tuple(range(NUM_LAYERS)),)
     assert config.estimates_mass and config.summary_tokens == 16
@@ -317,7 +317,7 @@ def test_following_an_identical_leader_costs_nothing():
 def test_calibrate_by_damage_on_the_tiny_model(tiny_model, tmp_path):
     out = tmp_path / "damage.yaml"
     calibrate.main(["--model", str(tiny_model), "--out", str(out), "--method", "damage",
-                    "--target-saving", "0.2", "--distant-mass", "estimated",
+                    "--target-saving", "0.2", "--distant-mass", "estimated", "--offsets", "fit",
                     "--summary-tokens", "8", "--plot", str(tmp_path / "d.png"), *TINY_ARGS])
     config = load_config(out)
     assert 1.0 - config.kv_fraction(1024) >= 0.2 and config.estimates_mass
@@ -335,7 +335,8 @@ def test_calibrate_by_damage_on_the_tiny_model(tiny_model, tmp_path):
     with pytest.raises(SystemExit, match="holds no damage measured"):
         calibrate.main(["--model", "unused", "--out", str(tmp_path / "x.yaml"), "--method",
                         "damage", "--target-saving", "0.2", "--similarity",
-                        str(tmp_path / "damage.similarity.json"), *TINY_ARGS])
+                        str(tmp_path / "damage.similarity.json"), "--distant-mass", "leader",
+                        *TINY_ARGS])
 
 
 # --- next-token damage -----------------------------------------------------------------

@@ -69,10 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "estimated from mean keys (default), or the leader's (the paper)")
     parser.add_argument("--summary-tokens", type=int, default=DEFAULT_SUMMARY_TOKENS,
                         help="tokens per mean key with --distant-mass estimated")
-    parser.add_argument("--offsets", choices=("fit", "none"), default="fit",
-                        help="with --distant-mass estimated: fit each follower's per-head "
-                             "correction of the mean keys' log mass (summary_offsets; "
-                             "default), or leave the plain mean")
+    parser.add_argument("--offsets", choices=("none", "fit"), default="none",
+                        help="with --distant-mass estimated: the plain mean key (default; "
+                             "measured best with a borrowed distant branch, docs/quality.md), "
+                             "or fit each follower's per-head correction of the mean keys' "
+                             "log mass (summary_offsets)")
     parser.add_argument("--max-group-size", type=int, help="cap on layers per group")
     parser.add_argument("--windows", type=int, default=4, help="calibration windows")
     parser.add_argument("--window-tokens", type=int, default=4096, help="tokens per window")

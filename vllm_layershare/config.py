@@ -10,7 +10,7 @@ A grouping file is YAML with exactly these keys::
     distant_mass: estimated   # optional; estimated (default: own mass, from mean keys) | leader
     summary_tokens: 32        # optional; tokens per mean key (estimated); divides 2 x block size
     summary_offsets:          # optional (estimated); per follower, per query head: added to
-      4: [1.2, 0.9, ...]      #   the log mass of each summary block (calibration writes it)
+      4: [1.2, 0.9, ...]      #   each summary block's log mass (calibrate --offsets fit)
     groups:                   # consecutive layer indices; the first is the leader
       - [0, 1, 2]
       - [3, 4, 5]

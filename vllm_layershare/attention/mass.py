@@ -11,9 +11,11 @@ such blocks (they sit next to the sinks or the window, whose key blocks are kept
 
     log M(i) = logsumexp( {scale q_l[i].kbar[b] + log S + delta_h}_b  U  {scale q_l[i].k_l[j]}_j )
 
-delta_h (`summary_offsets`, per query head, calibrated; 0 when absent) corrects the
-mean key's bias: by Jensen, S exp(q.kbar) underestimates sum_j exp(q.k_j), on
-SmolLM2 by about 1.5 nats per block (benchmarks/mass_summaries.py).
+delta_h (`summary_offsets`, optional, per query head, calibrated; else 0) corrects
+the mean key's bias: by Jensen, S exp(q.kbar) underestimates sum_j exp(q.k_j), on
+SmolLM2 by about 1.5 nats per block (benchmarks/mass_summaries.py). With the leader's
+borrowed distant branch that underestimate helps, so calibration leaves it at 0 by
+default (docs/quality.md).
 
 The summary of a block is written in the step that writes its last key, from the
 key window (the block is still there: S divides the key block size). The portable

@@ -12,6 +12,12 @@ skip, o = g o_P + (1 - g) o_D. With `distant_mass: estimated` lse_D is replaced 
 the follower's own log-mass over its block summaries and exact keys (mass.py).
 No score matrix is materialised; freed key blocks are never read.
 
+Share `scores`, rows with one query (decode): the distant logits of a follower are
+the leader's own. The leader's pass stores them per slot of its cache and query head
+(`SharedScores`), and its followers read those floats instead of the leader's keys,
+so a decoding follower reads its V, its key window and one float per distant token
+and query head: about half the bytes of a full layer.
+
 On a machine without a GPU the same kernels run under TRITON_INTERPRET=1 on CPU
 tensors (the tests do); the interpreter keeps bf16 as raw integers, so loads are
 converted to float32 there (UPCAST).
