@@ -67,7 +67,9 @@ def needle_heatmap(accuracy: dict[str, dict[int, dict[int, float]]], out: Path) 
 def frontier(points: Sequence[dict], out: Path) -> None:
     """KV saving (x) against quality change (y), stock at the origin; two panels and
     one legend (names as labels overlap where points share a saving)."""
-    fig, (ppl_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2 + 0.18 * len(points)))
+    legend_rows = -(-len(points) // 3)
+    height = 4.2 + 0.22 * legend_rows  # inches; the legend's rows go below the panels
+    fig, (ppl_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, height))
     markers = "osD^vP*Xph<>"
     for ax, key, label in (
         (ppl_ax, "perplexity_change", "perplexity change (%)"),
@@ -84,7 +86,7 @@ def frontier(points: Sequence[dict], out: Path) -> None:
     acc_ax.axhline(-5.0, color="red", linestyle="--", linewidth=0.8)
     fig.legend(*ppl_ax.get_legend_handles_labels(), loc="lower center",
                ncol=min(3, len(points)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.07 * (1 + len(points) // 3), 1, 1))
+    fig.tight_layout(rect=(0, (0.22 * legend_rows + 0.15) / height, 1, 1))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
