@@ -294,15 +294,33 @@ def test_native_threads_give_the_same_outputs():
         assert torch.equal(one, many)
 
 
-def test_native_write_slots_matches_indexing():
-    """The kernel's cache writer stores each token at its slot and skips padding (-1)."""
-    assert native.available(torch.device("cpu")), "the CPU kernel was not built"
+def triton_write_slots():
+    from vllm_layershare.attention.triton_paged import triton_write_slots as write
+
+    if not torch.cuda.is_available():
+        return write
+
+    def on_gpu(cache, slots, block_size, data):
+        moved = cache.cuda()
+        write(moved, slots.cuda(), block_size, data.cuda())
+        cache.copy_(moved.cpu())
+    return on_gpu
+
+
+@pytest.mark.parametrize("name", ["native", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_slots_matches_indexing(name, dtype):
+    """The kernels' cache writers store each token at its slot, into one channel slice
+    of the cache, in the cache's dtype, and skip padding (-1) and tokens past the slots."""
+    assert name != "native" or native.available(torch.device("cpu")), "CPU kernel not built"
+    write = native.write_slots if name == "native" else triton_write_slots()
     gen = torch.Generator().manual_seed(29)
-    cache = torch.zeros(6, KV_HEADS, 4, 2 * DIM)
+    cache = torch.zeros(6, KV_HEADS, 4, 2 * DIM, dtype=dtype)
     expected = cache.clone()
-    data = torch.randn(5, KV_HEADS, DIM, generator=gen)
+    # one more token than slots; in the cache's dtype, as vLLM hands keys and values over
+    data = torch.randn(6, KV_HEADS, DIM, generator=gen).to(dtype)
     slots = torch.tensor([7, 0, 22, -1, 13])
-    native.write_slots(cache[..., DIM:], slots, 4, data)
+    write(cache[..., DIM:], slots, 4, data)
     for t, slot in enumerate(slots.tolist()):
         if slot >= 0:
             expected[slot // 4, :, slot % 4, DIM:] = data[t]

@@ -174,6 +174,11 @@ def write_cache(cache: torch.Tensor, lo: int, hi: int, data: torch.Tensor,
     if native.available(cache.device):
         native.write_slots(cache[..., lo:hi], slots, meta.block_size, data)
         return
+    if cache.device.type == "cuda":
+        from vllm_layershare.attention.triton_paged import triton_write_slots
+
+        triton_write_slots(cache[..., lo:hi], slots, meta.block_size, data)
+        return
     data = data[: slots.shape[0]]
     keep = slots >= 0
     if not bool(keep.all()):

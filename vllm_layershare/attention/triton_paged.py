@@ -350,3 +350,32 @@ def triton_pod_attention(
         PRECISION="ieee" if kp.cache.dtype == torch.float32 else "tf32",
         WRITE_SCORES=write, READ_SCORES=read,
     )
+
+
+@triton.jit
+def _write_slots_kernel(cache_ptr, c_sb, c_sh, c_ss, slots_ptr, data_ptr, d_st, d_sh,
+                        block_size, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    """cache[slot // block_size, head, slot % block_size, :C] = data[token, head, :C]."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    slot = tl.load(slots_ptr + token)
+    c = tl.arange(0, BLOCK_C)
+    row = tl.load(data_ptr + token * d_st + head * d_sh + c, mask=c < C, other=0.0)
+    at = cache_ptr + (slot // block_size) * c_sb + head * c_sh + (slot % block_size) * c_ss + c
+    written = (c < C) & ((c * 0 + slot) >= 0)  # [C]-shaped: the interpreter's masks
+    tl.store(at, row.to(cache_ptr.dtype.element_ty), mask=written)
+
+
+def triton_write_slots(cache: torch.Tensor, slots: torch.Tensor, block_size: int,
+                       data: torch.Tensor) -> None:
+    """cache [blocks, Hkv, block_size, C] (channels dense) at each token's slot = data
+    [T, Hkv, C]; slots < 0 (padding) are skipped on the device, with no host sync, so
+    the write can sit in a CUDA graph."""
+    tokens = slots.shape[0]
+    if tokens == 0:
+        return
+    channels = cache.shape[-1]
+    _write_slots_kernel[(tokens, cache.shape[1])](
+        cache, cache.stride(0), cache.stride(1), cache.stride(2), slots, data,
+        data.stride(0), data.stride(1), block_size,
+        C=channels, BLOCK_C=triton.next_power_of_2(channels))
