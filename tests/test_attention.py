@@ -415,7 +415,8 @@ def run_estimated(impl, seqs, feed, block_size, gen, *, sink, recent, size, shar
                               SummaryPart.log_weights(size, HEADS, offsets))
         token_rows = torch.cat([torch.full((b - a,), i) for i, (_, a, b) in enumerate(spans)])
         positions = torch.cat([torch.arange(a, b) for _, a, b in spans])
-        write_summaries(own_keys, summary, token_rows, positions)
+        ends = (positions + 1) % size == 0  # as the metadata builder selects them
+        write_summaries(own_keys, summary, token_rows[ends], positions[ends])
         q = torch.cat([seqs[r]["q"][a:b] for r, a, b in spans])
         inputs = LayerInputs(
             q=q, scale=SCALE, k_prox=own_keys,

@@ -31,17 +31,14 @@ from vllm_layershare.attention.paged import PagedPart, SummaryPart, row_batches
 
 
 def write_summaries(keys: PagedPart, summary: SummaryPart, rows: torch.Tensor,
-                    positions: torch.Tensor) -> None:
-    """Store kbar of every block whose last token is among `positions` (this step's
-    tokens, of requests `rows`), read back from the key window."""
+                    ends: torch.Tensor) -> None:
+    """Store kbar of the blocks whose last token is at `ends` (this step's tokens that
+    complete a block, of requests `rows`; the metadata builder finds them on the host,
+    so nothing here waits for the device), read back from the key window."""
     size = summary.summary_tokens
-    done = (positions + 1) % size == 0
-    if not bool(done.any()):
-        return
-    rows, last = rows[done], positions[done]
-    span = last[:, None] - size + 1 + torch.arange(size, device=last.device)
+    span = ends[:, None] - size + 1 + torch.arange(size, device=ends.device)
     mean = keys.gather(rows, span).float().mean(1)  # [n, Hkv, D]
-    pages, states = summary.locate(rows, (last // size)[:, None])
+    pages, states = summary.locate(rows, (ends // size)[:, None])
     summary.cache[pages[:, 0], :, states[:, 0]] = mean.to(summary.cache.dtype)
 
 
