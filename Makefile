@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 TARGET  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP   := $(VENV)/.installed-$(TARGET)
 
-.PHONY: install test lint model demo bench quality clean
+.PHONY: install test lint model demo bench gpu-check quality clean
 
 install: $(STAMP)
 
@@ -45,6 +45,13 @@ demo: model
 bench: install
 	$(VPY) benchmarks/throughput.py --grouping configs/smollm2-135m-groups3.yaml \
 		configs/smollm2-135m/groups3-estimated.yaml
+
+# On a bare GPU machine (PyTorch, Triton, pytest; no vLLM, no install): the Triton
+# kernels' tests compiled, not interpreted, then the kernel benchmark (docs/benchmarks.md).
+gpu-check:
+	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a GPU')"
+	PYTHONPATH=. $(PY) -m pytest -q tests/test_attention.py -k "triton or leaders_scores"
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(PY) benchmarks/kernels.py
 
 # docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock
 # attention through vLLM (about 3 h on a 2-core CPU machine).
