@@ -6,8 +6,11 @@
 Runs the model (Hugging Face transformers, float32, CPU) on windows of calibration
 text, records each layer's softmax over the distant tokens D(i) of sampled queries,
 averages S(a, l) = 1 - JSD (tools/similarity.py) over queries and heads, and groups
-consecutive layers greedily (tools/grouping.py). Writes the grouping file, the
-similarities per layer and per head as JSON next to it, and optionally a heatmap.
+consecutive layers greedily (tools/grouping.py). With --method damage it measures
+instead what following each leader costs (tools/damage.py: the change of the
+follower's attention output, or of the model's next-token distribution) and picks
+the least-damage groups for a target saving. Writes the grouping file, the
+measurements per layer and per head as JSON next to it, and optionally a heatmap.
 """
 
 from __future__ import annotations
