@@ -46,11 +46,13 @@ bench: install
 	$(VPY) benchmarks/throughput.py --grouping configs/smollm2-135m-groups3.yaml \
 		configs/smollm2-135m/groups3-estimated.yaml
 
-# On a bare GPU machine (PyTorch, Triton, pytest; no vLLM, no install): the Triton
-# kernels' tests compiled, not interpreted, then the kernel benchmark (docs/benchmarks.md).
+# On a bare GPU machine (PyTorch, Triton, nvcc, pytest; no vLLM, no install): the Triton
+# kernels' tests compiled, not interpreted, and csrc's CUDA kernel built and tested on the
+# GPU, then the kernel benchmark (docs/benchmarks.md).
 gpu-check:
 	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a GPU')"
-	PYTHONPATH=. $(PY) -m pytest -q tests/test_attention.py -k "triton or leaders_scores"
+	PYTHONPATH=. $(PY) -m pytest -q tests/test_attention.py tests/test_cuda_kernel.py \
+		-k "triton or leaders_scores or cuda"
 	PYTHONPATH=. PYTHONUNBUFFERED=1 $(PY) benchmarks/kernels.py
 
 # docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock

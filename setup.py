@@ -2,18 +2,53 @@
 
 Builds the CPU attention kernel (csrc/pod_attention_cpu.cpp) when PyTorch is
 importable at build time (install with --no-build-isolation, as the Makefile does);
-without it the package still installs and uses the portable PyTorch path.
+without it the package still installs and uses the portable PyTorch path. With a CUDA
+PyTorch and nvcc it also builds csrc's CUDA decode kernel into a plain shared library
+(vllm_layershare/_pod_decode_cuda.so, loaded by ctypes); otherwise it says so and
+skips it.
 """
 
 import os
+import sys
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ext_modules, cmdclass = [], {}
 try:
+    import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 except ImportError:  # no torch at build time: portable path only
     CppExtension = None
+
+CUDA_ARCHS = ["sm_80", "sm_90"]  # the backend's floor (Ampere) and Hopper
+
+
+def _cuda_decode_module():
+    """vllm_layershare/attention/cuda_decode.py from this checkout (not installed yet)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from vllm_layershare.attention import cuda_decode
+
+    return cuda_decode
+
+
+if CppExtension is not None:
+
+    class BuildWithCuda(BuildExtension):
+        """build_ext, then the CUDA decode library next to the extension when it can."""
+
+        def run(self):
+            super().run()
+            if torch.version.cuda is None or os.environ.get("LAYERSHARE_NO_EXT") == "1":
+                print("layershare: CPU PyTorch, CUDA decode kernel not built")
+                return
+            cuda_decode = _cuda_decode_module()
+            if cuda_decode.find_nvcc() is None:
+                print("layershare: no nvcc, CUDA decode kernel not built")
+                return
+            out = Path(self.get_ext_fullpath("vllm_layershare._C")).parent / "_pod_decode_cuda.so"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cuda_decode.build(out, CUDA_ARCHS, Path(__file__).parent / "csrc/pod_decode_cuda.cu")
 if CppExtension is not None and os.environ.get("LAYERSHARE_NO_EXT") != "1":
     # Built on the machine it runs on; native ISA for the vector loops.
     # -fno-trapping-math/-fno-math-errno let floor and the exp polynomial vectorize;
@@ -25,7 +60,7 @@ if CppExtension is not None and os.environ.get("LAYERSHARE_NO_EXT") != "1":
         CppExtension("vllm_layershare._C", ["csrc/pod_attention_cpu.cpp"],
                      extra_compile_args=[*flags, "-fopenmp"], extra_link_args=["-fopenmp"])
     )
-    cmdclass["build_ext"] = BuildExtension
+    cmdclass["build_ext"] = BuildWithCuda
 
 setup(
     name="vllm-layershare",

@@ -8,17 +8,23 @@ also writes its followers' shared decode scores, of the follower kernel (share
 scores, sink 16, recent 1008; in decode it reads the leader's scores, not its keys),
 of PyTorch's scaled_dot_product_attention on the same data laid out densely (a
 sanity line), the bytes each kernel must read over its time against the device's
-measured copy bandwidth, and follower / full.
+measured copy bandwidth, and follower / full. In decode it also times the CUDA kernel
+of csrc/ (built here with nvcc, when there is one) as a leader and as a follower that
+reads the leader's keys (it has no shared scores).
 
     python benchmarks/kernels.py                 # on a GPU
+    python benchmarks/kernels.py --sweep         # launch shapes compared (TritonConfig)
     TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # tiny shapes, CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a bare checkout
 
+from vllm_layershare.attention import cuda_decode  # noqa: E402
 from vllm_layershare.attention.paged import LayerInputs, PagedPart, SharedScores  # noqa: E402
-from vllm_layershare.attention.triton_paged import triton_pod_attention  # noqa: E402
+from vllm_layershare.attention.triton_paged import (  # noqa: E402
+    DEFAULT_CONFIG,
+    TritonConfig,
+    decode_split_len,
+    triton_pod_attention,
+)
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16
 SINK, RECENT = 16, 1008
@@ -73,8 +85,9 @@ def paged_layer(batch: int, context: int, queries: int, device: torch.device, dt
     leader = torch.randn(blocks, KV_HEADS, BLOCK, 2 * DIM, device=device, dtype=dtype)
     values = torch.randn(blocks, KV_HEADS, BLOCK, DIM, device=device, dtype=dtype)
     q = torch.randn(batch * queries, HEADS, DIM, device=device, dtype=dtype)
-    starts = list(range(0, batch * queries + 1, queries))
-    return leader, values, table, q, starts, [context] * batch
+    starts = torch.arange(0, batch * queries + 1, queries, device=device, dtype=torch.int32)
+    lens = torch.full((batch,), context, device=device, dtype=torch.int32)
+    return leader, values, table, q, starts, lens
 
 
 def layer_inputs(leader, values, table, q, role: str, recent: int,
@@ -93,9 +106,39 @@ def layer_inputs(leader, values, table, q, role: str, recent: int,
                        k_distant=keys, shared_scores=shared)
 
 
-def kernel_ms(inputs: LayerInputs, starts: list[int], lens: list[int], out: torch.Tensor,
-              repeats: int) -> float:
-    return timed_ms(lambda: triton_pod_attention(inputs, starts, lens, out), out.device, repeats)
+def kernel_ms(inputs: LayerInputs, starts: torch.Tensor, lens: torch.Tensor,
+              out: torch.Tensor, repeats: int, config: TritonConfig = DEFAULT_CONFIG) -> float:
+    """The backend's call: device metadata, host maxima."""
+    max_q = int((starts[1:] - starts[:-1]).max())
+    max_len = int(lens.max())
+    return timed_ms(lambda: triton_pod_attention(inputs, starts, lens, out, max_q, max_len,
+                                                 config), out.device, repeats)
+
+
+def cuda_ms(lib, inputs: LayerInputs, lens: torch.Tensor, repeats: int,
+            config: TritonConfig) -> float:
+    """csrc's decode kernel on the same caches (float32 queries and output)."""
+    q = inputs.q.float()
+    out = torch.empty_like(q)
+    num_reqs, kv_heads = q.shape[0], inputs.k_prox.cache.shape[1]
+    max_len = int(lens.max())
+    splits = -(-max_len // decode_split_len(max_len, num_reqs, kv_heads, q.device, config))
+    need = lib.layershare_pod_decode_workspace_bytes(num_reqs, q.shape[1], q.shape[2], splits)
+    workspace = torch.empty(need // 4 + 1, device=q.device)
+    int32 = [dataclasses.replace(p, block_table=p.block_table.int()) if p else None
+             for p in (inputs.k_prox, inputs.v, inputs.k_distant)]
+    lens32 = lens.int()
+    return timed_ms(lambda: cuda_decode.cuda_pod_decode(
+        lib, q, int32[0], int32[1], lens32, out, inputs.scale, q_distant=q, k_distant=int32[2],
+        sink=inputs.sink, recent=inputs.recent, num_splits=splits, workspace=workspace),
+        q.device, repeats)
+
+
+def cuda_library(device: torch.device):
+    """csrc's decode kernel built for this GPU, or None (no GPU, no nvcc)."""
+    if device.type != "cuda" or cuda_decode.find_nvcc() is None:
+        return None
+    return cuda_decode.load(cuda_decode.build(Path(tempfile.mkdtemp()) / "pod_decode.so"))
 
 
 def bytes_read(batch: int, context: int, queries: int, role: str, recent: int) -> int:
@@ -128,38 +171,103 @@ def fits(batch: int, context: int, device: torch.device) -> bool:
     return need < 0.8 * torch.cuda.mem_get_info()[0]
 
 
+# Launch shapes compared by --sweep (fields of TritonConfig).
+SWEEP_DECODE = [dict(decode_block_n=n, decode_warps=w, decode_stages=st, programs_per_sm=p)
+                for n, w, st, p in [(32, 4, 2, 4), (32, 4, 2, 16), (32, 4, 2, 32), (64, 4, 2, 4),
+                                    (64, 4, 2, 16), (64, 4, 2, 32), (64, 8, 2, 16),
+                                    (128, 4, 2, 16)]]
+SWEEP_PREFILL = [dict(prefill_block_m=m, prefill_block_n=n, prefill_warps=w,
+                      prefill_stages=st)
+                 for m, n, w, st in [(64, 32, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3)]]
+SWEEP_CASES = [("decode", 32768, 16, 1), ("decode", 32768, 64, 1), ("prefill", 32768, 1, 2048)]
+
+
+def sweep(cases, device: torch.device, dtype, repeats: int, recent: int) -> dict:
+    """Times each launch shape of SWEEP_DECODE / SWEEP_PREFILL on each case; returns the
+    fields of the shapes with the least full + follower time summed over the cases."""
+    totals: dict[str, dict[str, float]] = {"decode": {}, "prefill": {}}
+    for case, context, batch, queries in cases:
+        leader, values, table, q, starts, lens = paged_layer(batch, context, queries, device,
+                                                             dtype)
+        out = torch.empty_like(q)
+        scores = torch.empty(HEADS, leader.shape[0] * BLOCK, device=device)
+        print(f"\n{case}, context {context}, batch {batch}\n\n| shape | full ms "
+              "| full+share ms | follower ms |\n|---|---|---|---|")
+        for shape in SWEEP_DECODE if case == "decode" else SWEEP_PREFILL:
+            config = TritonConfig(**shape)
+            ms = [kernel_ms(layer_inputs(leader, values, table, q, role, recent, scores),
+                            starts, lens, out, repeats, config)
+                  for role in ("full", "writing", "follower")]
+            key = json.dumps(shape)
+            totals[case][key] = totals[case].get(key, 0.0) + ms[0] + ms[2]
+            print(f"| {shape} | " + " | ".join(f"{t:.3f}" for t in ms) + " |", flush=True)
+        del leader, values, scores
+    best = {}
+    for by_shape in totals.values():
+        if by_shape:
+            best.update(json.loads(min(by_shape, key=by_shape.get)))
+    print(f"\nfastest: {best}")
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
+    parser.add_argument("--sweep", metavar="JSON", nargs="?", const="-",
+                        help="compare launch shapes; the fastest go to JSON (if named)")
+    parser.add_argument("--config", metavar="JSON", help="TritonConfig fields, as a JSON "
+                        "object or a file (what --sweep wrote); default: the defaults")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--contexts", type=int, nargs="*", help="only these contexts")
+    parser.add_argument("--batches", type=int, nargs="*", help="only these decode batches")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cases = SMOKE_CASES if args.smoke else CASES
+    cases = [c for c in (SMOKE_CASES if args.smoke else CASES)
+             if (not args.contexts or c[1] in args.contexts)
+             and (not args.batches or c[0] != "decode" or c[2] in args.batches)]
     repeats = 2 if args.smoke else args.repeats
     recent = 64 if args.smoke else RECENT  # the smoke contexts must have distant tokens
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
     bandwidth = copy_bandwidth_gbs(device, 4 if args.smoke else 2048)
     print(f"{name}; copy bandwidth {bandwidth:.0f} GB/s; {HEADS} query / {KV_HEADS} KV heads, "
           f"head dim {DIM}, {dtype}, block {BLOCK}; follower: share scores, sink {SINK}, "
-          f"recent {recent}\n")
-    print("| case | context | batch | full ms | full+share ms | follower ms | follower/full "
-          "| SDPA ms | full GB/s (% copy) | follower GB/s (% copy) |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+          f"recent {recent}; {DEFAULT_CONFIG}")
+    if args.sweep:
+        best = sweep(SMOKE_CASES if args.smoke else SWEEP_CASES, device, dtype, repeats, recent)
+        if args.sweep != "-":
+            Path(args.sweep).write_text(json.dumps(best))
+        return
+    config = DEFAULT_CONFIG
+    if args.config:
+        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
+        config = TritonConfig(**json.loads(text))
+        print(f"launch shapes: {config}")
+    lib = cuda_library(device)
+    print("\n| case | context | batch | full ms | full+share ms | follower ms | follower/full "
+          "| SDPA ms | full GB/s (% copy) | follower GB/s (% copy) | CUDA full ms "
+          "| CUDA follower ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case, context, batch, queries in cases:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the last case's blocks: the next may need them all
         if not fits(batch, context, device):
             print(f"| {case} | {context} | {batch} | (does not fit) |")
             continue
         leader, values, table, q, starts, lens = paged_layer(batch, context, queries, device,
                                                              dtype)
         out = torch.empty_like(q)
-        scores = torch.empty(leader.shape[0] * BLOCK, HEADS, device=device)
+        scores = torch.empty(HEADS, leader.shape[0] * BLOCK, device=device)
+        inputs = {role: layer_inputs(leader, values, table, q, role, recent, scores)
+                  for role in ("full", "writing", "follower")}
         # in this order: the follower reads what the writing leader left
-        ms = {role: kernel_ms(layer_inputs(leader, values, table, q, role, recent, scores),
-                              starts, lens, out, repeats)
-              for role in ("full", "writing", "follower")}
-        del leader, values, scores
+        ms = {role: kernel_ms(inputs[role], starts, lens, out, repeats, config)
+              for role in inputs}
+        cuda = ["-", "-"]
+        if lib is not None and queries == 1:
+            cuda = [f"{cuda_ms(lib, inputs[role], lens, repeats, config):.3f}"
+                    for role in ("full", "follower")]
+        del leader, values, scores, inputs
         sdpa = sdpa_ms(batch, context, queries, device, dtype, repeats)
         rates = []
         for role in ("full", "follower"):
@@ -167,7 +275,7 @@ def main() -> None:
             rates.append(f"{gbs:.0f} ({100 * gbs / bandwidth:.0f}%)")
         print(f"| {case} | {context} | {batch} | {ms['full']:.3f} | {ms['writing']:.3f} | "
               f"{ms['follower']:.3f} | {ms['follower'] / ms['full']:.2f}x | {sdpa:.3f} | "
-              f"{rates[0]} | {rates[1]} |", flush=True)
+              f"{rates[0]} | {rates[1]} | {cuda[0]} | {cuda[1]} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,28 +18,39 @@ HEADS, KV_HEADS, DIM = 4, 2, 8
 SCALE = 1.0 / math.sqrt(DIM)
 
 
-def triton_impl():
+def triton_impl(**config):
     """The Triton kernels: compiled on a GPU where there is one, else run by Triton's
-    interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET then)."""
-    from vllm_layershare.attention.triton_paged import triton_pod_attention
+    interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET then). Small tiles and
+    decode chunks of 13 positions (unless `config` says otherwise), so that the short
+    test sequences cross tile, chunk and page boundaries."""
+    from vllm_layershare.attention.triton_paged import TritonConfig, triton_pod_attention
 
-    return on_gpu(triton_pod_attention) if torch.cuda.is_available() else triton_pod_attention
+    config = TritonConfig(**{"split_len": 13, "decode_block_n": 16, "prefill_block_m": 32,
+                             "prefill_block_n": 16, **config})
+
+    def run(inputs, query_start_loc, seq_lens, output):
+        triton_pod_attention(inputs, query_start_loc, seq_lens, output, config=config)
+    return on_gpu(run) if torch.cuda.is_available() else run
 
 
 def on_gpu(impl):
-    """Run `impl` on copies of its CPU inputs on the GPU; copy the output back."""
-    def moved(value):
-        if isinstance(value, torch.Tensor):
-            return value.cuda()
-        if hasattr(value, "__dataclass_fields__"):
-            return replace(value, **{f.name: moved(getattr(value, f.name))
-                                     for f in fields(value)})
-        return value
-
+    """Run `impl` on GPU copies of its CPU inputs; copy back every tensor afterwards, the
+    output and the buffers a kernel writes (a leader's shared scores) alike."""
     def run(inputs, query_start_loc, seq_lens, output):
-        out = output.cuda()
-        impl(moved(inputs), query_start_loc, seq_lens, out)
-        output.copy_(out.cpu())
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def moved(value):
+            if isinstance(value, torch.Tensor):
+                copies.append((value, value.cuda()))
+                return copies[-1][1]
+            if hasattr(value, "__dataclass_fields__"):
+                return replace(value, **{f.name: moved(getattr(value, f.name))
+                                         for f in fields(value)})
+            return value
+
+        impl(moved(inputs), query_start_loc, seq_lens, moved(output))
+        for host, device in copies:
+            host.copy_(device.cpu())
     return run
 
 
@@ -172,6 +183,21 @@ def test_paged_equals_dense_reference(impl, share, feed, block_size):
     for seq, out in zip(seqs, outs, strict=False):
         ref = reference(seq, sink=3, recent=9, share=share)
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("split_len", [3, 64, None])
+def test_triton_decode_any_split_length(split_len):
+    """Decode cut into chunks of any length (None: as many as fill the device), merged by
+    log-sum-exp, equals the dense reference; prefill rows in the same steps too."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = [37, 20, 51]
+    seqs = [random_sequence(n, gen) for n in lengths]
+    impl = triton_impl(split_len=split_len)
+    outs = run_paged(impl, seqs, [FEEDS["prefill_then_decode"](n) for n in lengths], 4, gen,
+                     sink=3, recent=9, share="scores")
+    for seq, out in zip(seqs, outs, strict=True):
+        torch.testing.assert_close(out.double(), reference(seq, sink=3, recent=9),
+                                   atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("tau", [0.3, 0.7, 1.0])
@@ -498,7 +524,7 @@ def test_decode_followers_read_the_leaders_scores():
     seqs = [random_sequence(n, gen) for n in lengths]
     feed = [[30] + [1] * 10, [20, 9], [20, 20] + [1] * 12]
     batch = PagedBatch(lengths, block_size, gen)
-    scores = torch.full((batch.num_blocks * block_size, HEADS), float("nan"))
+    scores = torch.full((HEADS, batch.num_blocks * block_size), float("nan"))
     lead_outs = [torch.zeros(n, HEADS, DIM) for n in lengths]
     outs = [torch.zeros(n, HEADS, DIM) for n in lengths]
     done = [0] * len(seqs)

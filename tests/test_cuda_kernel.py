@@ -8,13 +8,14 @@
    (vllm_layershare/attention/reference.py) on paged caches with shuffled block tables.
    Cache slots the kernel must not read (a follower's freed keys, the leader's keys
    outside the distant set, channels outside [lo, hi)) hold NaN, so a stray read shows.
+3. On a machine with a GPU (`make gpu-check`), the kernel itself, built by nvcc for
+   that GPU, on the same cases.
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -23,22 +24,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from vllm_layershare.attention import cuda_decode
+from vllm_layershare.attention.cuda_decode import (
+    DTYPE_CODES,
+    F32,
+    I32,
+    I64,
+    PART,
+    PTR,
+    PagedPartC,
+    find_nvcc,
+)
+from vllm_layershare.attention.paged import PagedPart
 from vllm_layershare.attention.reference import dense_attention, dense_pod_attention
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 UNBOUNDED = 1 << 40
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 LO, EXTRA = 3, 2  # the cache holds EXTRA channels after and LO before the part read
 # (emulated threads per block, reverse order): the GPU's 128, in both orders, and odd
 # counts; every schedule must give bit-identical outputs (no race inside a phase).
 SCHEDULES = [(128, False), (128, True), (37, True), (1, False)]
-
-
-def find_nvcc() -> str | None:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and Path(home, "bin", "nvcc").is_file():
-            return str(Path(home, "bin", "nvcc"))
-    return shutil.which("nvcc")
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -56,17 +61,17 @@ def test_nvcc_compiles(arch, tmp_path):
     assert obj.stat().st_size > 0
 
 
-class PagedPartC(ctypes.Structure):
-    """LayersharePagedPart of csrc/pod_decode.cuh."""
-
-    _fields_ = [("data", ctypes.c_void_p), ("stride_block", ctypes.c_int64),
-                ("stride_head", ctypes.c_int64), ("stride_slot", ctypes.c_int64),
-                ("block_table", ctypes.c_void_p), ("table_stride", ctypes.c_int64),
-                ("block_size", ctypes.c_int32)]
 
 
-I64, I32, F32, PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-PART = ctypes.POINTER(PagedPartC)
+def test_shared_library_builds_and_loads(tmp_path, host_lib):
+    """What setup.py builds on a CUDA machine: the library, loadable without a GPU, its
+    host-side workspace size equal to the host build's."""
+    if find_nvcc() is None:
+        pytest.skip("nvcc not found (CUDA_HOME, /usr/local/cuda or PATH); CI has it")
+    lib = cuda_decode.load(cuda_decode.build(tmp_path / "pod_decode.so", ["sm_80"]))
+    for shape in [(1, 8, 16, 1), (5, 32, 128, 7)]:
+        assert (lib.layershare_pod_decode_workspace_bytes(*shape)
+                == host_lib.layershare_pod_decode_workspace_bytes(*shape) > 0)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +103,16 @@ def host_lib(tmp_path_factory):
     return lib
 
 
+@pytest.fixture(scope="module")
+def cuda_lib(tmp_path_factory):
+    """csrc/pod_decode_cuda.cu built by nvcc for this machine's GPU, through ctypes."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU here: the host build runs the kernel's schedule instead")
+    assert find_nvcc() is not None, "a GPU machine needs nvcc to build csrc/"
+    return cuda_decode.load(cuda_decode.build(
+        tmp_path_factory.mktemp("pod_decode_cuda") / "libpod_decode_cuda.so"))
+
+
 @dataclass
 class Paged:
     """A part of a paged cache and the tensors it points into (kept alive here)."""
@@ -110,6 +125,9 @@ class Paged:
         return PagedPartC(self.cache.data_ptr() + LO * self.cache.element_size(),
                           *self.cache.stride()[:3], self.table.data_ptr(), self.table.stride(0),
                           self.block_size)
+
+    def to(self, device: str) -> Paged:
+        return Paged(self.cache.to(device), self.table.to(device), self.block_size)
 
 
 def page(rows: list[torch.Tensor], readable: list[torch.Tensor], block_size: int,
@@ -271,27 +289,47 @@ def prepare(case: Case) -> Prepared:
 def run_host(lib, p: Prepared, splits: int, threads: int = 128, reverse: bool = False,
              **override) -> torch.Tensor:
     """The host build of the kernel; checks that it writes only out and its workspace."""
+    return run_kernel(lib.layershare_pod_decode_host, lib, p, splits, "cpu",
+                      dict(threads=threads, reverse=int(reverse)), override)
+
+
+def run_cuda(lib, p: Prepared, splits: int) -> torch.Tensor:
+    """The CUDA kernel on this machine's GPU, on the current stream."""
+    stream = torch.cuda.current_stream().cuda_stream
+    out = run_kernel(lib.layershare_pod_decode, lib, p, splits, "cuda", dict(stream=stream))
+    return out.cpu()
+
+
+def run_kernel(fn, lib, p: Prepared, splits: int, device: str, tail: dict,
+               override: dict | None = None) -> torch.Tensor:
+    """Calls the launcher `fn` on `device` copies of p; `tail` ends its arguments,
+    `override` replaces some."""
     c = p.case
     b, h, dv = len(c.lens), c.heads, c.dim_v
-    out_buf = torch.full((b, h + 1, dv + 2), math.nan)
+    out_buf = torch.full((b, h + 1, dv + 2), math.nan, device=device)
     out = out_buf[:, :h, :dv]
     ws_bytes = lib.layershare_pod_decode_workspace_bytes(b, h, dv, splits)
     guard = 64
-    workspace = torch.full((ws_bytes // 4 + guard,), 12345.0)
-    k_prox, v, k_dist = (part.c() if part else None for part in p.parts)
+    workspace = torch.full((ws_bytes // 4 + guard,), 12345.0, device=device)
+    parts = [part.to(device) if part else None for part in p.parts]
+    k_prox, v, k_dist = (part.c() if part else None for part in parts)
+    q, q_d = p.q.to(device), p.q_distant.to(device)
+    seq_lens = p.seq_lens.to(device)
     args = dict(
         out=out.data_ptr(), out_s0=out.stride(0), out_s1=out.stride(1),
-        q=p.q.data_ptr(), q_s0=p.q.stride(0), q_s1=p.q.stride(1),
-        qd=p.q_distant.data_ptr(), qd_s0=p.q_distant.stride(0), qd_s1=p.q_distant.stride(1),
+        q=q.data_ptr(), q_s0=q.stride(0), q_s1=q.stride(1),
+        qd=q_d.data_ptr(), qd_s0=q_d.stride(0), qd_s1=q_d.stride(1),
         k_prox=ctypes.byref(k_prox), v=ctypes.byref(v),
         k_dist=ctypes.byref(k_dist) if k_dist else None, dtype=DTYPE_CODES[c.dtype],
-        seq_lens=p.seq_lens.data_ptr(), reqs=b, heads=h, kv_heads=c.kv_heads, dim=c.dim,
+        seq_lens=seq_lens.data_ptr(), reqs=b, heads=h, kv_heads=c.kv_heads, dim=c.dim,
         dim_v=dv, scale=p.scale, sink=c.sink, recent=c.recent,
         tau=-1.0 if p.tau is None else p.tau, n_splits=splits, ws=workspace.data_ptr(),
-        ws_bytes=ws_bytes, threads=threads, reverse=int(reverse),
+        ws_bytes=ws_bytes, **tail,
     )
-    args.update(override)
-    status = lib.layershare_pod_decode_host(*args.values())
+    args.update(override or {})
+    status = fn(*args.values())
+    if device == "cuda":
+        torch.cuda.synchronize()
     assert status == 0, f"launcher returned {status}"
     assert torch.all(workspace[ws_bytes // 4:] == 12345.0), "wrote past the workspace"
     assert out_buf[:, h:].isnan().all() and out_buf[:, :h, dv:].isnan().all(), "wrote past out"
@@ -307,6 +345,32 @@ def prepared():
             cache[name] = prepare(CASES[name])
         return cache[name]
     return get
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_kernel_matches_reference(cuda_lib, prepared, name):
+    p = prepared(name)
+    for splits in sorted({1, 3, max(p.case.lens) + 5}):
+        torch.testing.assert_close(run_cuda(cuda_lib, p, splits).double(), p.expected,
+                                   atol=2e-5, rtol=2e-5,
+                                   msg=lambda m, s=splits: f"{name}, {s} splits: {m}")
+
+
+@pytest.mark.parametrize("name", ["scores-bf16", "leader-fp32", "keys-gate-bf16"])
+def test_cuda_pod_decode_wrapper(cuda_lib, prepared, name):
+    """The torch-facing call (cuda_decode.cuda_pod_decode) on GPU tensors."""
+    p = prepared(name)
+    c = p.case
+    parts = [PagedPart(part.cache.cuda(), LO, LO + part.cache.shape[-1] - LO - EXTRA,
+                                   part.table.cuda(), part.block_size) if part else None
+             for part in p.parts]
+    out = torch.full((len(c.lens), c.heads, c.dim_v), math.nan, device="cuda")
+    cuda_decode.cuda_pod_decode(
+        cuda_lib, p.q.cuda(), parts[0], parts[1], p.seq_lens.cuda(), out, p.scale,
+        q_distant=p.q_distant.cuda(), k_distant=parts[2], sink=c.sink, recent=c.recent,
+        gate_tau=p.tau, num_splits=3)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.cpu().double(), p.expected, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("name", list(CASES))

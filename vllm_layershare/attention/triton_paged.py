@@ -1,8 +1,12 @@
 """Paged PoD attention in Triton (the CUDA platform), same contract as portable.py.
 
-One program per (request, tile of query tokens, KV head). The tile packs every
-query head of that KV head into its rows, so each key and value loaded from the
-paged cache serves the whole GQA group. Per row it keeps two online softmaxes:
+Two kernels. Rows with several queries (prefill, chunked prefill): one program per
+(request, tile of query tokens, KV head). Rows with one query (decode): split over
+the context, one program per (request, KV head, chunk of the context), each leaving
+partial softmax states that a second kernel merges by log-sum-exp, so that a small
+batch of long sequences still fills the GPU. Either way a tile packs every query head
+of a KV head into its rows, so each key and value loaded from the paged cache serves
+the whole GQA group. Per row it keeps two online softmaxes:
 
     proximal  (m_P, l_P, acc_P)  over sinks U window, q . k_prox, own V
     distant   (m_D, l_D, acc_D)  over [n_s, i - n_r],  q_distant . k_distant, own V
@@ -13,10 +17,11 @@ the follower's own log-mass over its block summaries and exact keys (mass.py).
 No score matrix is materialised; freed key blocks are never read.
 
 Share `scores`, rows with one query (decode): the distant logits of a follower are
-the leader's own. The leader's pass stores them per slot of its cache and query head
+the leader's own. The leader's pass stores them per query head and slot of its cache
 (`SharedScores`), and its followers read those floats instead of the leader's keys,
 so a decoding follower reads its V, its key window and one float per distant token
-and query head: about half the bytes of a full layer.
+and query head: about half the bytes of a full layer (0.60-0.70x the time on an
+H200 at 32K-128K context and batch >= 16, docs/benchmarks.md).
 
 On a machine without a GPU the same kernels run under TRITON_INTERPRET=1 on CPU
 tensors (the tests do); the interpreter keeps bf16 as raw integers, so loads are
@@ -24,6 +29,9 @@ converted to float32 there (UPCAST).
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -57,39 +65,39 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, q_pos, sink, recent, scale,
           exact_lo, exact_hi,
           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-          sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok, q_len,
+          sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok,
           D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
           MODE: tl.constexpr, WITH_V: tl.constexpr, UPCAST: tl.constexpr,
           PRECISION: tl.constexpr, WRITE_SCORES: tl.constexpr, READ_SCORES: tl.constexpr):
     """One online-softmax pass over key positions [lo, hi): returns (m, l, acc).
 
-    Shared scores (rows with q_len 1): WRITE_SCORES stores the logits of the followers'
-    distant positions [sc_sink, q_pos - sc_recent] at their slots of this cache;
-    READ_SCORES takes the logits from there instead of loading keys.
+    Shared scores, decode rows only: WRITE_SCORES stores the logits of the followers'
+    distant positions [sc_sink, q_pos - sc_recent] at their slots of this cache (the
+    buffer is [H, slots]); READ_SCORES takes the logits from there and loads no keys.
     """
     d = tl.arange(0, BLOCK_D)
+    if READ_SCORES:  # one tile ahead: Triton pipelines only the loads that feed tl.dot
+        s_next = _shared_logits(lo, hi, row, k_table, k_table_stride, k_bs, sc_ptr, sc_stride,
+                                head, row_ok, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         in_range = n < hi
-        page = tl.load(k_table + row * k_table_stride + n // k_bs, mask=in_range, other=0)
-        slot = page * k_bs + n % k_bs
-        # [N]-shaped (the interpreter does not broadcast scalar masks): shared row?
-        single = (n * 0 + q_len) == 1
-        k_mask = in_range[:, None] & (d[None, :] < D)
-        if READ_SCORES:  # masked-off loads move no bytes: shared rows read no keys
-            k_mask = k_mask & ~single[:, None]
-        k = tl.load(k_ptr + page[:, None] * k_sb + kv_head * k_sh
-                    + (n % k_bs)[:, None] * k_ss + d[None, :], mask=k_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        if READ_SCORES or WRITE_SCORES:
-            shared = (in_range & single)[None, :] & row_ok[:, None]
-            at = sc_ptr + slot[None, :] * sc_stride + head[:, None]
         if READ_SCORES:
-            s = tl.where(single[None, :], tl.load(at, mask=shared, other=0.0), s)
-        if WRITE_SCORES:
-            tl.store(at, s, mask=shared & _keep(n, q_pos, sc_sink, sc_recent, 0, 0, DISTANT))
+            s = s_next
+            s_next = _shared_logits(start + BLOCK_N, hi, row, k_table, k_table_stride, k_bs,
+                                    sc_ptr, sc_stride, head, row_ok, BLOCK_N)
+        else:
+            page = tl.load(k_table + row * k_table_stride + n // k_bs, mask=in_range, other=0)
+            k = tl.load(k_ptr + page[:, None] * k_sb + kv_head * k_sh
+                        + (n % k_bs)[:, None] * k_ss + d[None, :],
+                        mask=in_range[:, None] & (d[None, :] < D), other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            if WRITE_SCORES:
+                at = sc_ptr + head[:, None] * sc_stride + (page * k_bs + n % k_bs)[None, :]
+                tl.store(at, s, mask=row_ok[:, None] & in_range[None, :]
+                         & _keep(n, q_pos, sc_sink, sc_recent, 0, 0, DISTANT))
         keep = _keep(n, q_pos, sink, recent, exact_lo, exact_hi, MODE) & in_range[None, :]
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -106,6 +114,17 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, q_pos, sink, recent, scale,
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return m_i, l_i, acc
+
+
+@triton.jit
+def _shared_logits(start, hi, row, k_table, k_table_stride, k_bs, sc_ptr, sc_stride, head,
+                   row_ok, BLOCK_N: tl.constexpr):
+    """[M, BLOCK_N] logits the leader left for positions start.. (< hi) of rows head."""
+    n = start + tl.arange(0, BLOCK_N)
+    in_range = n < hi
+    page = tl.load(k_table + row * k_table_stride + n // k_bs, mask=in_range, other=0)
+    return tl.load(sc_ptr + head[:, None] * sc_stride + (page * k_bs + n % k_bs)[None, :],
+                   mask=row_ok[:, None] & in_range[None, :], other=0.0)
 
 
 @triton.jit
@@ -144,7 +163,33 @@ def _load_rows(ptr, stride_token, stride_head, tok, head, d, mask, UPCAST: tl.co
 
 
 @triton.jit
-def _pod_attention_kernel(
+def _merge(out_p, m_p, l_p, acc_d, m_d, l_d, q, row, kv_head, first, last, q_pos, sink, recent,
+           scale, gate_tau, log_w_ptr, head, row_ok,
+           kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+           s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+           SUMMARY: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+           PRECISION: tl.constexpr):
+    """g o_P + (1 - g) o_D, g = sigmoid(lse_P - lse_D) with lse_D the distant branch's own
+    or, with SUMMARY, the follower's estimated log-mass; gate skip where tau > 0."""
+    out_d = acc_d / tl.where(l_d > 0, l_d, 1.0)[:, None]
+    lse_p = m_p + tl.log(tl.where(l_p > 0, l_p, 1.0))  # > 0: P holds the query itself
+    lse_d = tl.where(l_d > 0, m_d + tl.log(tl.where(l_d > 0, l_d, 1.0)), float("-inf"))
+    if SUMMARY > 0:
+        log_w = tl.load(log_w_ptr + head, mask=row_ok, other=0.0)
+        lse_d = _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale,
+                                    log_w, kp_ptr, kp_sb, kp_sh, kp_ss, kp_table,
+                                    kp_table_stride, kp_bs, s_ptr, s_sb, s_sh, s_ss, s_table,
+                                    s_table_stride, tokens_per_page, SUMMARY, D, BLOCK_M,
+                                    BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+    gate = 1.0 / (1.0 + tl.exp(lse_d - lse_p))
+    if gate_tau > 0:
+        gate = tl.where(gate >= gate_tau, 1.0, gate)
+    return gate[:, None] * out_p + (1.0 - gate[:, None]) * out_d
+
+
+@triton.jit
+def _prefill_kernel(
     out_ptr, o_st, o_sh,
     q_ptr, q_st, q_sh, qd_ptr, qd_st, qd_sh,
     query_start_loc, seq_lens,
@@ -153,19 +198,18 @@ def _pod_attention_kernel(
     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs,
     s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
     scale, sink, recent, gate_tau, log_w_ptr,
-    sc_ptr, sc_stride, sc_sink, sc_recent,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr, SUMMARY: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WRITE_SCORES: tl.constexpr,
-    READ_SCORES: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Rows of several queries; one-query rows are left to the decode kernels."""
     row = tl.program_id(0)
     tile = tl.program_id(1)
     kv_head = tl.program_id(2)
     TOKENS: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile
     q_begin = tl.load(query_start_loc + row)
     q_len = tl.load(query_start_loc + row + 1) - q_begin
-    if tile * TOKENS >= q_len:
+    if q_len <= 1 or tile * TOKENS >= q_len:
         return
     seq_len = tl.load(seq_lens + row)
     first = seq_len - q_len + tile * TOKENS  # position of the tile's first query
@@ -191,16 +235,16 @@ def _pod_attention_kernel(
                             scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                            sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok, q_len,
+                            out_ptr, 0, 0, 0, head, row_ok,
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
-                            WRITE_SCORES, False)
+                            False, False)
     m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, window, last + 1, q_pos, sink,
                             recent, scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                            sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok, q_len,
+                            out_ptr, 0, 0, 0, head, row_ok,
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
-                            WRITE_SCORES, False)
+                            False, False)
     out = acc_p / tl.where(l_p > 0, l_p, 1.0)[:, None]
 
     if HAS_DISTANT:
@@ -214,25 +258,168 @@ def _pod_attention_kernel(
                                     sink, recent, scale, 0, q_pos,
                                     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride,
                                     kd_bs, v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride,
-                                    v_bs, sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok,
-                                    q_len, D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST,
-                                    PRECISION, False, READ_SCORES)
-            out_d = acc_d / tl.where(l_d > 0, l_d, 1.0)[:, None]
-            lse_p = m_p + tl.log(l_p)  # the proximal branch always holds the query itself
-            lse_d = tl.where(l_d > 0, m_d + tl.log(tl.where(l_d > 0, l_d, 1.0)), float("-inf"))
-            if SUMMARY > 0:
-                log_w = tl.load(log_w_ptr + head, mask=row_ok, other=0.0)
-                lse_d = _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent,
-                                            scale, log_w, kp_ptr, kp_sb, kp_sh, kp_ss,
-                                            kp_table, kp_table_stride, kp_bs, s_ptr, s_sb, s_sh,
-                                            s_ss, s_table, s_table_stride, tokens_per_page,
-                                            SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST,
-                                            PRECISION)
-            gate = 1.0 / (1.0 + tl.exp(lse_d - lse_p))  # sigmoid(lse_P - lse_D)
-            if gate_tau > 0:
-                gate = tl.where(gate >= gate_tau, 1.0, gate)
-            out = gate[:, None] * out + (1.0 - gate[:, None]) * out_d
+                                    v_bs, out_ptr, 0, 0, 0, head, row_ok,
+                                    D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST, PRECISION,
+                                    False, False)
+            out = _merge(out, m_p, l_p, acc_d, m_d, l_d, q, row, kv_head, first, last, q_pos,
+                         sink, recent, scale, gate_tau, log_w_ptr, head, row_ok,
+                         kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+                         s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+                         SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
 
+    tl.store(out_ptr + tok[:, None] * o_st + head[:, None] * o_sh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _decode_rows(query_start_loc, seq_lens, row, kv_head,
+                 GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """A decode program's rows: the GROUP query heads of kv_head for request row's one
+    query (padded to BLOCK_M). -> (q_len, seq_len, token [M], head [M], ok [M], d, mask)."""
+    q_begin = tl.load(query_start_loc + row)
+    q_len = tl.load(query_start_loc + row + 1) - q_begin
+    seq_len = tl.load(seq_lens + row)
+    r = tl.arange(0, BLOCK_M)
+    head = kv_head * GROUP + r
+    row_ok = r < GROUP
+    d = tl.arange(0, BLOCK_D)
+    return (q_len, seq_len, r * 0 + q_begin, head, row_ok, d,
+            row_ok[:, None] & (d[None, :] < D))
+
+
+@triton.jit
+def _partial_index(row, split, branch, num_splits, head, NUM_HEADS: tl.constexpr):
+    """Index of (request, split, branch, head) in the decode partials [R, S, 2, H]."""
+    return ((row * num_splits + split) * 2 + branch) * NUM_HEADS + head
+
+
+@triton.jit
+def _decode_split_kernel(
+    acc_ptr, ml_ptr, num_splits, split_len,
+    q_ptr, q_st, q_sh, qd_ptr, qd_st, qd_sh,
+    query_start_loc, seq_lens,
+    kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+    v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
+    kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs,
+    scale, sink, recent,
+    sc_ptr, sc_stride, sc_sink, sc_recent,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WRITE_SCORES: tl.constexpr,
+    READ_SCORES: tl.constexpr,
+):
+    """Both branches of one decode query over context chunk [lo, hi): unnormalised
+    (m, l, acc) per branch and head into the partials."""
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_len, seq_len, tok, head, row_ok, d, q_mask = _decode_rows(
+        query_start_loc, seq_lens, row, kv_head, GROUP, D, BLOCK_M, BLOCK_D)
+    lo = split * split_len
+    if q_len != 1 or lo >= seq_len:
+        return
+    hi = tl.minimum(lo + split_len, seq_len)
+    i = seq_len - 1
+    q_pos = head * 0 + i
+    q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
+    m_p = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_p = tl.zeros([BLOCK_M], tl.float32)
+    acc_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Proximal: sinks, then the window, each cut to the chunk.
+    m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, lo, tl.minimum(hi, sink), q_pos,
+                            sink, recent, scale, 0, q_pos,
+                            kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+                            v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
+                            sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok,
+                            D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
+                            WRITE_SCORES, False)
+    window = tl.maximum(lo, tl.maximum(sink, i - recent + 1))
+    m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, window, hi, q_pos,
+                            sink, recent, scale, 0, q_pos,
+                            kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+                            v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
+                            sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok,
+                            D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
+                            WRITE_SCORES, False)
+    at = _partial_index(row, split, 0, num_splits, head, NUM_HEADS)
+    tl.store(acc_ptr + at[:, None] * D + d[None, :], acc_p, mask=q_mask)
+    tl.store(ml_ptr + 2 * at, m_p, mask=row_ok)
+    tl.store(ml_ptr + 2 * at + 1, l_p, mask=row_ok)
+    if HAS_DISTANT:  # [n_s, i - n_r] cut to the chunk
+        qd = _load_rows(qd_ptr, qd_st, qd_sh, tok, head, d, q_mask, UPCAST)
+        m_d = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+        l_d = tl.zeros([BLOCK_M], tl.float32)
+        acc_d = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        m_d, l_d, acc_d = _scan(m_d, l_d, acc_d, qd, row, kv_head, tl.maximum(lo, sink),
+                                tl.minimum(hi, i - recent + 1), q_pos, sink, recent, scale,
+                                0, q_pos,
+                                kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs,
+                                v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
+                                sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok,
+                                D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST, PRECISION,
+                                False, READ_SCORES)
+        at = _partial_index(row, split, 1, num_splits, head, NUM_HEADS)
+        tl.store(acc_ptr + at[:, None] * D + d[None, :], acc_d, mask=q_mask)
+        tl.store(ml_ptr + 2 * at, m_d, mask=row_ok)
+        tl.store(ml_ptr + 2 * at + 1, l_d, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits(acc_ptr, ml_ptr, row, branch, num_splits, used, head, row_ok, d, q_mask,
+                    NUM_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    D: tl.constexpr):
+    """One branch's (m, l, acc) over the first `used` splits, by log-sum-exp."""
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for split in range(0, used):
+        at = _partial_index(row, split, branch, num_splits, head, NUM_HEADS)
+        m = tl.load(ml_ptr + 2 * at, mask=row_ok, other=NEG_BIG)
+        l_s = tl.load(ml_ptr + 2 * at + 1, mask=row_ok, other=0.0)
+        a = tl.load(acc_ptr + at[:, None] * D + d[None, :], mask=q_mask, other=0.0)
+        m_new = tl.maximum(m_i, m)
+        alpha = tl.exp(m_i - m_new)
+        beta = tl.exp(m - m_new)
+        acc = acc * alpha[:, None] + a * beta[:, None]
+        l_i = l_i * alpha + l_s * beta
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _decode_merge_kernel(
+    out_ptr, o_st, o_sh, acc_ptr, ml_ptr, num_splits, split_len,
+    q_ptr, q_st, q_sh, query_start_loc, seq_lens,
+    kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+    scale, sink, recent, gate_tau, log_w_ptr,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr,
+    SUMMARY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """A decode query's output from its splits' partials: both branches, then the gate."""
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    q_len, seq_len, tok, head, row_ok, d, q_mask = _decode_rows(
+        query_start_loc, seq_lens, row, kv_head, GROUP, D, BLOCK_M, BLOCK_D)
+    if q_len != 1:
+        return
+    used = tl.cdiv(seq_len, split_len)
+    m_p, l_p, acc_p = _combine_splits(acc_ptr, ml_ptr, row, 0, num_splits, used, head, row_ok,
+                                      d, q_mask, NUM_HEADS, BLOCK_M, BLOCK_D, D)
+    out = acc_p / tl.where(l_p > 0, l_p, 1.0)[:, None]
+    if HAS_DISTANT:
+        i = seq_len - 1
+        if i - recent + 1 > sink:
+            m_d, l_d, acc_d = _combine_splits(acc_ptr, ml_ptr, row, 1, num_splits, used, head,
+                                              row_ok, d, q_mask, NUM_HEADS, BLOCK_M, BLOCK_D, D)
+            q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
+            out = _merge(out, m_p, l_p, acc_d, m_d, l_d, q, row, kv_head, i, i, head * 0 + i,
+                         sink, recent, scale, gate_tau, log_w_ptr, head, row_ok,
+                         kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+                         s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+                         SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
     tl.store(out_ptr + tok[:, None] * o_st + head[:, None] * o_sh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -263,7 +450,7 @@ def _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale
                           scale, low * SUMMARY, exact_hi,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
-                          k_ptr, 0, 0, 0, q_pos, q_pos >= 0, 0,
+                          k_ptr, 0, 0, 0, q_pos, q_pos >= 0,
                           D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
                           False, False)
     m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head,
@@ -271,10 +458,12 @@ def _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale
                           q_pos, sink, recent, scale, low * SUMMARY, exact_hi,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
-                          k_ptr, 0, 0, 0, q_pos, q_pos >= 0, 0,
+                          k_ptr, 0, 0, 0, q_pos, q_pos >= 0,
                           D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
                           False, False)
     return tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+
+
 
 
 def _paged_args(part: PagedPart) -> tuple:
@@ -284,16 +473,68 @@ def _paged_args(part: PagedPart) -> tuple:
             part.block_table.stride(0), part.block_size)
 
 
+@dataclass(frozen=True)
+class TritonConfig:
+    """Launch shapes of the kernels; the defaults are the fastest of
+    `benchmarks/kernels.py --sweep` on an H200 (docs/benchmarks.md)."""
+
+    prefill_block_m: int = 128  # rows (query tokens x the heads of a KV head) per tile
+    prefill_block_n: int = 64  # key positions per step
+    prefill_warps: int = 8
+    prefill_stages: int = 3
+    decode_block_n: int = 32
+    decode_warps: int = 4
+    decode_stages: int = 2
+    # Context positions per decode program; None: cut the context so that there are
+    # about programs_per_sm programs per multiprocessor, each >= min_split_len positions.
+    split_len: int | None = None
+    programs_per_sm: int = 32
+    min_split_len: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_block_m", "prefill_block_n", "decode_block_n"):
+            size = getattr(self, name)
+            if size < 16 or size & (size - 1):  # tl.dot's smallest side; power of two
+                raise ValueError(f"TritonConfig.{name} must be a power of two >= 16, not {size}")
+        if self.split_len is not None and self.split_len < 1:
+            raise ValueError(f"TritonConfig.split_len must be >= 1, not {self.split_len}")
+
+
+DEFAULT_CONFIG = TritonConfig()
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of a GPU; 1 for the interpreter on CPU tensors."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_split_len(max_seq_len: int, num_reqs: int, kv_heads: int, device: torch.device,
+                     config: TritonConfig = DEFAULT_CONFIG) -> int:
+    """Context positions per decode program: one chunk per (request, KV head) once the
+    batch fills the GPU, else the context cut into enough chunks (each >= min_split_len)."""
+    if config.split_len is not None:
+        return config.split_len
+    programs = config.programs_per_sm * _multiprocessors(device)
+    splits = max(1, -(-programs // max(1, num_reqs * kv_heads)))
+    length = max(-(-max_seq_len // splits), config.min_split_len)
+    return -(-length // config.decode_block_n) * config.decode_block_n
+
+
 def triton_pod_attention(
     inputs: LayerInputs,
     query_start_loc: list[int] | torch.Tensor,
     seq_lens: list[int] | torch.Tensor,
     output: torch.Tensor,
     max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    config: TritonConfig = DEFAULT_CONFIG,
 ) -> None:
     """Write attention of every scheduled token into `output` [T, H, Dv].
 
-    The backend passes the step's device tensors and vLLM's max_query_len, so a layer
+    The backend passes the step's device tensors and vLLM's host maxima, so a layer
     neither copies metadata to the GPU nor waits for it; lists work too (tests).
     """
     q, kp, v, kd, summary = inputs.q, inputs.k_prox, inputs.v, inputs.k_distant, inputs.summary
@@ -301,20 +542,19 @@ def triton_pod_attention(
     starts = torch.as_tensor(query_start_loc, device=device)
     lens = torch.as_tensor(seq_lens, device=device)
     num_reqs = lens.shape[0]
+    if num_reqs == 0:
+        return
     if max_query_len is None:
-        max_query_len = int((starts[1:] - starts[:-1]).max()) if num_reqs > 0 else 0
-    max_q = max_query_len
-    if max_q == 0:
+        max_query_len = int((starts[1:] - starts[:-1]).max())
+    if max_seq_len is None:
+        max_seq_len = int(lens.max())
+    if max_query_len == 0:
         return
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = kp.cache.shape[1]
     group = heads // kv_heads
     if v.hi - v.lo != dim or kp.hi - kp.lo != dim:
         raise ValueError("layershare's Triton kernels need equal query, key and value sizes")
-    block_m = max(16, triton.next_power_of_2(group))
-    if max_q > 1:
-        block_m = max(block_m, 64)
-    tokens = block_m // group
     distant = kd is not None
     estimated = distant and summary is not None
     qd = inputs.q_distant if distant else q
@@ -323,33 +563,64 @@ def triton_pod_attention(
     if estimated:
         s_args = (summary.cache, *summary.cache.stride()[:3], summary.block_table,
                   summary.block_table.stride(0), summary.tokens_per_page)
+        log_w = summary.log_weight.to(device=device, dtype=torch.float32)
     else:
         s_args = (kp.cache, 0, 0, 0, kp.block_table, 0, 1)
-    shared = inputs.shared_scores
+        log_w = output
+    recent = min(inputs.recent, UNBOUNDED)
+    tau = -1.0 if inputs.gate_skip_threshold is None else inputs.gate_skip_threshold
+    common = dict(D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), HAS_DISTANT=distant,
+                  UPCAST=device.type == "cpu",
+                  # fp32 caches (tests, fp32 models) get exact fp32 products, not TF32.
+                  PRECISION="ieee" if kp.cache.dtype == torch.float32 else "tf32")
+    summary_tokens = summary.summary_tokens if estimated else 0
+    if max_query_len > 1:
+        block_m = max(config.prefill_block_m, triton.next_power_of_2(group))
+        tokens = block_m // group
+        _prefill_kernel[(num_reqs, triton.cdiv(max_query_len, tokens), kv_heads)](
+            output, output.stride(0), output.stride(1),
+            q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
+            *_paged_args(kp), *_paged_args(v), *kd_args, *s_args,
+            inputs.scale, inputs.sink, recent, tau, log_w,
+            GROUP=group, BLOCK_M=block_m, BLOCK_N=config.prefill_block_n,
+            SUMMARY=summary_tokens, num_warps=config.prefill_warps,
+            num_stages=config.prefill_stages, **common)
+    _decode(inputs, q, qd, starts, lens, output, max_seq_len, kd_args, s_args, log_w, recent,
+            tau, summary_tokens, config, common)
+
+
+def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_args, s_args,
+            log_w, recent, tau, summary_tokens, config: TritonConfig, common: dict) -> None:
+    """The one-query rows of the step: split kernel, then merge kernel."""
+    kp, v, shared = inputs.k_prox, inputs.v, inputs.shared_scores
+    num_reqs, heads, dim = lens.shape[0], q.shape[1], q.shape[2]
+    kv_heads = kp.cache.shape[1]
+    group = heads // kv_heads
+    split_len = decode_split_len(max_seq_len, num_reqs, kv_heads, q.device, config)
+    num_splits = triton.cdiv(max_seq_len, split_len)
+    partial_acc = torch.empty(num_reqs * num_splits * 2 * heads, dim, device=q.device,
+                              dtype=torch.float32)
+    partial_ml = torch.empty(num_reqs * num_splits * 2 * heads, 2, device=q.device,
+                             dtype=torch.float32)
     write = shared is not None and shared.write
-    read = shared is not None and not shared.write and distant
+    read = shared is not None and not shared.write and inputs.k_distant is not None
     if shared is not None:
         sc_args = (shared.buffer, shared.buffer.stride(0), shared.sink, shared.recent)
     else:
         sc_args = (output, 0, 0, 0)
-    grid = (num_reqs, triton.cdiv(max_q, tokens), kv_heads)
-    _pod_attention_kernel[grid](
-        output, output.stride(0), output.stride(1),
-        q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1),
-        starts, lens,
-        *_paged_args(kp), *_paged_args(v), *kd_args, *s_args,
-        inputs.scale, inputs.sink, min(inputs.recent, UNBOUNDED),
-        -1.0 if inputs.gate_skip_threshold is None else inputs.gate_skip_threshold,
-        summary.log_weight.to(device=device, dtype=torch.float32) if estimated else output,
-        *sc_args,
-        GROUP=group, D=dim, BLOCK_M=block_m, BLOCK_N=16,
-        BLOCK_D=max(16, triton.next_power_of_2(dim)), HAS_DISTANT=distant,
-        SUMMARY=summary.summary_tokens if estimated else 0,
-        UPCAST=device.type == "cpu",
-        # fp32 caches (tests, fp32 models) get exact fp32 products, not TF32.
-        PRECISION="ieee" if kp.cache.dtype == torch.float32 else "tf32",
-        WRITE_SCORES=write, READ_SCORES=read,
-    )
+    rows = dict(NUM_HEADS=heads, GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)),
+                BLOCK_N=config.decode_block_n, num_warps=config.decode_warps,
+                num_stages=config.decode_stages, **common)
+    _decode_split_kernel[(num_reqs, kv_heads, num_splits)](
+        partial_acc, partial_ml, num_splits, split_len,
+        q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
+        *_paged_args(kp), *_paged_args(v), *kd_args,
+        inputs.scale, inputs.sink, recent, *sc_args,
+        WRITE_SCORES=write, READ_SCORES=read, **rows)
+    _decode_merge_kernel[(num_reqs, kv_heads)](
+        output, output.stride(0), output.stride(1), partial_acc, partial_ml, num_splits,
+        split_len, q, q.stride(0), q.stride(1), starts, lens, *_paged_args(kp), *s_args,
+        inputs.scale, inputs.sink, recent, tau, log_w, SUMMARY=summary_tokens, **rows)
 
 
 @triton.jit
