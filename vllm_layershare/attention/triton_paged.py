@@ -464,8 +464,6 @@ def _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale
     return tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
 
 
-
-
 def _paged_args(part: PagedPart) -> tuple:
     """Pointer at channel `lo`, strides (block, head, slot), table, its row stride, size."""
     view = part.cache[..., part.lo : part.hi]
