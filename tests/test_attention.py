@@ -200,6 +200,34 @@ def test_triton_decode_any_split_length(split_len):
                                    atol=2e-5, rtol=1e-4)
 
 
+def test_decode_split_lengths_fill_the_gpu_and_no_more(monkeypatch):
+    """The decode split heuristic: small batches cut the context into enough chunks for
+    about programs_per_sm programs per SM (chunks >= min_split_len, whole BLOCK_N tiles,
+    so up to one tile's rounding fewer); batches that fill the GPU alone keep one chunk
+    per (request, KV head)."""
+    from vllm_layershare.attention import triton_paged
+    from vllm_layershare.attention.triton_paged import TritonConfig, decode_split_len
+
+    sms, kv_heads = 132, 8
+    monkeypatch.setattr(triton_paged, "_multiprocessors", lambda device: sms)
+    gpu = torch.device("cuda")
+    config = TritonConfig(programs_per_sm=2, min_split_len=256, decode_block_n=32)
+    target = 2 * sms
+    for context, batch in [(32768, 1), (32768, 16), (131072, 1), (4096, 64), (300, 1)]:
+        length = decode_split_len(context, batch, kv_heads, gpu, config)
+        programs = batch * kv_heads * -(-context // length)
+        assert length % 32 == 0 and length >= 256, (context, batch, length)
+        if length > 256:  # not held up by min_split_len: about the target, not more
+            assert programs >= target * (1 - 32 / 256), (context, batch, length)
+            assert programs < target + batch * kv_heads, (context, batch, length)
+    assert decode_split_len(32768, 64, kv_heads, gpu, config) >= 32768  # 512 programs
+    assert decode_split_len(100, 1, kv_heads, gpu, TritonConfig(split_len=7)) == 7
+    with pytest.raises(ValueError, match="power of two"):
+        TritonConfig(decode_block_n=24)
+    with pytest.raises(ValueError, match="split_len"):
+        TritonConfig(split_len=0)
+
+
 @pytest.mark.parametrize("tau", [0.3, 0.7, 1.0])
 def test_gate_skip_matches_reference(impl, tau):
     gen = torch.Generator().manual_seed(7)

@@ -69,8 +69,8 @@ class SharedScores:
     """A leader's logits of its followers' distant tokens, for one-query rows (decode),
     share `scores`, GPU kernels: the leader's pass writes them, its followers read them
     instead of the leader's keys. buffer [H, slots of the leader's cache] float32, slot
-    = block * block_size + offset (head-major: a page's slots are adjacent); static, so
-    the path can be captured in CUDA graphs."""
+    = block * block_size + offset (head-major: a page's slots are adjacent); made once
+    per leader, not per step."""
 
     buffer: torch.Tensor
     sink: int  # the followers' window, which the leader's writes follow
