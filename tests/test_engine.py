@@ -111,3 +111,47 @@ def test_preemption_recompute_gives_same_outputs(tiny_model, tmp_path, monkeypat
     close_llm(tight)
     assert preemptions, "the small cache did not force any preemption"
     assert got == expected
+
+
+def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatch):
+    """The backend's GPU path inside real vLLM: Triton kernels for prefill chunks and
+    split decode, Triton cache writes, leaders sharing their decode logits with their
+    followers, the estimated mass; here in Triton's interpreter on CPU tensors
+    (VLLM_LAYERSHARE_KERNELS=triton). Greedy tokens and their logprobs equal the CPU
+    kernel's, and the shared-scores path did run."""
+    from vllm_layershare.attention import triton_paged
+
+    grouping = write_grouping(tmp_path / "g.yaml")  # share scores, estimated mass
+    prompts = random_prompts(2, 60, seed=4)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
+
+    def run():
+        llm = make_llm(tiny_model, grouping, max_num_batched_tokens=48, max_num_seqs=4)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        close_llm(llm)
+        return [[(t, d[t].logprob) for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs,
+                                                    strict=True)] for o in outs]
+
+    expected = run()  # the CPU kernel
+    shared_calls = []
+    real = triton_paged.triton_pod_attention
+
+    def spying(inputs, *args, **kwargs):
+        if inputs.shared_scores is not None:
+            shared_calls.append(inputs.shared_scores.write)
+        return real(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(triton_paged, "triton_pod_attention", spying)
+    monkeypatch.setenv("VLLM_LAYERSHARE_KERNELS", "triton")
+    got = run()
+    assert True in shared_calls and False in shared_calls, "no leader shared its scores"
+    for seq_got, seq_expected in zip(got, expected, strict=True):
+        assert [t for t, _ in seq_got] == [t for t, _ in seq_expected]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(seq_got, seq_expected,
+                                                          strict=True)) < 1e-3
+
+
+def test_bad_kernels_setting_is_refused(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_LAYERSHARE_KERNELS", "cuda")
+    with pytest.raises(Exception, match="VLLM_LAYERSHARE_KERNELS='cuda': expected one of"):
+        make_llm(tiny_model, write_grouping(tmp_path / "g.yaml"))

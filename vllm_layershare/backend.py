@@ -8,6 +8,7 @@ in the step's forward context.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -52,6 +53,39 @@ GPU_KERNELS = ("Triton kernels (decode: Triton split over the context, 9x faster
                "csrc's CUDA decode kernel on an H200 at 32K x 16, 0.87 vs 7.9 ms)")
 # Forward calls with real metadata in this process: tests use it to prove this code ran.
 FORWARD_CALLS = 0
+# Forces one attention implementation (native | triton | portable); triton on CPU
+# tensors runs in Triton's interpreter (TRITON_INTERPRET=1): the engine tests use it.
+KERNELS_ENV = "VLLM_LAYERSHARE_KERNELS"
+PATHS = ("native", "triton", "portable")
+
+
+def forced_path() -> str | None:
+    """KERNELS_ENV's path, checked; None when it is not set."""
+    forced = os.environ.get(KERNELS_ENV) or None
+    if forced is not None and forced not in PATHS:
+        raise ValueError(f"{KERNELS_ENV}={forced!r}: expected one of {', '.join(PATHS)}.")
+    return forced
+
+
+def attention_path(device: torch.device, head_size: int = 0) -> str:
+    """Which implementation runs: KERNELS_ENV if set; else the CPU kernel where it is
+    built, the Triton kernels on CUDA, the portable PyTorch path otherwise."""
+    forced = forced_path()
+    if forced:
+        if forced == "native" and not native.available(device, head_size):
+            raise ValueError(f"{KERNELS_ENV}=native, but the CPU kernel does not run here "
+                             f"({native.describe()}, {device}, head size {head_size}).")
+        return forced
+    if native.available(device, head_size):
+        return "native"
+    return "triton" if device.type == "cuda" else "portable"
+
+
+def describe_path(path: str) -> str:
+    """The start-up line's words for an attention path."""
+    if path == "triton":
+        return GPU_KERNELS
+    return native.describe() if path == "native" else "portable PyTorch path"
 
 
 class LayershareBackend(AttentionBackend):
@@ -173,13 +207,13 @@ class LayerRole:
 
 
 def write_cache(cache: torch.Tensor, lo: int, hi: int, data: torch.Tensor,
-                meta: LayershareMetadata) -> None:
+                meta: LayershareMetadata, path: str) -> None:
     """Store data [T, Hkv, hi-lo] at the slots of the group's slot mapping."""
     slots = meta.slot_mapping
-    if native.available(cache.device):
+    if path == "native":
         native.write_slots(cache[..., lo:hi], slots, meta.block_size, data)
         return
-    if cache.device.type == "cuda":
+    if path == "triton":
         from vllm_layershare.attention.triton_paged import triton_write_slots
 
         triton_write_slots(cache[..., lo:hi], slots, meta.block_size, data)
@@ -229,6 +263,8 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         self.role: LayerRole | None = None
         self.summary_log_weight: torch.Tensor | None = None  # [H] on the layer's device
         self.score_buffer: torch.Tensor | None = None  # a leader's SharedScores buffer
+        self.path: str | None = None  # attention_path, fixed at the first forward
+        forced_path()  # a bad setting stops start-up here, not at the first request
 
     def _role(self, layer_name: str) -> LayerRole:
         if self.role is None:
@@ -269,11 +305,13 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         assert output is not None
         if attn_metadata is None:  # profiling run: no cache yet
             return output.fill_(0)
+        if self.path is None:
+            self.path = attention_path(query.device, self.head_size)
         global FORWARD_CALLS
         FORWARD_CALLS += 1
         if FORWARD_CALLS == 1:
             logger.info("layershare: attention impl running in this process, %s",
-                        native.describe() if query.device.type == "cpu" else GPU_KERNELS)
+                        describe_path(self.path))
         name = layer.layer_name
         role = self._role(name)
         n = attn_metadata.num_actual_tokens
@@ -281,8 +319,8 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         ctx = get_forward_context()
         d = self.head_size
         if role.leader is None:
-            write_cache(kv_cache, 0, d, key, attn_metadata)
-            write_cache(kv_cache, d, kv_cache.shape[-1], value, attn_metadata)
+            write_cache(kv_cache, 0, d, key, attn_metadata, self.path)
+            write_cache(kv_cache, d, kv_cache.shape[-1], value, attn_metadata, self.path)
             ctx.additional_kwargs[(LEADER_QUERY_KEY, name)] = query
             inputs = LayerInputs(
                 q=query, scale=self.scale,
@@ -294,10 +332,10 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
                 ctx.additional_kwargs[(LEADER_SCORES_KEY, name)] = inputs.shared_scores
         else:
             inputs = self._follower_inputs(ctx, role, query, key, value, kv_cache, attn_metadata)
-        if native.available(query.device, self.head_size):
+        if self.path == "native":
             native.native_pod_attention(inputs, attn_metadata.query_start_loc_cpu,
                                         attn_metadata.seq_lens_cpu, output[:n])
-        elif query.device.type == "cuda":
+        elif self.path == "triton":
             from vllm_layershare.attention.triton_paged import triton_pod_attention
 
             triton_pod_attention(inputs, attn_metadata.query_start_loc_device,
@@ -312,7 +350,7 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
                          meta: LayershareMetadata, query: torch.Tensor) -> SharedScores | None:
         """A leader's buffer of its followers' distant logits (Triton kernels only):
         static, one float per slot of its cache and query head, made on first use."""
-        if not role.shares_scores or query.device.type != "cuda":
+        if not role.shares_scores or self.path != "triton":
             return None
         if self.score_buffer is None:
             slots = kv_cache.shape[0] * meta.block_size
@@ -331,8 +369,8 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         key_meta = ctx.attn_metadata[role.key_cache]
         lead_cache = ctx.no_compile_layers[role.leader].kv_cache
         lead_meta = ctx.attn_metadata[role.leader]
-        write_cache(kv_cache, 0, kv_cache.shape[-1], value, meta)
-        write_cache(key_cache, 0, self.head_size, key, key_meta)
+        write_cache(kv_cache, 0, kv_cache.shape[-1], value, meta, self.path)
+        write_cache(key_cache, 0, self.head_size, key, key_meta, self.path)
         config = self.config
         q_distant = (
             ctx.additional_kwargs[(LEADER_QUERY_KEY, role.leader)]
