@@ -95,7 +95,8 @@ def layer_inputs(leader, values, table, q, role: str, recent: int,
     """role: full (a leader alone), writing (a leader sharing its decode scores),
     follower (reading them)."""
     keys = PagedPart(leader, 0, DIM, table, BLOCK)
-    shared = SharedScores(scores, SINK, recent, write=role == "writing")
+    # The scores companion over the leader's own pages (its table, its block size).
+    shared = SharedScores(scores, table, BLOCK, SINK, recent, write=role == "writing")
     if role != "follower":
         return LayerInputs(q=q, k_prox=keys, v=PagedPart(leader, DIM, 2 * DIM, table, BLOCK),
                            scale=DIM ** -0.5, shared_scores=shared if role == "writing" else None)
@@ -190,7 +191,7 @@ def sweep(cases, device: torch.device, dtype, repeats: int, recent: int) -> dict
         leader, values, table, q, starts, lens = paged_layer(batch, context, queries, device,
                                                              dtype)
         out = torch.empty_like(q)
-        scores = torch.empty(HEADS, leader.shape[0] * BLOCK, device=device)
+        scores = torch.empty(leader.shape[0], KV_HEADS, HEADS // KV_HEADS * BLOCK, device=device)
         print(f"\n{case}, context {context}, batch {batch}\n\n| shape | full ms "
               "| full+share ms | follower ms |\n|---|---|---|---|")
         for shape in SWEEP_DECODE if case == "decode" else SWEEP_PREFILL:
@@ -257,7 +258,7 @@ def main() -> None:
         leader, values, table, q, starts, lens = paged_layer(batch, context, queries, device,
                                                              dtype)
         out = torch.empty_like(q)
-        scores = torch.empty(HEADS, leader.shape[0] * BLOCK, device=device)
+        scores = torch.empty(leader.shape[0], KV_HEADS, HEADS // KV_HEADS * BLOCK, device=device)
         inputs = {role: layer_inputs(leader, values, table, q, role, recent, scores)
                   for role in ("full", "writing", "follower")}
         # in this order: the follower reads what the writing leader left

@@ -552,7 +552,9 @@ def test_decode_followers_read_the_leaders_scores():
     seqs = [random_sequence(n, gen) for n in lengths]
     feed = [[30] + [1] * 10, [20, 9], [20, 20] + [1] * 12]
     batch = PagedBatch(lengths, block_size, gen)
-    scores = torch.full((HEADS, batch.num_blocks * block_size), float("nan"))
+    # The scores companion: its own pages (5 tokens each) and block table.
+    score_pages = PagedBatch(lengths, 5, gen)
+    scores = torch.full((score_pages.num_blocks, KV_HEADS, HEADS // KV_HEADS * 5), float("nan"))
     lead_outs = [torch.zeros(n, HEADS, DIM) for n in lengths]
     outs = [torch.zeros(n, HEADS, DIM) for n in lengths]
     done = [0] * len(seqs)
@@ -574,7 +576,8 @@ def test_decode_followers_read_the_leaders_scores():
             q=torch.cat([seqs[r]["qa"][a:b] for r, a, b in spans]), scale=SCALE,
             k_prox=batch.part(rows, lead_keys),
             v=batch.part(rows, [seqs[r]["v"][:b] for r, _, b in spans]),
-            shared_scores=SharedScores(scores, sink, recent, write=True))
+            shared_scores=SharedScores(scores, score_pages.block_table[rows], 5, sink, recent,
+                                       write=True))
         lead_out = torch.zeros(loc[-1], HEADS, DIM)
         impl(leader, loc, seq_lens, lead_out)
         own_keys = []
@@ -586,7 +589,8 @@ def test_decode_followers_read_the_leaders_scores():
             q=torch.cat([seqs[r]["q"][a:b] for r, a, b in spans]), scale=SCALE,
             k_prox=batch.part(rows, own_keys), v=leader.v, sink=sink, recent=recent,
             q_distant=leader.q, k_distant=batch.part(rows, follower_view),
-            shared_scores=SharedScores(scores, sink, recent, write=False))
+            shared_scores=SharedScores(scores, score_pages.block_table[rows], 5, sink, recent,
+                                       write=False))
         out = torch.zeros(loc[-1], HEADS, DIM)
         impl(follower, loc, seq_lens, out)
         for i, (r, a, b) in enumerate(spans):

@@ -113,38 +113,47 @@ def test_preemption_recompute_gives_same_outputs(tiny_model, tmp_path, monkeypat
     assert got == expected
 
 
-def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("heads", [4, 6], ids=["scores_planned", "scores_outside_plan"])
+def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatch, heads):
     """The backend's GPU path inside real vLLM: Triton kernels for prefill chunks and
     split decode, Triton cache writes, leaders sharing their decode logits with their
     followers, the estimated mass; here in Triton's interpreter on CPU tensors
     (VLLM_LAYERSHARE_KERNELS=triton). Greedy tokens and their logprobs equal the CPU
-    kernel's, and the shared-scores path did run."""
+    kernel's, and the shared-scores path did run: in the scores companion that vLLM
+    planned, or (3 query heads per KV head: no whole number of tokens fills a page)
+    over the leader's own pages."""
     from vllm_layershare.attention import triton_paged
+    from vllm_layershare.tools.tiny_model import build_tiny_llama
 
+    model = tiny_model if heads == 4 else build_tiny_llama(
+        tmp_path / "gqa3", num_heads=heads, hidden_size=32 * heads)
     grouping = write_grouping(tmp_path / "g.yaml")  # share scores, estimated mass
     prompts = random_prompts(2, 60, seed=4)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
 
     def run():
-        llm = make_llm(tiny_model, grouping, max_num_batched_tokens=48, max_num_seqs=4)
+        llm = make_llm(model, grouping, max_num_batched_tokens=48, max_num_seqs=4)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         close_llm(llm)
         return [[(t, d[t].logprob) for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs,
                                                     strict=True)] for o in outs]
 
     expected = run()  # the CPU kernel
-    shared_calls = []
+    shared_calls, page_sizes = [], set()
     real = triton_paged.triton_pod_attention
 
     def spying(inputs, *args, **kwargs):
         if inputs.shared_scores is not None:
             shared_calls.append(inputs.shared_scores.write)
+            page_sizes.add(inputs.shared_scores.block_size)
         return real(inputs, *args, **kwargs)
 
     monkeypatch.setattr(triton_paged, "triton_pod_attention", spying)
     monkeypatch.setenv("VLLM_LAYERSHARE_KERNELS", "triton")
     got = run()
     assert True in shared_calls and False in shared_calls, "no leader shared its scores"
+    own_pages = {32}  # make_llm's block size: the leader's pages
+    assert (page_sizes == own_pages) == (heads == 6), page_sizes
     for seq_got, seq_expected in zip(got, expected, strict=True):
         assert [t for t, _ in seq_got] == [t for t, _ in seq_expected]
         assert max(abs(a - b) for (_, a), (_, b) in zip(seq_got, seq_expected,

@@ -8,7 +8,6 @@ in the step's forward context.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -35,8 +34,13 @@ from vllm_layershare.attention.mass import write_summaries
 from vllm_layershare.attention.paged import LayerInputs, PagedPart, SharedScores, SummaryPart
 from vllm_layershare.attention.portable import paged_pod_attention
 from vllm_layershare.config import LayershareConfig
-from vllm_layershare.layout import COMPANION_SUFFIX, SUMMARY_SUFFIX, layer_name_at
-from vllm_layershare.settings import config_for
+from vllm_layershare.layout import (
+    COMPANION_SUFFIX,
+    SCORES_SUFFIX,
+    SUMMARY_SUFFIX,
+    layer_name_at,
+)
+from vllm_layershare.settings import KERNELS_ENV, config_for, forced_path
 
 logger = init_logger("vllm." + __name__)  # under vLLM's log handlers
 
@@ -53,18 +57,6 @@ GPU_KERNELS = ("Triton kernels (decode: Triton split over the context, 9x faster
                "csrc's CUDA decode kernel on an H200 at 32K x 16, 0.87 vs 7.9 ms)")
 # Forward calls with real metadata in this process: tests use it to prove this code ran.
 FORWARD_CALLS = 0
-# Forces one attention implementation (native | triton | portable); triton on CPU
-# tensors runs in Triton's interpreter (TRITON_INTERPRET=1): the engine tests use it.
-KERNELS_ENV = "VLLM_LAYERSHARE_KERNELS"
-PATHS = ("native", "triton", "portable")
-
-
-def forced_path() -> str | None:
-    """KERNELS_ENV's path, checked; None when it is not set."""
-    forced = os.environ.get(KERNELS_ENV) or None
-    if forced is not None and forced not in PATHS:
-        raise ValueError(f"{KERNELS_ENV}={forced!r}: expected one of {', '.join(PATHS)}.")
-    return forced
 
 
 def attention_path(device: torch.device, head_size: int = 0) -> str:
@@ -204,6 +196,7 @@ class LayerRole:
     key_cache: str | None  # the companion layer holding a follower's keys
     summary_cache: str | None = None  # the companion holding its mean keys (estimated mass)
     shares_scores: bool = False  # share `scores`: a leader with followers, or a follower
+    scores_cache: str | None = None  # a leader's scores companion (GPU kernels, if planned)
 
 
 def write_cache(cache: torch.Tensor, lo: int, hi: int, data: torch.Tensor,
@@ -272,8 +265,9 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             leader = self.config.leader_of(index)
             scores = self.config.share == "scores"
             if leader == index:
-                has_followers = any(g[0] == index and len(g) > 1 for g in self.config.groups)
-                self.role = LayerRole(None, None, shares_scores=scores and has_followers)
+                shares = scores and self.config.has_followers(index)
+                self.role = LayerRole(None, None, shares_scores=shares,
+                                      scores_cache=layer_name + SCORES_SUFFIX if shares else None)
             else:
                 summary = layer_name + SUMMARY_SUFFIX if self.config.estimates_mass else None
                 self.role = LayerRole(layer_name_at(layer_name, index, leader),
@@ -348,19 +342,28 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
 
     def _scores_to_share(self, role: LayerRole, kv_cache: torch.Tensor,
                          meta: LayershareMetadata, query: torch.Tensor) -> SharedScores | None:
-        """A leader's buffer of its followers' distant logits (Triton kernels only):
-        static, one float per slot of its cache and query head, made on first use."""
+        """Where a leader leaves its followers' distant logits (Triton kernels only): its
+        scores companion, which vLLM planned (layout.py); else (no such plan for this page
+        size) a buffer over the leader's own pages, made on first use."""
         if not role.shares_scores or self.path != "triton":
             return None
+        ctx = get_forward_context()
+        window = (self.config.sink_tokens, self.config.recent_tokens)
+        companion = ctx.no_compile_layers.get(role.scores_cache)
+        if companion is not None:
+            scores_meta = ctx.attn_metadata[role.scores_cache]
+            return SharedScores(SharedScores.cells(companion.kv_cache), scores_meta.block_table,
+                                scores_meta.block_size, *window, write=True)
         if self.score_buffer is None:
-            slots = kv_cache.shape[0] * meta.block_size
-            self.score_buffer = torch.empty(self.num_heads, slots, dtype=torch.float32,
+            group = self.num_heads // self.num_kv_heads
+            self.score_buffer = torch.empty(kv_cache.shape[0], self.num_kv_heads,
+                                            group * meta.block_size, dtype=torch.float32,
                                             device=query.device)
             logger.info_once("layershare: leaders share decode scores with their followers "
                              "(%.1f MiB per leader, outside vLLM's KV plan)",
                              self.score_buffer.numel() * 4 / 2**20)
-        return SharedScores(self.score_buffer, self.config.sink_tokens,
-                            self.config.recent_tokens, write=True)
+        return SharedScores(self.score_buffer, meta.block_table, meta.block_size, *window,
+                            write=True)
 
     def _follower_inputs(self, ctx, role: LayerRole, query, key, value, kv_cache,
                          meta: LayershareMetadata) -> LayerInputs:

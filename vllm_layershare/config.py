@@ -71,6 +71,10 @@ class LayershareConfig:
     def is_follower(self, layer: int) -> bool:
         return self.leader_of(layer) != layer
 
+    def has_followers(self, layer: int) -> bool:
+        """Whether `layer` leads a group of two or more layers."""
+        return any(group[0] == layer and len(group) > 1 for group in self.groups)
+
     @property
     def followers(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_follower(i)]
@@ -88,31 +92,33 @@ class LayershareConfig:
     def estimates_mass(self) -> bool:
         return self.distant_mass == "estimated"
 
-    def kv_fraction(self, context_len: int) -> float:
+    def kv_fraction(self, context_len: int, score_fraction: float = 0.0) -> float:
         """Bytes of the whole cache at `context_len`, as a fraction of full attention.
 
         A follower keeps V of every token and K of min(L, n_s + n_r) tokens, so it
         costs (1 + min(L, n_s + n_r) / L) / 2 of a full layer (method.md); with an
-        estimated mass, one mean key per `summary_tokens` adds 1 / (2 S).
+        estimated mass, one mean key per `summary_tokens` adds 1 / (2 S). On the GPU
+        kernels with share `scores`, each leader with followers keeps its decode logits
+        too: `score_fraction` of a full layer (settings.score_fraction).
         """
         kept = min(context_len, self.proximal_tokens) / context_len
         follower_cost = (1.0 + kept) / 2.0 + self.summary_fraction
         num_followers = len(self.followers)
-        return (self.num_layers - num_followers + num_followers * follower_cost) / (
-            self.num_layers
-        )
+        sharing = sum(len(group) > 1 for group in self.groups) if score_fraction else 0
+        return (self.num_layers - num_followers + num_followers * follower_cost
+                + sharing * score_fraction) / self.num_layers
 
     @property
     def summary_fraction(self) -> float:
         """Summary bytes per token of a follower, as a fraction of a full layer's."""
         return 1.0 / (2.0 * self.summary_tokens) if self.estimates_mass else 0.0
 
-    def describe(self, context_len: int) -> str:
+    def describe(self, context_len: int, score_fraction: float = 0.0) -> str:
         """One line for the start-up log."""
         groups = " ".join(
             "[" + ",".join(str(i) for i in g) + "]" for g in self.groups
         )
-        saved = 1.0 - self.kv_fraction(context_len)
+        saved = 1.0 - self.kv_fraction(context_len, score_fraction)
         tau = self.gate_skip_threshold
         mass = self.distant_mass
         if self.estimates_mass:
@@ -124,7 +130,10 @@ class LayershareConfig:
             f"layershare: {len(self.groups)} groups {groups}; "
             f"{len(self.groups)} leaders, {len(self.followers)} followers; "
             f"sink {self.sink_tokens} + recent {self.recent_tokens} tokens; "
-            f"share={self.share}; gate_skip={'off' if tau is None else tau}; "
+            f"share={self.share}"
+            + (f" (leaders keep decode logits: {score_fraction:.2%} of a layer)"
+               if score_fraction else "")
+            + f"; gate_skip={'off' if tau is None else tau}; "
             f"distant_mass={mass}; "
             f"KV bytes saved at {context_len} tokens: {saved:.1%} "
             f"({1.0 / (1.0 - saved):.2f}x tokens in the same memory)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,26 @@ if TYPE_CHECKING:
 logger = init_logger("vllm." + __name__)  # under vLLM's log handlers
 
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+# Forces one attention implementation (native | triton | portable); triton on CPU
+# tensors runs in Triton's interpreter (TRITON_INTERPRET=1): the engine tests use it.
+KERNELS_ENV = "VLLM_LAYERSHARE_KERNELS"
+PATHS = ("native", "triton", "portable")
+
+
+def forced_path() -> str | None:
+    """KERNELS_ENV's path, checked; None when it is not set."""
+    forced = os.environ.get(KERNELS_ENV) or None
+    if forced is not None and forced not in PATHS:
+        raise ValueError(f"{KERNELS_ENV}={forced!r}: expected one of {', '.join(PATHS)}.")
+    return forced
+
+
+def runs_triton() -> bool:
+    """Whether attention will run the Triton kernels (CUDA, or forced)."""
+    from vllm.platforms import current_platform
+
+    forced = forced_path()
+    return forced == "triton" or (forced is None and current_platform.is_cuda())
 
 
 @cache
@@ -69,8 +90,23 @@ def check_vllm_config(vllm_config: VllmConfig) -> LayershareConfig:
         # Sink-keeping key windows have no prefix-cache hit rule in vLLM yet.
         logger.warning("layershare: prefix caching is not supported yet; turning it off.")
         cache_config.enable_prefix_caching = False
-    logger.info(config.describe(model_config.max_model_len))
+    logger.info(config.describe(model_config.max_model_len, score_fraction(vllm_config)))
     return config
+
+
+def score_fraction(vllm_config: VllmConfig) -> float:
+    """A leader's shared decode logits (share `scores`, GPU kernels) as a fraction of a
+    full layer's K+V bytes: one float32 per query head against K and V per KV head."""
+    config = config_for(vllm_config)
+    if config.share != "scores" or not runs_triton():
+        return 0.0
+    model_config = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    group = (model_config.get_num_attention_heads(parallel)
+             // model_config.get_num_kv_heads(parallel))
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    item = 2 if cache_dtype in ("float16", "bfloat16") else model_config.dtype.itemsize
+    return group * 4 / (2 * model_config.get_head_size() * item)
 
 
 def check_block_size(vllm_config: VllmConfig) -> None:

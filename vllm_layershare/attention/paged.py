@@ -68,14 +68,32 @@ class SummaryPart:
 class SharedScores:
     """A leader's logits of its followers' distant tokens, for one-query rows (decode),
     share `scores`, GPU kernels: the leader's pass writes them, its followers read them
-    instead of the leader's keys. buffer [H, slots of the leader's cache] float32, slot
-    = block * block_size + offset (head-major: a page's slots are adjacent); made once
-    per leader, not per step."""
+    instead of the leader's keys. A paged float32 cache [pages, Hkv, group * block_size]:
+    the logit of query head kv * group + g at position t sits in page
+    block_table[row, t // block_size], cell kv, at g * block_size + t % block_size (a
+    query head's positions are adjacent). Normally vLLM's planned scores companion
+    (layout.py), else a buffer over the leader's own pages."""
 
-    buffer: torch.Tensor
+    cache: torch.Tensor
+    block_table: torch.Tensor
+    block_size: int
     sink: int  # the followers' window, which the leader's writes follow
     recent: int
     write: bool  # True in the leader's pass
+
+    @staticmethod
+    def cells(cache: torch.Tensor) -> torch.Tensor:
+        """A scores companion's cache as vLLM shapes it ([pages, Hkv, tokens, C] in the
+        model's dtype, in vLLM's stride order) seen as our float32 pages [pages, Hkv,
+        group * tokens]: only the kernels touch this memory, so the layout inside a
+        page is theirs."""
+        floats = cache.view(torch.float32)
+        pages, kv_heads = floats.shape[:2]
+        per_page = floats[0].numel()
+        if floats.stride(0) != per_page:
+            raise ValueError(f"layershare: scores pages must be dense, strides {cache.stride()}")
+        return floats.as_strided((pages, kv_heads, per_page // kv_heads),
+                                 (per_page, per_page // kv_heads, 1))
 
 
 @dataclass

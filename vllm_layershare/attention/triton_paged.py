@@ -65,27 +65,28 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, q_pos, sink, recent, scale,
           exact_lo, exact_hi,
           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-          sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok,
-          D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+          sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs, sc_sink, sc_recent, sc_g,
+          row_ok, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
           MODE: tl.constexpr, WITH_V: tl.constexpr, UPCAST: tl.constexpr,
           PRECISION: tl.constexpr, WRITE_SCORES: tl.constexpr, READ_SCORES: tl.constexpr):
     """One online-softmax pass over key positions [lo, hi): returns (m, l, acc).
 
     Shared scores, decode rows only: WRITE_SCORES stores the logits of the followers'
-    distant positions [sc_sink, q_pos - sc_recent] at their slots of this cache (the
-    buffer is [H, slots]); READ_SCORES takes the logits from there and loads no keys.
+    distant positions [sc_sink, q_pos - sc_recent] in the paged scores cache (row m is
+    query head sc_g[m] of kv_head's group); READ_SCORES takes the logits from there and
+    loads no keys.
     """
     d = tl.arange(0, BLOCK_D)
     if READ_SCORES:  # one tile ahead: Triton pipelines only the loads that feed tl.dot
-        s_next = _shared_logits(lo, hi, row, k_table, k_table_stride, k_bs, sc_ptr, sc_stride,
-                                head, row_ok, BLOCK_N)
+        s_next = _shared_logits(lo, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table,
+                                sc_table_stride, sc_bs, sc_g, row_ok, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         in_range = n < hi
         if READ_SCORES:
             s = s_next
-            s_next = _shared_logits(start + BLOCK_N, hi, row, k_table, k_table_stride, k_bs,
-                                    sc_ptr, sc_stride, head, row_ok, BLOCK_N)
+            s_next = _shared_logits(start + BLOCK_N, hi, row, kv_head, sc_ptr, sc_sb, sc_sh,
+                                    sc_table, sc_table_stride, sc_bs, sc_g, row_ok, BLOCK_N)
         else:
             page = tl.load(k_table + row * k_table_stride + n // k_bs, mask=in_range, other=0)
             k = tl.load(k_ptr + page[:, None] * k_sb + kv_head * k_sh
@@ -95,7 +96,8 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, q_pos, sink, recent, scale,
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             if WRITE_SCORES:
-                at = sc_ptr + head[:, None] * sc_stride + (page * k_bs + n % k_bs)[None, :]
+                at = _score_slots(n, in_range, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table,
+                                  sc_table_stride, sc_bs, sc_g)
                 tl.store(at, s, mask=row_ok[:, None] & in_range[None, :]
                          & _keep(n, q_pos, sc_sink, sc_recent, 0, 0, DISTANT))
         keep = _keep(n, q_pos, sink, recent, exact_lo, exact_hi, MODE) & in_range[None, :]
@@ -117,14 +119,25 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, q_pos, sink, recent, scale,
 
 
 @triton.jit
-def _shared_logits(start, hi, row, k_table, k_table_stride, k_bs, sc_ptr, sc_stride, head,
-                   row_ok, BLOCK_N: tl.constexpr):
-    """[M, BLOCK_N] logits the leader left for positions start.. (< hi) of rows head."""
+def _score_slots(n, in_range, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride,
+                 sc_bs, sc_g):
+    """[M, N] pointers to the shared logits of positions n for query heads sc_g [M] of
+    kv_head: page table[n // bs], cell (page, kv_head), then head-major within the cell
+    (a row's positions are adjacent)."""
+    page = tl.load(sc_table + row * sc_table_stride + n // sc_bs, mask=in_range, other=0)
+    return (sc_ptr + (page * sc_sb + kv_head * sc_sh + n % sc_bs)[None, :]
+            + sc_g[:, None] * sc_bs)
+
+
+@triton.jit
+def _shared_logits(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride,
+                   sc_bs, sc_g, row_ok, BLOCK_N: tl.constexpr):
+    """[M, BLOCK_N] logits the leader left for positions start.. (< hi)."""
     n = start + tl.arange(0, BLOCK_N)
     in_range = n < hi
-    page = tl.load(k_table + row * k_table_stride + n // k_bs, mask=in_range, other=0)
-    return tl.load(sc_ptr + head[:, None] * sc_stride + (page * k_bs + n % k_bs)[None, :],
-                   mask=row_ok[:, None] & in_range[None, :], other=0.0)
+    at = _score_slots(n, in_range, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table,
+                      sc_table_stride, sc_bs, sc_g)
+    return tl.load(at, mask=row_ok[:, None] & in_range[None, :], other=0.0)
 
 
 @triton.jit
@@ -235,14 +248,14 @@ def _prefill_kernel(
                             scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                            out_ptr, 0, 0, 0, head, row_ok,
+                            out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
                             False, False)
     m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, window, last + 1, q_pos, sink,
                             recent, scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                            out_ptr, 0, 0, 0, head, row_ok,
+                            out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
                             False, False)
     out = acc_p / tl.where(l_p > 0, l_p, 1.0)[:, None]
@@ -258,7 +271,7 @@ def _prefill_kernel(
                                     sink, recent, scale, 0, q_pos,
                                     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride,
                                     kd_bs, v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride,
-                                    v_bs, out_ptr, 0, 0, 0, head, row_ok,
+                                    v_bs, out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
                                     D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST, PRECISION,
                                     False, False)
             out = _merge(out, m_p, l_p, acc_d, m_d, l_d, q, row, kv_head, first, last, q_pos,
@@ -303,7 +316,7 @@ def _decode_split_kernel(
     v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs,
     scale, sink, recent,
-    sc_ptr, sc_stride, sc_sink, sc_recent,
+    sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs, sc_sink, sc_recent,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, WRITE_SCORES: tl.constexpr,
@@ -331,7 +344,8 @@ def _decode_split_kernel(
                             sink, recent, scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                            sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok,
+                            sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs, sc_sink,
+                            sc_recent, head - kv_head * GROUP, row_ok,
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
                             WRITE_SCORES, False)
     window = tl.maximum(lo, tl.maximum(sink, i - recent + 1))
@@ -339,7 +353,8 @@ def _decode_split_kernel(
                             sink, recent, scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                            sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok,
+                            sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs, sc_sink,
+                            sc_recent, head - kv_head * GROUP, row_ok,
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
                             WRITE_SCORES, False)
     at = _partial_index(row, split, 0, num_splits, head, NUM_HEADS)
@@ -356,7 +371,8 @@ def _decode_split_kernel(
                                 0, q_pos,
                                 kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs,
                                 v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                                sc_ptr, sc_stride, sc_sink, sc_recent, head, row_ok,
+                                sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs, sc_sink,
+                                sc_recent, head - kv_head * GROUP, row_ok,
                                 D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST, PRECISION,
                                 False, READ_SCORES)
         at = _partial_index(row, split, 1, num_splits, head, NUM_HEADS)
@@ -450,7 +466,7 @@ def _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale
                           scale, low * SUMMARY, exact_hi,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
-                          k_ptr, 0, 0, 0, q_pos, q_pos >= 0,
+                          k_ptr, 0, 0, k_table, 0, 1, 0, 0, q_pos, q_pos >= 0,
                           D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
                           False, False)
     m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head,
@@ -458,7 +474,7 @@ def _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale
                           q_pos, sink, recent, scale, low * SUMMARY, exact_hi,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
-                          k_ptr, 0, 0, 0, q_pos, q_pos >= 0,
+                          k_ptr, 0, 0, k_table, 0, 1, 0, 0, q_pos, q_pos >= 0,
                           D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
                           False, False)
     return tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
@@ -603,9 +619,11 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
     write = shared is not None and shared.write
     read = shared is not None and not shared.write and inputs.k_distant is not None
     if shared is not None:
-        sc_args = (shared.buffer, shared.buffer.stride(0), shared.sink, shared.recent)
+        sc_args = (shared.cache, shared.cache.stride(0), shared.cache.stride(1),
+                   shared.block_table, shared.block_table.stride(0), shared.block_size,
+                   shared.sink, shared.recent)
     else:
-        sc_args = (output, 0, 0, 0)
+        sc_args = (output, 0, 0, kp.block_table, 0, 1, 0, 0)
     rows = dict(NUM_HEADS=heads, GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)),
                 BLOCK_N=config.decode_block_n, num_warps=config.decode_warps,
                 num_stages=config.decode_stages, **common)
