@@ -110,8 +110,9 @@ def cuda_pod_decode(lib: ctypes.CDLL, q: torch.Tensor, k_prox: PagedPart, v: Pag
     need = lib.layershare_pod_decode_workspace_bytes(num_reqs, heads, dim_v, num_splits)
     if workspace is None:
         workspace = torch.empty(need // 4 + 1, dtype=torch.float32, device=q.device)
-    tables = [p.block_table.to(torch.int32) for p in (k_prox, v, k_distant) if p is not None]
-    structs = [part_struct(p, t) for p, t in zip((k_prox, v, k_distant), tables, strict=False)]
+    parts = [p for p in (k_prox, v, k_distant) if p is not None]
+    tables = [p.block_table.to(torch.int32) for p in parts]  # alive through the call
+    structs = [part_struct(p, t) for p, t in zip(parts, tables, strict=True)]
     distant = ctypes.byref(structs[2]) if k_distant is not None else None
     qd = q if q_distant is None else q_distant
     status = lib.layershare_pod_decode(
