@@ -37,7 +37,8 @@ from vllm_layershare.attention.paged import LayerInputs, PagedPart, SharedScores
 from vllm_layershare.attention.triton_paged import (  # noqa: E402
     DEFAULT_CONFIG,
     TritonConfig,
-    decode_split_len,
+    decode_splits,
+    decode_workspace,
     triton_pod_attention,
 )
 
@@ -109,11 +110,13 @@ def layer_inputs(leader, values, table, q, role: str, recent: int,
 
 def kernel_ms(inputs: LayerInputs, starts: torch.Tensor, lens: torch.Tensor,
               out: torch.Tensor, repeats: int, config: TritonConfig = DEFAULT_CONFIG) -> float:
-    """The backend's call: device metadata, host maxima."""
+    """The backend's call: device metadata, host maxima, a workspace made beforehand."""
     max_q = int((starts[1:] - starts[:-1]).max())
     max_len = int(lens.max())
+    workspace = decode_workspace(lens.shape[0], out.shape[1], inputs.k_prox.cache.shape[1],
+                                 out.shape[2], max_len, out.device, config)
     return timed_ms(lambda: triton_pod_attention(inputs, starts, lens, out, max_q, max_len,
-                                                 config), out.device, repeats)
+                                                 config, workspace), out.device, repeats)
 
 
 def cuda_ms(lib, inputs: LayerInputs, lens: torch.Tensor, repeats: int,
@@ -123,7 +126,7 @@ def cuda_ms(lib, inputs: LayerInputs, lens: torch.Tensor, repeats: int,
     out = torch.empty_like(q)
     num_reqs, kv_heads = q.shape[0], inputs.k_prox.cache.shape[1]
     max_len = int(lens.max())
-    splits = -(-max_len // decode_split_len(max_len, num_reqs, kv_heads, q.device, config))
+    splits = decode_splits(num_reqs, kv_heads, max_len, q.device, config)
     need = lib.layershare_pod_decode_workspace_bytes(num_reqs, q.shape[1], q.shape[2], splits)
     workspace = torch.empty(need // 4 + 1, device=q.device)
     int32 = [dataclasses.replace(p, block_table=p.block_table.int()) if p else None

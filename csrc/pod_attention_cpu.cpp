@@ -747,8 +747,6 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
   const bool has_distant = k_dist.has_value();
   Paged<T> kd;
   if (has_distant) kd = make_paged<T>(*k_dist, *k_dist_table, k_dist_bs);
-  const float* qp = q.data_ptr<float>();
-  const float* qdp = q_dist.data_ptr<float>();
   float* op = out.data_ptr<float>();
   // Summary block b of a row is state b % states of page table[b / states]: a paged
   // cache indexed by block. With it, the follower's own estimated mass replaces lse_D.
@@ -772,11 +770,13 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
   std::stable_sort(tasks.begin(), tasks.end(),
                    [&](const Task& a, const Task& b) { return cost(a) > cost(b); });
   std::atomic<int64_t> next_task{0};
-  const int64_t q_tok = q.stride(0), q_head = q.stride(1);
   const int64_t o_tok = out.stride(0), o_head = out.stride(1);
   const float fscale = static_cast<float>(scale);
 
-  auto load = [&](const float* base, const Task& task, int64_t first_pos) {
+  // Each query tensor with its own strides: the leader's queries come from another layer.
+  auto load = [&](const at::Tensor& queries, const Task& task, int64_t first_pos) {
+    const float* base = queries.data_ptr<float>();
+    const int64_t tok_stride = queries.stride(0), head_stride = queries.stride(1);
     TileQueries tq;
     tq.n = static_cast<int>((task.token_end - task.token_begin) * G);
     tq.npad = (tq.n + kLanes - 1) / kLanes * kLanes;
@@ -787,7 +787,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
     int i = 0;
     for (int64_t t = task.token_begin; t < task.token_end; ++t)
       for (int64_t h = 0; h < G; ++h, ++i) {
-        const float* src = base + t * q_tok + (task.kv_head * G + h) * q_head;
+        const float* src = base + t * tok_stride + (task.kv_head * G + h) * head_stride;
         for (int64_t d = 0; d < D; ++d) {
           tq.rows[i * D + d] = src[d];
           tq.cols[d * tq.npad + i] = src[d];
@@ -805,7 +805,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
       const int64_t row = task.row, g = task.kv_head;
       const int64_t p0 = sl[row] - (qsl[row + 1] - task.token_begin);
       const int64_t p1 = p0 + (task.token_end - task.token_begin) - 1;
-      const TileQueries tq = load(qp, task, p0);
+      const TileQueries tq = load(q, task, p0);
       Branch prox(tq.npad, static_cast<int>(Dv));  // padding rows stay empty
       const int64_t sinks_end = std::min(sink, p1 + 1);
       const int64_t window_start = std::max(sink, p0 - recent + 1);
@@ -816,7 +816,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& q_dist, const a
       Branch dist(tq.npad, static_cast<int>(Dv));
       std::vector<float> log_mass;
       if (has_distant && p1 - recent >= sink) {
-        const TileQueries tqd = load(qdp, task, p0);
+        const TileQueries tqd = load(q_dist, task, p0);
         attend_range(dist, tqd, kd, vv, row, g, sink, p1 - recent, false, sink, recent, fscale);
         if (estimated)
           log_mass = estimated_log_mass(tq, kp, sp, summary_tokens, log_w, G, row, g, sink,
@@ -865,7 +865,9 @@ void pod_attention(at::Tensor out, at::Tensor q, at::Tensor q_dist, at::Tensor k
                    summary_log_weight->scalar_type() == at::kFloat &&
                    summary_log_weight->is_contiguous() && summary_log_weight->numel() == q.size(1)),
               "summaries: float32 log weights, one per query head");
-  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "dense head dim");
+  TORCH_CHECK(q.stride(2) == 1 && q_dist.stride(2) == 1 && out.stride(2) == 1, "dense head dim");
+  TORCH_CHECK(q_dist.sizes() == q.sizes() && q_dist.scalar_type() == at::kFloat,
+              "q_dist: float32, q's shape");
   TORCH_CHECK(k_prox.scalar_type() == v.scalar_type(), "caches share a dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "pod_attention", [&] {
     run<scalar_t>(out, q, q_dist, k_prox, k_prox_table, k_prox_bs, v, v_table, v_bs, k_dist,

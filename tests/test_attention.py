@@ -15,21 +15,38 @@ from vllm_layershare.attention.portable import paged_pod_attention
 from vllm_layershare.attention.reference import dense_attention, dense_pod_attention
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
+MAX_REQS = 4  # the scheduler limit a bounded Triton run sizes its workspace for
 SCALE = 1.0 / math.sqrt(DIM)
 
 
-def triton_impl(**config):
+def triton_impl(bound: int | None = None, **config):
     """The Triton kernels: compiled on a GPU where there is one, else run by Triton's
     interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET then). Small tiles and
     decode chunks of 13 positions (unless `config` says otherwise), so that the short
-    test sequences cross tile, chunk and page boundaries."""
-    from vllm_layershare.attention.triton_paged import TritonConfig, triton_pod_attention
+    test sequences cross tile, chunk and page boundaries. With `bound`, the calls get
+    that bound on the context lengths instead of each step's longest, and one decode
+    workspace sized for it, reused by every step: the conditions of a CUDA graph."""
+    from vllm_layershare.attention.triton_paged import (
+        TritonConfig,
+        decode_workspace,
+        triton_pod_attention,
+    )
 
     config = TritonConfig(**{"split_len": 13, "decode_block_n": 16, "prefill_block_m": 32,
                              "prefill_block_n": 16, **config})
+    workspaces: dict[torch.device, torch.Tensor] = {}
 
     def run(inputs, query_start_loc, seq_lens, output):
-        triton_pod_attention(inputs, query_start_loc, seq_lens, output, config=config)
+        workspace = None
+        if bound is not None:
+            device = output.device
+            if device not in workspaces:
+                workspaces[device] = decode_workspace(
+                    MAX_REQS, output.shape[1], inputs.k_prox.cache.shape[1], output.shape[2],
+                    bound, device, config)
+            workspace = workspaces[device]
+        triton_pod_attention(inputs, query_start_loc, seq_lens, output, config=config,
+                             max_seq_len=bound, workspace=workspace)
     return on_gpu(run) if torch.cuda.is_available() else run
 
 
@@ -185,14 +202,17 @@ def test_paged_equals_dense_reference(impl, share, feed, block_size):
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bound", [None, 200], ids=["step_longest", "static_bound"])
 @pytest.mark.parametrize("split_len", [3, 64, None])
-def test_triton_decode_any_split_length(split_len):
-    """Decode cut into chunks of any length (None: as many as fill the device), merged by
-    log-sum-exp, equals the dense reference; prefill rows in the same steps too."""
+def test_triton_decode_any_split_length(split_len, bound):
+    """Decode cut into chunks of any length (None: each request's context into as many
+    chunks of >= 16 positions as fill the device), merged by log-sum-exp, equals the
+    dense reference; prefill rows in the same steps too. Also with the grid from a
+    static bound and one workspace for every step, as a CUDA graph would run it."""
     gen = torch.Generator().manual_seed(5)
     lengths = [37, 20, 51]
     seqs = [random_sequence(n, gen) for n in lengths]
-    impl = triton_impl(split_len=split_len)
+    impl = triton_impl(bound=bound, split_len=split_len, min_split_len=16)
     outs = run_paged(impl, seqs, [FEEDS["prefill_then_decode"](n) for n in lengths], 4, gen,
                      sink=3, recent=9, share="scores")
     for seq, out in zip(seqs, outs, strict=True):
@@ -204,28 +224,61 @@ def test_decode_split_lengths_fill_the_gpu_and_no_more(monkeypatch):
     """The decode split heuristic: small batches cut the context into enough chunks for
     about programs_per_sm programs per SM (chunks >= min_split_len, whole BLOCK_N tiles,
     so up to one tile's rounding fewer); batches that fill the GPU alone keep one chunk
-    per (request, KV head)."""
+    per (request, KV head). A static bound instead of the longest context (a CUDA
+    graph's grid) changes no request's number of chunks by more than rounding, and no
+    request ever needs more chunks than the grid has."""
     from vllm_layershare.attention import triton_paged
-    from vllm_layershare.attention.triton_paged import TritonConfig, decode_split_len
+    from vllm_layershare.attention.triton_paged import TritonConfig, chunk_len, decode_splits
 
     sms, kv_heads = 132, 8
     monkeypatch.setattr(triton_paged, "_multiprocessors", lambda device: sms)
     gpu = torch.device("cuda")
     config = TritonConfig(programs_per_sm=2, min_split_len=256, decode_block_n=32)
     target = 2 * sms
+
+    def chunks(context: int, batch: int, bound: int) -> tuple[int, int]:
+        splits = decode_splits(batch, kv_heads, bound, gpu, config)
+        length = chunk_len(context, splits, config)
+        used = -(-context // length)
+        assert length % 32 == 0 and length >= 256 and used <= splits, (context, batch, bound)
+        return length, used
+
     for context, batch in [(32768, 1), (32768, 16), (131072, 1), (4096, 64), (300, 1)]:
-        length = decode_split_len(context, batch, kv_heads, gpu, config)
-        programs = batch * kv_heads * -(-context // length)
-        assert length % 32 == 0 and length >= 256, (context, batch, length)
+        length, used = chunks(context, batch, context)
+        programs = batch * kv_heads * used
         if length > 256:  # not held up by min_split_len: about the target, not more
             assert programs >= target * (1 - 32 / 256), (context, batch, length)
             assert programs < target + batch * kv_heads, (context, batch, length)
-    assert decode_split_len(32768, 64, kv_heads, gpu, config) >= 32768  # 512 programs
-    assert decode_split_len(100, 1, kv_heads, gpu, TritonConfig(split_len=7)) == 7
+        assert abs(chunks(context, batch, 131072)[1] - used) <= 1, (context, batch)
+    assert chunks(32768, 64, 32768)[1] == 1  # 512 programs
+    for context in range(1, 3000, 37):  # any context within the bound fits the grid
+        for batch in (1, 3, 40):
+            chunks(context, batch, 3000)
+    fixed = TritonConfig(split_len=7)
+    assert chunk_len(100, decode_splits(1, kv_heads, 100, gpu, fixed), fixed) == 7
+    assert decode_splits(1, kv_heads, 100, gpu, fixed) == 15
     with pytest.raises(ValueError, match="power of two"):
         TritonConfig(decode_block_n=24)
     with pytest.raises(ValueError, match="split_len"):
         TritonConfig(split_len=0)
+
+
+def test_leader_queries_with_their_own_strides(impl):
+    """A follower's distant queries are its leader's: another layer's tensor, with
+    strides of its own (here a view into a wider buffer, NaN around it)."""
+    def strided(inputs, query_start_loc, seq_lens, output):
+        qd = inputs.q_distant
+        wide = torch.full((*qd.shape[:2], 3 * qd.shape[2]), float("nan"))
+        wide[..., DIM : 2 * DIM] = qd
+        impl(replace(inputs, q_distant=wide[..., DIM : 2 * DIM]), query_start_loc, seq_lens,
+             output)
+
+    gen = torch.Generator().manual_seed(19)
+    seqs = [random_sequence(n, gen) for n in (30, 21)]
+    outs = run_paged(strided, seqs, [[12, 1, 17], [20, 1]], 4, gen, sink=2, recent=6)
+    for seq, out in zip(seqs, outs, strict=True):
+        torch.testing.assert_close(out.double(), reference(seq, sink=2, recent=6),
+                                   atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("tau", [0.3, 0.7, 1.0])
@@ -540,12 +593,13 @@ def test_one_token_summaries_give_the_oracle_gate():
     assert (published - expected).abs().max() > 1e-3
 
 
-def test_decode_followers_read_the_leaders_scores():
+@pytest.mark.parametrize("bound", [None, 64], ids=["step_longest", "static_bound"])
+def test_decode_followers_read_the_leaders_scores(bound):
     """Share `scores` on the GPU kernels: in one-query rows the leader writes the logits
     of the distant tokens and the follower reads them instead of the leader's keys,
     which are NaN for it there; rows with several queries still read keys. Leader and
     follower equal the dense references, prefill, chunks and decode mixed in steps."""
-    impl = triton_impl()
+    impl = triton_impl(bound=bound)
     gen = torch.Generator().manual_seed(41)
     sink, recent, block_size = 3, 7, 8
     lengths = [40, 29, 52]
@@ -603,3 +657,82 @@ def test_decode_followers_read_the_leaders_scores():
         torch.testing.assert_close(lead_out.double(), plain, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(out.double(), reference(seq, sink=sink, recent=recent),
                                    atol=2e-5, rtol=1e-4)
+
+
+def test_decode_step_replays_on_static_tensors():
+    """A decode step as a full CUDA graph runs it: a leader writing its followers'
+    logits and a follower reading them, launched on static tensors (queries, lengths,
+    outputs, one workspace, a static bound on the context), then replayed for later
+    steps with new queries and lengths copied into those tensors; leader and follower
+    equal the dense references at every step. On a GPU the launches are captured in a
+    CUDA graph and replayed; without one the same calls are repeated (interpreter)."""
+    from vllm_layershare.attention.triton_paged import (
+        TritonConfig,
+        decode_workspace,
+        triton_pod_attention,
+    )
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(43)
+    sink, recent, bound, steps = 3, 7, 64, 5
+    lengths, first = [40, 29, 52], [30, 12, 46]  # first: each row's first query position
+    seqs = [random_sequence(n, gen) for n in lengths]
+    batch, score_pages = PagedBatch(lengths, 8, gen), PagedBatch(lengths, 5, gen)
+
+    def cached(key: str, fill: float | None = None) -> PagedPart:
+        part = batch.part([0, 1, 2], [s[key] if fill is None else torch.full_like(s[key], fill)
+                                      for s in seqs])
+        return replace(part, cache=part.cache.to(device),
+                       block_table=part.block_table.to(device))
+
+    def zeros(*shape, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
+    q_lead, q_own, lead_out, out = (zeros(3, HEADS, DIM) for _ in range(4))
+    starts, lens = torch.arange(4, device=device), zeros(3, dtype=torch.int64)
+    scores = SharedScores(
+        torch.full((score_pages.num_blocks, KV_HEADS, HEADS // KV_HEADS * 5), float("nan"),
+                   device=device), score_pages.block_table.to(device), 5, sink, recent,
+        write=True)
+    values = cached("v")
+    leader = LayerInputs(q=q_lead, k_prox=cached("ka"), v=values, scale=SCALE,
+                         shared_scores=scores)
+    follower = LayerInputs(q=q_own, k_prox=cached("k"), v=values, scale=SCALE, sink=sink,
+                           recent=recent, q_distant=q_lead, k_distant=cached("ka", float("nan")),
+                           shared_scores=replace(scores, write=False))
+    config = TritonConfig(decode_block_n=16, min_split_len=16)
+    workspace = decode_workspace(3, HEADS, KV_HEADS, DIM, bound, device, config)
+
+    def step() -> None:
+        for inputs, output in ((leader, lead_out), (follower, out)):
+            triton_pod_attention(inputs, starts, lens, output, 1, bound, config, workspace)
+
+    def load(t: int) -> list[int]:
+        """Step t's queries and context lengths into the static tensors."""
+        positions = [f + t for f in first]
+        q_lead.copy_(torch.stack([s["qa"][p] for s, p in zip(seqs, positions, strict=True)]))
+        q_own.copy_(torch.stack([s["q"][p] for s, p in zip(seqs, positions, strict=True)]))
+        lens.copy_(torch.tensor(positions) + 1)
+        return positions
+
+    run = step
+    if device.type == "cuda":
+        load(0)
+        step()  # compiles the kernels before the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
+    expected_lead = [dense_attention(s["qa"], s["ka"], s["v"], SCALE) for s in seqs]
+    expected = [reference(s, sink=sink, recent=recent) for s in seqs]
+    for t in range(steps):
+        positions = load(t)
+        lead_out.fill_(float("nan"))
+        out.fill_(float("nan"))
+        run()
+        for r, p in enumerate(positions):
+            torch.testing.assert_close(lead_out[r].cpu().double(), expected_lead[r][p],
+                                       atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(out[r].cpu().double(), expected[r][p],
+                                       atol=2e-5, rtol=1e-4)

@@ -113,6 +113,26 @@ def test_preemption_recompute_gives_same_outputs(tiny_model, tmp_path, monkeypat
     assert got == expected
 
 
+def greedy_with_logprobs(model, grouping, prompts, **engine_args):
+    """(vLLM's compilation mode, each prompt's 6 greedy tokens with their logprobs)."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
+    llm = make_llm(model, grouping, max_num_batched_tokens=48, max_num_seqs=4, **engine_args)
+    mode = llm.llm_engine.vllm_config.compilation_config.mode
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    close_llm(llm)
+    return mode, [[(t, d[t].logprob) for t, d in zip(o.outputs[0].token_ids,
+                                                     o.outputs[0].logprobs, strict=True)]
+                  for o in outs]
+
+
+def assert_same_greedy(got, expected) -> None:
+    """Same tokens, logprobs within 1e-3."""
+    for seq_got, seq_expected in zip(got, expected, strict=True):
+        assert [t for t, _ in seq_got] == [t for t, _ in seq_expected]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(seq_got, seq_expected,
+                                                          strict=True)) < 1e-3
+
+
 @pytest.mark.parametrize("heads", [4, 6], ids=["scores_planned", "scores_outside_plan"])
 def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatch, heads):
     """The backend's GPU path inside real vLLM: Triton kernels for prefill chunks and
@@ -121,7 +141,8 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
     (VLLM_LAYERSHARE_KERNELS=triton). Greedy tokens and their logprobs equal the CPU
     kernel's, and the shared-scores path did run: in the scores companion that vLLM
     planned, or (3 query heads per KV head: no whole number of tokens fills a page)
-    over the leader's own pages."""
+    over the leader's own pages. Every layer's decode used the one workspace the
+    builders made from the scheduler's limits."""
     from vllm_layershare.attention import triton_paged
     from vllm_layershare.tools.tiny_model import build_tiny_llama
 
@@ -129,35 +150,44 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
         tmp_path / "gqa3", num_heads=heads, hidden_size=32 * heads)
     grouping = write_grouping(tmp_path / "g.yaml")  # share scores, estimated mass
     prompts = random_prompts(2, 60, seed=4)
-    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
-
-    def run():
-        llm = make_llm(model, grouping, max_num_batched_tokens=48, max_num_seqs=4)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-        close_llm(llm)
-        return [[(t, d[t].logprob) for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs,
-                                                    strict=True)] for o in outs]
-
-    expected = run()  # the CPU kernel
-    shared_calls, page_sizes = [], set()
+    _, expected = greedy_with_logprobs(model, grouping, prompts)  # the CPU kernel
+    shared_calls, page_sizes, workspaces = [], set(), set()
     real = triton_paged.triton_pod_attention
 
     def spying(inputs, *args, **kwargs):
         if inputs.shared_scores is not None:
             shared_calls.append(inputs.shared_scores.write)
             page_sizes.add(inputs.shared_scores.block_size)
+        workspaces.add(kwargs["workspace"].data_ptr())
         return real(inputs, *args, **kwargs)
 
     monkeypatch.setattr(triton_paged, "triton_pod_attention", spying)
     monkeypatch.setenv("VLLM_LAYERSHARE_KERNELS", "triton")
-    got = run()
+    _, got = greedy_with_logprobs(model, grouping, prompts)
     assert True in shared_calls and False in shared_calls, "no leader shared its scores"
     own_pages = {32}  # make_llm's block size: the leader's pages
     assert (page_sizes == own_pages) == (heads == 6), page_sizes
-    for seq_got, seq_expected in zip(got, expected, strict=True):
-        assert [t for t, _ in seq_got] == [t for t, _ in seq_expected]
-        assert max(abs(a - b) for (_, a), (_, b) in zip(seq_got, seq_expected,
-                                                          strict=True)) < 1e-3
+    assert len(workspaces) == 1, workspaces
+    assert_same_greedy(got, expected)
+
+
+def test_compiled_model_gives_the_eager_outputs(tiny_model, tmp_path, monkeypatch):
+    """vLLM compiles a model unless told not to (--enforce-eager): on CPU Dynamo traces
+    it once with attention as an opaque op (on GPUs the graph is cut there for piecewise
+    CUDA graphs). Under compilation the backend, on its GPU path (Triton, interpreted
+    here), gives the eager CPU kernel's tokens and logprobs."""
+    from vllm.config import CompilationMode
+
+    grouping = write_grouping(tmp_path / "g.yaml")
+    prompts = random_prompts(2, 50, seed=6)
+    mode, expected = greedy_with_logprobs(tiny_model, grouping, prompts)
+    assert mode == CompilationMode.NONE
+    monkeypatch.setenv("VLLM_LAYERSHARE_KERNELS", "triton")
+    calls = backend.FORWARD_CALLS
+    mode, got = greedy_with_logprobs(tiny_model, grouping, prompts, enforce_eager=False)
+    assert mode != CompilationMode.NONE
+    assert backend.FORWARD_CALLS > calls
+    assert_same_greedy(got, expected)
 
 
 def test_bad_kernels_setting_is_refused(tiny_model, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ in the step's forward context.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -40,7 +41,7 @@ from vllm_layershare.layout import (
     SUMMARY_SUFFIX,
     layer_name_at,
 )
-from vllm_layershare.settings import KERNELS_ENV, config_for, forced_path
+from vllm_layershare.settings import attention_path, config_for, forced_path
 
 logger = init_logger("vllm." + __name__)  # under vLLM's log handlers
 
@@ -57,20 +58,6 @@ GPU_KERNELS = ("Triton kernels (decode: Triton split over the context, 9x faster
                "csrc's CUDA decode kernel on an H200 at 32K x 16, 0.87 vs 7.9 ms)")
 # Forward calls with real metadata in this process: tests use it to prove this code ran.
 FORWARD_CALLS = 0
-
-
-def attention_path(device: torch.device, head_size: int = 0) -> str:
-    """Which implementation runs: KERNELS_ENV if set; else the CPU kernel where it is
-    built, the Triton kernels on CUDA, the portable PyTorch path otherwise."""
-    forced = forced_path()
-    if forced:
-        if forced == "native" and not native.available(device, head_size):
-            raise ValueError(f"{KERNELS_ENV}=native, but the CPU kernel does not run here "
-                             f"({native.describe()}, {device}, head size {head_size}).")
-        return forced
-    if native.available(device, head_size):
-        return "native"
-    return "triton" if device.type == "cuda" else "portable"
 
 
 def describe_path(path: str) -> str:
@@ -137,6 +124,35 @@ class LayershareMetadata:
     # request rows and positions, found once per step on the host, not per layer.
     summary_rows: torch.Tensor
     summary_ends: torch.Tensor
+    # Scratch of the Triton decode kernels, sized once from the scheduler's limits.
+    decode_workspace: torch.Tensor | None = None
+    # Where a leader leaves its queries for its followers (share `scores`).
+    leader_queries: torch.Tensor | None = None
+
+
+@functools.cache
+def shared_leader_queries(device: torch.device, tokens: int, heads: int, head_size: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """A persistent copy of a leader's queries for its followers, one per device (groups
+    are consecutive layers). Not the op's own query tensor: under torch.compile its
+    memory is reused for later layers' activations once the attention op returns."""
+    queries = torch.empty(tokens, heads, head_size, dtype=dtype, device=device)
+    logger.info("layershare: leaders keep their queries for their followers in %.1f MiB",
+                queries.numel() * queries.element_size() / 2**20)
+    return queries
+
+
+@functools.cache
+def shared_decode_workspace(device: torch.device, max_reqs: int, heads: int, kv_heads: int,
+                            head_size: int, max_len: int) -> torch.Tensor:
+    """One Triton decode workspace per device, for every layer and KV-cache group:
+    layers run one after another."""
+    from vllm_layershare.attention.triton_paged import decode_workspace
+
+    workspace = decode_workspace(max_reqs, heads, kv_heads, head_size, max_len, device)
+    logger.info("layershare: decode workspace of %.1f MiB (up to %d requests of %d tokens)",
+                workspace.numel() * 4 / 2**20, max_reqs, max_len)
+    return workspace
 
 
 class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
@@ -153,6 +169,18 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
         self.block_size = kv_cache_spec.block_size
         config = config_for(vllm_config)
         self.summary_tokens = config.summary_tokens if config.estimates_mass else 0
+        model, parallel = vllm_config.model_config, vllm_config.parallel_config
+        heads = model.get_num_attention_heads(parallel)
+        self.leader_queries = None
+        if config.share == "scores":
+            self.leader_queries = shared_leader_queries(
+                device, vllm_config.scheduler_config.max_num_batched_tokens, heads,
+                model.get_head_size(), model.dtype)
+        self.decode_workspace = None
+        if attention_path(device, model.get_head_size()) == "triton":
+            self.decode_workspace = shared_decode_workspace(
+                device, vllm_config.scheduler_config.max_num_seqs, heads,
+                model.get_num_kv_heads(parallel), model.get_head_size(), model.max_model_len)
 
     def build(
         self,
@@ -185,6 +213,8 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
             block_size=self.block_size,
             summary_rows=token_rows[ends].to(device),
             summary_ends=positions[ends].to(device),
+            decode_workspace=self.decode_workspace,
+            leader_queries=self.leader_queries,
         )
 
 
@@ -315,7 +345,10 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         if role.leader is None:
             write_cache(kv_cache, 0, d, key, attn_metadata, self.path)
             write_cache(kv_cache, d, kv_cache.shape[-1], value, attn_metadata, self.path)
-            ctx.additional_kwargs[(LEADER_QUERY_KEY, name)] = query
+            if role.shares_scores:
+                kept = attn_metadata.leader_queries[:n]
+                kept.copy_(query)
+                ctx.additional_kwargs[(LEADER_QUERY_KEY, name)] = kept
             inputs = LayerInputs(
                 q=query, scale=self.scale,
                 k_prox=self._part(kv_cache, 0, d, attn_metadata),
@@ -334,7 +367,8 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
 
             triton_pod_attention(inputs, attn_metadata.query_start_loc_device,
                                  attn_metadata.seq_lens_device, output[:n],
-                                 attn_metadata.max_query_len, attn_metadata.max_seq_len)
+                                 attn_metadata.max_query_len, attn_metadata.max_seq_len,
+                                 workspace=attn_metadata.decode_workspace)
         else:
             paged_pod_attention(inputs, attn_metadata.query_start_loc, attn_metadata.seq_lens,
                                 output[:n])

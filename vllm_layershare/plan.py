@@ -49,7 +49,7 @@ def split_follower_specs(
     followers a scores companion when the GPU kernels share scores."""
     config = config_for(vllm_config)
     context = vllm_config.compilation_config.static_forward_context
-    share_scores = config.share == "scores" and runs_triton()
+    share_scores = config.share == "scores" and runs_triton(vllm_config)
     heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
     result: dict[str, KVCacheSpec] = {}
     for name, spec in specs.items():

@@ -7,8 +7,10 @@ import os
 from functools import cache
 from typing import TYPE_CHECKING
 
+import torch
 from vllm.logger import init_logger
 
+from vllm_layershare.attention import native
 from vllm_layershare.config import (
     LayershareConfig,
     LayershareConfigError,
@@ -36,12 +38,27 @@ def forced_path() -> str | None:
     return forced
 
 
-def runs_triton() -> bool:
-    """Whether attention will run the Triton kernels (CUDA, or forced)."""
+def attention_path(device: torch.device, head_size: int = 0) -> str:
+    """Which implementation runs: KERNELS_ENV if set; else the CPU kernel where it is
+    built, the Triton kernels on CUDA, the portable PyTorch path otherwise."""
+    forced = forced_path()
+    if forced:
+        if forced == "native" and not native.available(device, head_size):
+            raise ValueError(f"{KERNELS_ENV}=native, but the CPU kernel does not run here "
+                             f"({native.describe()}, {device}, head size {head_size}).")
+        return forced
+    if native.available(device, head_size):
+        return "native"
+    return "triton" if device.type == "cuda" else "portable"
+
+
+def runs_triton(vllm_config: VllmConfig) -> bool:
+    """Whether attention will run the Triton kernels on this platform: what the impl's
+    attention_path will say on its device, known here at planning time."""
     from vllm.platforms import current_platform
 
-    forced = forced_path()
-    return forced == "triton" or (forced is None and current_platform.is_cuda())
+    device = torch.device(current_platform.device_type)
+    return attention_path(device, vllm_config.model_config.get_head_size()) == "triton"
 
 
 @cache
@@ -98,7 +115,7 @@ def score_fraction(vllm_config: VllmConfig) -> float:
     """A leader's shared decode logits (share `scores`, GPU kernels) as a fraction of a
     full layer's K+V bytes: one float32 per query head against K and V per KV head."""
     config = config_for(vllm_config)
-    if config.share != "scores" or not runs_triton():
+    if config.share != "scores" or not runs_triton(vllm_config):
         return 0.0
     model_config = vllm_config.model_config
     parallel = vllm_config.parallel_config

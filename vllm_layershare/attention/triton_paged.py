@@ -308,8 +308,16 @@ def _partial_index(row, split, branch, num_splits, head, NUM_HEADS: tl.constexpr
 
 
 @triton.jit
+def _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N: tl.constexpr):
+    """Context positions per decode program of a request: split_len where fixed (> 0),
+    else its context cut into num_splits chunks of whole tiles, >= min_split_len each."""
+    length = tl.maximum(tl.cdiv(seq_len, num_splits), min_split_len)
+    return tl.where(split_len > 0, split_len, tl.cdiv(length, BLOCK_N) * BLOCK_N)
+
+
+@triton.jit
 def _decode_split_kernel(
-    acc_ptr, ml_ptr, num_splits, split_len,
+    acc_ptr, ml_ptr, num_splits, split_len, min_split_len,
     q_ptr, q_st, q_sh, qd_ptr, qd_st, qd_sh,
     query_start_loc, seq_lens,
     kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
@@ -329,10 +337,11 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     q_len, seq_len, tok, head, row_ok, d, q_mask = _decode_rows(
         query_start_loc, seq_lens, row, kv_head, GROUP, D, BLOCK_M, BLOCK_D)
-    lo = split * split_len
+    length = _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N)
+    lo = split * length
     if q_len != 1 or lo >= seq_len:
         return
-    hi = tl.minimum(lo + split_len, seq_len)
+    hi = tl.minimum(lo + length, seq_len)
     i = seq_len - 1
     q_pos = head * 0 + i
     q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
@@ -405,7 +414,7 @@ def _combine_splits(acc_ptr, ml_ptr, row, branch, num_splits, used, head, row_ok
 
 @triton.jit
 def _decode_merge_kernel(
-    out_ptr, o_st, o_sh, acc_ptr, ml_ptr, num_splits, split_len,
+    out_ptr, o_st, o_sh, acc_ptr, ml_ptr, num_splits, split_len, min_split_len,
     q_ptr, q_st, q_sh, query_start_loc, seq_lens,
     kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
     s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
@@ -421,7 +430,8 @@ def _decode_merge_kernel(
         query_start_loc, seq_lens, row, kv_head, GROUP, D, BLOCK_M, BLOCK_D)
     if q_len != 1:
         return
-    used = tl.cdiv(seq_len, split_len)
+    length = _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N)
+    used = tl.cdiv(seq_len, length)
     m_p, l_p, acc_p = _combine_splits(acc_ptr, ml_ptr, row, 0, num_splits, used, head, row_ok,
                                       d, q_mask, NUM_HEADS, BLOCK_M, BLOCK_D, D)
     out = acc_p / tl.where(l_p > 0, l_p, 1.0)[:, None]
@@ -525,16 +535,52 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_split_len(max_seq_len: int, num_reqs: int, kv_heads: int, device: torch.device,
-                     config: TritonConfig = DEFAULT_CONFIG) -> int:
-    """Context positions per decode program: one chunk per (request, KV head) once the
-    batch fills the GPU, else the context cut into enough chunks (each >= min_split_len)."""
+def decode_splits(num_reqs: int, kv_heads: int, max_seq_len: int, device: torch.device,
+                  config: TritonConfig = DEFAULT_CONFIG) -> int:
+    """Decode programs per (request, KV head): enough for about programs_per_sm programs
+    per multiprocessor, no more than a max_seq_len context cut into min_split_len chunks
+    can use. Each request cuts its own context into that many chunks (_chunk_len), so the
+    grid depends on no request's actual length: with a static bound for max_seq_len (the
+    model's limit) it can be captured in a CUDA graph."""
+    if config.split_len is not None:
+        return triton.cdiv(max_seq_len, config.split_len)
+    programs = config.programs_per_sm * _multiprocessors(device)
+    wanted = triton.cdiv(programs, max(1, num_reqs * kv_heads))
+    return max(1, min(wanted, triton.cdiv(max_seq_len, config.min_split_len)))
+
+
+def chunk_len(seq_len: int, num_splits: int, config: TritonConfig = DEFAULT_CONFIG) -> int:
+    """Context positions per decode program of a request of seq_len positions (the
+    kernels' _chunk_len, for the host: tests, benchmarks)."""
     if config.split_len is not None:
         return config.split_len
-    programs = config.programs_per_sm * _multiprocessors(device)
-    splits = max(1, -(-programs // max(1, num_reqs * kv_heads)))
-    length = max(-(-max_seq_len // splits), config.min_split_len)
-    return -(-length // config.decode_block_n) * config.decode_block_n
+    length = max(triton.cdiv(seq_len, num_splits), config.min_split_len)
+    return triton.cdiv(length, config.decode_block_n) * config.decode_block_n
+
+
+def decode_workspace(max_reqs: int, heads: int, kv_heads: int, head_size: int,
+                     max_seq_len: int, device: torch.device,
+                     config: TritonConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """Scratch for the decode partials of any step within the scheduler's limits (up to
+    max_reqs requests of up to max_seq_len positions): allocated once, passed to every
+    call, so a decode step allocates nothing (CUDA graphs need static buffers)."""
+    rows = max(reqs * decode_splits(reqs, kv_heads, max_seq_len, device, config)
+               for reqs in range(1, max_reqs + 1))
+    return torch.empty(rows * 2 * heads * (head_size + 2), dtype=torch.float32, device=device)
+
+
+def _partials(workspace: torch.Tensor | None, rows: int, head_size: int,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the decode partials, acc [rows, head_size] and (m, l) [rows, 2], in the
+    workspace (or a fresh buffer without one)."""
+    need = rows * (head_size + 2)
+    if workspace is None:
+        workspace = torch.empty(need, dtype=torch.float32, device=device)
+    elif workspace.numel() < need:
+        raise ValueError(f"layershare: decode workspace of {workspace.numel()} floats, this "
+                         f"step needs {need}: it was sized for smaller scheduler limits")
+    acc = workspace[: rows * head_size].view(rows, head_size)
+    return acc, workspace[rows * head_size : need].view(rows, 2)
 
 
 def triton_pod_attention(
@@ -545,11 +591,14 @@ def triton_pod_attention(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     config: TritonConfig = DEFAULT_CONFIG,
+    workspace: torch.Tensor | None = None,
 ) -> None:
     """Write attention of every scheduled token into `output` [T, H, Dv].
 
     The backend passes the step's device tensors and vLLM's host maxima, so a layer
     neither copies metadata to the GPU nor waits for it; lists work too (tests).
+    max_seq_len may be any bound on the context lengths: decode launches depend on it
+    and on the batch size only. `workspace` (decode_workspace) holds the decode partials.
     """
     q, kp, v, kd, summary = inputs.q, inputs.k_prox, inputs.v, inputs.k_distant, inputs.summary
     device = q.device
@@ -600,22 +649,21 @@ def triton_pod_attention(
             SUMMARY=summary_tokens, num_warps=config.prefill_warps,
             num_stages=config.prefill_stages, **common)
     _decode(inputs, q, qd, starts, lens, output, max_seq_len, kd_args, s_args, log_w, recent,
-            tau, summary_tokens, config, common)
+            tau, summary_tokens, config, common, workspace)
 
 
 def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_args, s_args,
-            log_w, recent, tau, summary_tokens, config: TritonConfig, common: dict) -> None:
+            log_w, recent, tau, summary_tokens, config: TritonConfig, common: dict,
+            workspace: torch.Tensor | None) -> None:
     """The one-query rows of the step: split kernel, then merge kernel."""
     kp, v, shared = inputs.k_prox, inputs.v, inputs.shared_scores
     num_reqs, heads, dim = lens.shape[0], q.shape[1], q.shape[2]
     kv_heads = kp.cache.shape[1]
     group = heads // kv_heads
-    split_len = decode_split_len(max_seq_len, num_reqs, kv_heads, q.device, config)
-    num_splits = triton.cdiv(max_seq_len, split_len)
-    partial_acc = torch.empty(num_reqs * num_splits * 2 * heads, dim, device=q.device,
-                              dtype=torch.float32)
-    partial_ml = torch.empty(num_reqs * num_splits * 2 * heads, 2, device=q.device,
-                             dtype=torch.float32)
+    num_splits = decode_splits(num_reqs, kv_heads, max_seq_len, q.device, config)
+    chunks = (num_splits, config.split_len or 0, config.min_split_len)
+    partial_acc, partial_ml = _partials(workspace, num_reqs * num_splits * 2 * heads, dim,
+                                        q.device)
     write = shared is not None and shared.write
     read = shared is not None and not shared.write and inputs.k_distant is not None
     if shared is not None:
@@ -628,14 +676,14 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
                 BLOCK_N=config.decode_block_n, num_warps=config.decode_warps,
                 num_stages=config.decode_stages, **common)
     _decode_split_kernel[(num_reqs, kv_heads, num_splits)](
-        partial_acc, partial_ml, num_splits, split_len,
+        partial_acc, partial_ml, *chunks,
         q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
         *_paged_args(kp), *_paged_args(v), *kd_args,
         inputs.scale, inputs.sink, recent, *sc_args,
         WRITE_SCORES=write, READ_SCORES=read, **rows)
     _decode_merge_kernel[(num_reqs, kv_heads)](
-        output, output.stride(0), output.stride(1), partial_acc, partial_ml, num_splits,
-        split_len, q, q.stride(0), q.stride(1), starts, lens, *_paged_args(kp), *s_args,
+        output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
+        q, q.stride(0), q.stride(1), starts, lens, *_paged_args(kp), *s_args,
         inputs.scale, inputs.sink, recent, tau, log_w, SUMMARY=summary_tokens, **rows)
 
 
