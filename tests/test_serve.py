@@ -29,9 +29,9 @@ def server(tiny_model, tmp_path_factory):
     cmd = [
         str(vllm), "serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
         "--attention-backend", "layershare", "--dtype", "float32",
-        "--max-model-len", str(MAX_LEN), "--block-size", "32", "--enforce-eager",
+        "--max-model-len", str(MAX_LEN), "--block-size", "32",
         "--additional-config", json.dumps({"layershare": {"config": str(grouping)}}),
-    ]
+    ]  # no --enforce-eager: the model compiled, as users run it
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real, multi-process server
     with open(log_path, "w") as log:
