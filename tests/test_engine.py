@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -133,6 +134,27 @@ def assert_same_greedy(got, expected) -> None:
                                                           strict=True)) < 1e-3
 
 
+def build_also_blind(monkeypatch) -> list[int]:
+    """Make every metadata build run a second time on meta-device copies of vLLM's device
+    tensors, where any host read (on a GPU: a wait for the device) raises; the host
+    results must be the real build's. Returns the growing list of blind builds' sizes."""
+    real = backend.LayershareMetadataBuilder.build
+    device_fields = ("query_start_loc", "seq_lens", "block_table_tensor", "slot_mapping")
+    blind_builds = []
+
+    def build(self, common_prefix_len, m, fast_build=False):
+        got = real(self, common_prefix_len, m, fast_build)
+        blind = dataclasses.replace(m, **{f: getattr(m, f).to("meta") for f in device_fields})
+        host = real(self, common_prefix_len, blind, fast_build)
+        assert (host.seq_lens, host.query_start_loc) == (got.seq_lens, got.query_start_loc)
+        assert host.summary_ends.shape == got.summary_ends.shape
+        blind_builds.append(len(got.seq_lens))
+        return got
+
+    monkeypatch.setattr(backend.LayershareMetadataBuilder, "build", build)
+    return blind_builds
+
+
 @pytest.mark.parametrize("heads", [4, 6], ids=["scores_planned", "scores_outside_plan"])
 def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatch, heads):
     """The backend's GPU path inside real vLLM: Triton kernels for prefill chunks and
@@ -142,7 +164,8 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
     kernel's, and the shared-scores path did run: in the scores companion that vLLM
     planned, or (3 query heads per KV head: no whole number of tokens fills a page)
     over the leader's own pages. Every layer's decode used the one workspace the
-    builders made from the scheduler's limits."""
+    builders made from the scheduler's limits; the builders never read a device
+    tensor on the host (on a GPU, a wait for the device every step)."""
     from vllm_layershare.attention import triton_paged
     from vllm_layershare.tools.tiny_model import build_tiny_llama
 
@@ -163,7 +186,9 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
 
     monkeypatch.setattr(triton_paged, "triton_pod_attention", spying)
     monkeypatch.setenv("VLLM_LAYERSHARE_KERNELS", "triton")
+    blind_builds = build_also_blind(monkeypatch)
     _, got = greedy_with_logprobs(model, grouping, prompts)
+    assert 2 in blind_builds, blind_builds  # decode steps of both prompts were built
     assert True in shared_calls and False in shared_calls, "no leader shared its scores"
     own_pages = {32}  # make_llm's block size: the leader's pages
     assert (page_sizes == own_pages) == (heads == 6), page_sizes

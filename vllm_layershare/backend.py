@@ -155,6 +155,16 @@ def shared_decode_workspace(device: torch.device, max_reqs: int, heads: int, kv_
     return workspace
 
 
+def host_seq_lens(m: CommonAttentionMetadata) -> torch.Tensor:
+    """The step's context lengths on the host, int64, without waiting for the device:
+    vLLM's host bound is exact when no draft tokens are in flight (speculative decoding
+    is refused at start-up, settings.py). A copy: vLLM refills its buffer next step."""
+    bound = m.seq_lens_cpu_upper_bound
+    if bound is None:  # callers that build metadata without it (none in vLLM 0.32's runner)
+        return m.seq_lens[: m.num_reqs].cpu().long()
+    return bound[: m.num_reqs].to(torch.int64, copy=True)
+
+
 class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
     """Turns vLLM's common metadata into the host lists the portable path loops over."""
 
@@ -190,7 +200,7 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
     ) -> LayershareMetadata:
         m = common_attn_metadata
         query_start_loc = m.query_start_loc_cpu[: m.num_reqs + 1].long()
-        seq_lens = m.seq_lens[: m.num_reqs].cpu().long()
+        seq_lens = host_seq_lens(m)
         token_rows = torch.repeat_interleave(
             torch.arange(m.num_reqs), query_start_loc[1:] - query_start_loc[:-1])
         token_index = torch.arange(token_rows.shape[0])
