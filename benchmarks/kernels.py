@@ -79,10 +79,11 @@ def copy_bandwidth_gbs(device: torch.device, mib: int) -> float:
 
 
 def paged_layer(batch: int, context: int, queries: int, device: torch.device, dtype):
-    """A leader's K|V cache and a follower's V cache, one shuffled block table."""
+    """A leader's K|V cache and a follower's V cache, one shuffled block table (int32,
+    as vLLM's)."""
     per_seq = -(-context // BLOCK)
     blocks = batch * per_seq
-    table = torch.randperm(blocks, device=device).view(batch, per_seq)
+    table = torch.randperm(blocks, device=device, dtype=torch.int32).view(batch, per_seq)
     leader = torch.randn(blocks, KV_HEADS, BLOCK, 2 * DIM, device=device, dtype=dtype)
     values = torch.randn(blocks, KV_HEADS, BLOCK, DIM, device=device, dtype=dtype)
     q = torch.randn(batch * queries, HEADS, DIM, device=device, dtype=dtype)

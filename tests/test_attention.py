@@ -25,11 +25,14 @@ def triton_impl(bound: int | None = None, **config):
     decode chunks of 13 positions (unless `config` says otherwise), so that the short
     test sequences cross tile, chunk and page boundaries. With `bound`, the calls get
     that bound on the context lengths instead of each step's longest, and one decode
-    workspace sized for it, reused by every step: the conditions of a CUDA graph."""
+    workspace sized for it, reused by every step: the conditions of a CUDA graph. Block
+    tables are int32, as vLLM hands them over. Summaries are written by the device-side
+    writer (`run.write_summaries`, used by run_estimated)."""
     from vllm_layershare.attention.triton_paged import (
         TritonConfig,
         decode_workspace,
         triton_pod_attention,
+        triton_write_summaries,
     )
 
     config = TritonConfig(**{"split_len": 13, "decode_block_n": 16, "prefill_block_m": 32,
@@ -45,15 +48,35 @@ def triton_impl(bound: int | None = None, **config):
                     MAX_REQS, output.shape[1], inputs.k_prox.cache.shape[1], output.shape[2],
                     bound, device, config)
             workspace = workspaces[device]
-        triton_pod_attention(inputs, query_start_loc, seq_lens, output, config=config,
-                             max_seq_len=bound, workspace=workspace)
-    return on_gpu(run) if torch.cuda.is_available() else run
+        triton_pod_attention(int32_tables(inputs), query_start_loc, seq_lens, output,
+                             config=config, max_seq_len=bound, workspace=workspace)
+
+    def write_summaries(keys, summary, query_start_loc, seq_lens):
+        device = keys.cache.device
+        triton_write_summaries(int32_tables(keys), int32_tables(summary),
+                               torch.tensor(query_start_loc, device=device),
+                               torch.tensor(seq_lens, device=device))
+
+    gpu = torch.cuda.is_available()
+    run = on_gpu(run) if gpu else run
+    run.write_summaries = on_gpu(write_summaries) if gpu else write_summaries
+    return run
+
+
+def int32_tables(value):
+    """A copy of paged inputs (LayerInputs, PagedPart, ...) whose block tables are int32."""
+    if hasattr(value, "__dataclass_fields__"):
+        return replace(value, **{
+            f.name: getattr(value, f.name).int() if f.name == "block_table"
+            else int32_tables(getattr(value, f.name)) for f in fields(value)})
+    return value
 
 
 def on_gpu(impl):
-    """Run `impl` on GPU copies of its CPU inputs; copy back every tensor afterwards, the
-    output and the buffers a kernel writes (a leader's shared scores) alike."""
-    def run(inputs, query_start_loc, seq_lens, output):
+    """Run `impl` on GPU copies of its CPU arguments (tensors, dataclasses of them); copy
+    back every tensor afterwards, the output and the buffers a kernel writes (a leader's
+    shared scores, summaries) alike."""
+    def run(*args):
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def moved(value):
@@ -65,7 +88,7 @@ def on_gpu(impl):
                                          for f in fields(value)})
             return value
 
-        impl(moved(inputs), query_start_loc, seq_lens, moved(output))
+        impl(*(moved(arg) for arg in args))
         for host, device in copies:
             host.copy_(device.cpu())
     return run
@@ -523,7 +546,10 @@ def run_estimated(impl, seqs, feed, block_size, gen, *, sink, recent, size, shar
         token_rows = torch.cat([torch.full((b - a,), i) for i, (_, a, b) in enumerate(spans)])
         positions = torch.cat([torch.arange(a, b) for _, a, b in spans])
         ends = (positions + 1) % size == 0  # as the metadata builder selects them
-        write_summaries(own_keys, summary, token_rows[ends], positions[ends])
+        if hasattr(impl, "write_summaries"):  # a device-side writer (Triton)
+            impl.write_summaries(own_keys, summary, loc, seq_lens)
+        else:
+            write_summaries(own_keys, summary, token_rows[ends], positions[ends])
         q = torch.cat([seqs[r]["q"][a:b] for r, a, b in spans])
         inputs = LayerInputs(
             q=q, scale=SCALE, k_prox=own_keys,
@@ -577,6 +603,55 @@ def test_estimated_mass_with_keys_share_and_gate_skip(impl, share, tau):
     for seq, out in zip(seqs, outs, strict=True):
         ref = estimated_reference(seq, sink=3, recent=7, size=4, share=share, tau=tau)
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("writer", ["torch", "triton"])
+@pytest.mark.parametrize("feed", list(FEEDS))
+def test_summaries_are_the_block_means(writer, feed):
+    """After every step, exactly the summary blocks whose last token has been written hold
+    the mean of their keys, at the page and state the summary table gives; the rest of
+    the cache is untouched (NaN), padding rows (no query, no context) included."""
+    size, per_page, gen = 4, 8, torch.Generator().manual_seed(41)
+    lengths = [45, 20, 58]
+    seqs = [random_sequence(n, gen) for n in lengths]
+    batch = PagedBatch(lengths, 8, gen)
+    pages = [math.ceil(n / per_page) for n in lengths]
+    ids = torch.randperm(sum(pages) + 2, generator=gen)
+    table = torch.zeros(len(lengths) + 1, max(pages), dtype=torch.int64)  # + a padding row
+    table[:-1] = torch.stack([ids[sum(pages[:r]):][:max(pages)] for r in range(len(pages))])
+    cache = torch.full((sum(pages) + 2, KV_HEADS, per_page // size, DIM), float("nan"))
+    feeds = [FEEDS[feed](n) for n in lengths]
+    write = triton_impl().write_summaries if writer == "triton" else None
+    done = [0] * len(lengths)
+    for step in range(max(len(f) for f in feeds)):
+        rows = [r for r in range(len(lengths)) if step < len(feeds[r])]
+        loc, seq_lens = [0], []
+        for r in rows:
+            done[r] += feeds[r][step]
+            loc.append(loc[-1] + feeds[r][step])
+            seq_lens.append(done[r])
+        loc.append(loc[-1])  # the padding row
+        seq_lens.append(0)
+        keys = batch.part(rows, [seqs[r]["k"] for r in rows])  # later keys too: none read
+        keys.block_table = torch.cat([keys.block_table, keys.block_table[:1] * 0])
+        summary = SummaryPart(cache, table[rows + [len(lengths)]], per_page, size,
+                              SummaryPart.log_weights(size, HEADS))
+        if write is not None:
+            write(keys, summary, loc, seq_lens)
+        else:
+            positions = torch.cat([torch.arange(n - (loc[i + 1] - loc[i]), n)
+                                   for i, n in enumerate(seq_lens)])
+            token_rows = torch.repeat_interleave(torch.arange(len(seq_lens)),
+                                                 torch.tensor(loc).diff())
+            ends = (positions + 1) % size == 0
+            write_summaries(keys, summary, token_rows[ends], positions[ends])
+        expected = torch.full_like(cache, float("nan"))
+        for r, n in enumerate(done):
+            for b in range(n // size):
+                page = table[r, b * size // per_page]
+                expected[page, :, (b * size % per_page) // size] = (
+                    seqs[r]["k"][b * size:(b + 1) * size].mean(0))
+        torch.testing.assert_close(cache, expected, equal_nan=True, atol=1e-6, rtol=1e-6)
 
 
 def test_one_token_summaries_give_the_oracle_gate():

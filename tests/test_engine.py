@@ -117,7 +117,8 @@ def test_preemption_recompute_gives_same_outputs(tiny_model, tmp_path, monkeypat
 def greedy_with_logprobs(model, grouping, prompts, **engine_args):
     """(vLLM's compilation mode, each prompt's 6 greedy tokens with their logprobs)."""
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
-    llm = make_llm(model, grouping, max_num_batched_tokens=48, max_num_seqs=4, **engine_args)
+    llm = make_llm(model, grouping, **{"max_num_batched_tokens": 48, "max_num_seqs": 4,
+                                       **engine_args})
     mode = llm.llm_engine.vllm_config.compilation_config.mode
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     close_llm(llm)
@@ -126,12 +127,12 @@ def greedy_with_logprobs(model, grouping, prompts, **engine_args):
                   for o in outs]
 
 
-def assert_same_greedy(got, expected) -> None:
-    """Same tokens, logprobs within 1e-3."""
+def assert_same_greedy(got, expected, tolerance: float = 1e-3) -> None:
+    """Same tokens, logprobs within `tolerance`."""
     for seq_got, seq_expected in zip(got, expected, strict=True):
         assert [t for t, _ in seq_got] == [t for t, _ in seq_expected]
         assert max(abs(a - b) for (_, a), (_, b) in zip(seq_got, seq_expected,
-                                                          strict=True)) < 1e-3
+                                                          strict=True)) < tolerance
 
 
 def build_also_blind(monkeypatch) -> list[int]:
@@ -194,6 +195,71 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
     assert (page_sizes == own_pages) == (heads == 6), page_sizes
     assert len(workspaces) == 1, workspaces
     assert_same_greedy(got, expected)
+
+
+def test_decode_steps_replay_the_metadata_of_their_first_step(tiny_model, tmp_path,
+                                                              monkeypatch):
+    """What a full CUDA graph of decode steps needs from the GPU path: it reads a step's
+    data only through buffers that keep their addresses from step to step. Every decode
+    step here runs on the metadata built for the first decode step of its batch size,
+    as a replayed graph does (that step's host values; the buffers' current contents),
+    across a new page of the block table (position 64), and a summary block completed
+    in such a step (at 69) and read in another (at 71); tokens and logprobs are still
+    the CPU kernel's."""
+    grouping = write_grouping(tmp_path / "g.yaml", recent_tokens=2, summary_tokens=2)
+    prompts = random_prompts(2, 60, seed=8)  # one prefill step, then decode 60-64, 67-71
+    _, expected = greedy_with_logprobs(tiny_model, grouping, prompts,
+                                       max_num_batched_tokens=256)
+    real = backend.LayershareMetadataBuilder.build
+    first_of_size, replayed_lens = {}, set()
+
+    def build(self, common_prefix_len, m, fast_build=False):
+        got = real(self, common_prefix_len, m, fast_build)
+        if got.max_query_len != 1:
+            return got
+        first = first_of_size.setdefault((id(self), m.num_reqs), got)
+        if first is not got:
+            replayed_lens.update(got.seq_lens)
+        return first
+
+    monkeypatch.setattr(backend.LayershareMetadataBuilder, "build", build)
+    monkeypatch.setenv("VLLM_LAYERSHARE_KERNELS", "triton")
+    _, got = greedy_with_logprobs(tiny_model, grouping, prompts, max_num_batched_tokens=256)
+    assert {65, 70, 72} <= replayed_lens, replayed_lens  # positions 64, 69 and 71
+    # fp32: the kernels agree to 1e-6 here; a summary left unwritten moves them 1e-4
+    assert_same_greedy(got, expected, tolerance=1e-5)
+
+
+def engine_config(model, grouping):
+    """The VllmConfig `vllm serve` would make (start-up checks run; no engine starts)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(model), dtype="float32", max_model_len=1024, block_size=32,
+                      attention_backend="layershare",
+                      additional_config={"layershare": {"config": str(grouping)}},
+                      ).create_engine_config()
+
+
+def test_full_decode_graphs_only_when_asked_on_the_triton_path(tiny_model, tmp_path,
+                                                               monkeypatch):
+    """VLLM_LAYERSHARE_FULL_CUDA_GRAPHS=1 offers vLLM uniform-decode CUDA graphs only where
+    attention runs the Triton kernels, with an eager warm-up before each capture; other
+    values are refused at start-up."""
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    grouping = write_grouping(tmp_path / "g.yaml")
+    for kernels, requested in [("triton", "1"), ("triton", "0"), ("native", "1")]:
+        monkeypatch.setenv("VLLM_LAYERSHARE_KERNELS", kernels)
+        monkeypatch.setenv("VLLM_LAYERSHARE_FULL_CUDA_GRAPHS", requested)
+        config = engine_config(tiny_model, grouping)
+        support = backend.LayershareMetadataBuilder.get_cudagraph_support(config, None)
+        offered = kernels == "triton" and requested == "1"
+        assert support == (AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE if offered
+                           else AttentionCGSupport.NEVER), (kernels, requested)
+        assert config.compilation_config.cudagraph_num_of_warmups == int(offered)
+    monkeypatch.setenv("VLLM_LAYERSHARE_FULL_CUDA_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="VLLM_LAYERSHARE_FULL_CUDA_GRAPHS='yes'"):
+        engine_config(tiny_model, grouping)
 
 
 def test_compiled_model_gives_the_eager_outputs(tiny_model, tmp_path, monkeypatch):

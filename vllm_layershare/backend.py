@@ -21,6 +21,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.platforms.interface import DeviceCapability
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionLayer,
     AttentionMetadataBuilder,
@@ -41,7 +42,12 @@ from vllm_layershare.layout import (
     SUMMARY_SUFFIX,
     layer_name_at,
 )
-from vllm_layershare.settings import attention_path, config_for, forced_path
+from vllm_layershare.settings import (
+    attention_path,
+    config_for,
+    forced_path,
+    full_decode_graphs,
+)
 
 logger = init_logger("vllm." + __name__)  # under vLLM's log handlers
 
@@ -58,6 +64,14 @@ GPU_KERNELS = ("Triton kernels (decode: Triton split over the context, 9x faster
                "csrc's CUDA decode kernel on an H200 at 32K x 16, 0.87 vs 7.9 ms)")
 # Forward calls with real metadata in this process: tests use it to prove this code ran.
 FORWARD_CALLS = 0
+
+
+def triton_kernels():
+    """The Triton kernels' module, imported on first use: only the "triton" path needs
+    Triton, and the tests set TRITON_INTERPRET before it is first imported."""
+    from vllm_layershare.attention import triton_paged
+
+    return triton_paged
 
 
 def describe_path(path: str) -> str:
@@ -121,7 +135,8 @@ class LayershareMetadata:
     slot_mapping: torch.Tensor
     block_size: int
     # Scheduled tokens that complete a summary block (distant_mass: estimated): their
-    # request rows and positions, found once per step on the host, not per layer.
+    # request rows and positions, found once per step on the host, not per layer (CPU
+    # paths; empty on the Triton path, which finds them on the device).
     summary_rows: torch.Tensor
     summary_ends: torch.Tensor
     # Scratch of the Triton decode kernels, sized once from the scheduler's limits.
@@ -147,9 +162,8 @@ def shared_decode_workspace(device: torch.device, max_reqs: int, heads: int, kv_
                             head_size: int, max_len: int) -> torch.Tensor:
     """One Triton decode workspace per device, for every layer and KV-cache group:
     layers run one after another."""
-    from vllm_layershare.attention.triton_paged import decode_workspace
-
-    workspace = decode_workspace(max_reqs, heads, kv_heads, head_size, max_len, device)
+    workspace = triton_kernels().decode_workspace(max_reqs, heads, kv_heads, head_size,
+                                                  max_len, device)
     logger.info("layershare: decode workspace of %.1f MiB (up to %d requests of %d tokens)",
                 workspace.numel() * 4 / 2**20, max_reqs, max_len)
     return workspace
@@ -187,10 +201,20 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
                 device, vllm_config.scheduler_config.max_num_batched_tokens, heads,
                 model.get_head_size(), model.dtype)
         self.decode_workspace = None
-        if attention_path(device, model.get_head_size()) == "triton":
+        self.runs_triton = attention_path(device, model.get_head_size()) == "triton"
+        if self.runs_triton:
             self.decode_workspace = shared_decode_workspace(
                 device, vllm_config.scheduler_config.max_num_seqs, heads,
                 model.get_num_kv_heads(parallel), model.get_head_size(), model.max_model_len)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig,
+                              kv_cache_spec: AttentionSpec) -> AttentionCGSupport:
+        # Decode steps on the Triton path read their data through persistent buffers
+        # only (test_engine's replay test); opt-in until run inside vLLM on a GPU.
+        if full_decode_graphs(vllm_config):
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
     def build(
         self,
@@ -201,13 +225,9 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
         m = common_attn_metadata
         query_start_loc = m.query_start_loc_cpu[: m.num_reqs + 1].long()
         seq_lens = host_seq_lens(m)
-        token_rows = torch.repeat_interleave(
-            torch.arange(m.num_reqs), query_start_loc[1:] - query_start_loc[:-1])
-        token_index = torch.arange(token_rows.shape[0])
-        positions = seq_lens[token_rows] - query_start_loc[token_rows + 1] + token_index
-        ends = ((positions + 1) % self.summary_tokens == 0 if self.summary_tokens
-                else torch.zeros_like(positions, dtype=torch.bool))
         device = m.block_table_tensor.device
+        summary_rows, summary_ends = self._completed_summaries(query_start_loc, seq_lens,
+                                                               device)
         return LayershareMetadata(
             num_actual_tokens=m.num_actual_tokens,
             query_start_loc=query_start_loc.tolist(),
@@ -218,14 +238,32 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
             seq_lens_device=m.seq_lens[: m.num_reqs],
             max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len,
-            block_table=m.block_table_tensor[: m.num_reqs].long(),
-            slot_mapping=m.slot_mapping[: m.num_actual_tokens].long(),
+            # The Triton kernels read vLLM's int32 table itself (persistent: CUDA graphs
+            # replay it); the CPU kernel and torch indexing take int64.
+            block_table=(m.block_table_tensor[: m.num_reqs] if self.runs_triton
+                         else m.block_table_tensor[: m.num_reqs].long()),
+            slot_mapping=m.slot_mapping[: m.num_actual_tokens].long(),  # int64 already
             block_size=self.block_size,
-            summary_rows=token_rows[ends].to(device),
-            summary_ends=positions[ends].to(device),
+            summary_rows=summary_rows,
+            summary_ends=summary_ends,
             decode_workspace=self.decode_workspace,
             leader_queries=self.leader_queries,
         )
+
+    def _completed_summaries(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(request rows, positions) of the step's tokens that complete a summary block,
+        found on the host for the CPU paths' writes; empty without the estimated mass and
+        on the Triton path, whose writer finds them on the device."""
+        if not self.summary_tokens or self.runs_triton:
+            none = torch.empty(0, dtype=torch.int64, device=device)
+            return none, none
+        token_rows = torch.repeat_interleave(torch.arange(seq_lens.shape[0]),
+                                             query_start_loc.diff())
+        positions = (seq_lens[token_rows] - query_start_loc[token_rows + 1]
+                     + torch.arange(token_rows.shape[0]))
+        ends = (positions + 1) % self.summary_tokens == 0
+        return token_rows[ends].to(device), positions[ends].to(device)
 
 
 @dataclass(frozen=True)
@@ -247,9 +285,7 @@ def write_cache(cache: torch.Tensor, lo: int, hi: int, data: torch.Tensor,
         native.write_slots(cache[..., lo:hi], slots, meta.block_size, data)
         return
     if path == "triton":
-        from vllm_layershare.attention.triton_paged import triton_write_slots
-
-        triton_write_slots(cache[..., lo:hi], slots, meta.block_size, data)
+        triton_kernels().triton_write_slots(cache[..., lo:hi], slots, meta.block_size, data)
         return
     data = data[: slots.shape[0]]
     keep = slots >= 0
@@ -373,12 +409,10 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             native.native_pod_attention(inputs, attn_metadata.query_start_loc_cpu,
                                         attn_metadata.seq_lens_cpu, output[:n])
         elif self.path == "triton":
-            from vllm_layershare.attention.triton_paged import triton_pod_attention
-
-            triton_pod_attention(inputs, attn_metadata.query_start_loc_device,
-                                 attn_metadata.seq_lens_device, output[:n],
-                                 attn_metadata.max_query_len, attn_metadata.max_seq_len,
-                                 workspace=attn_metadata.decode_workspace)
+            triton_kernels().triton_pod_attention(
+                inputs, attn_metadata.query_start_loc_device, attn_metadata.seq_lens_device,
+                output[:n], attn_metadata.max_query_len, attn_metadata.max_seq_len,
+                workspace=attn_metadata.decode_workspace)
         else:
             paged_pod_attention(inputs, attn_metadata.query_start_loc, attn_metadata.seq_lens,
                                 output[:n])
@@ -433,7 +467,10 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             summary = SummaryPart(ctx.no_compile_layers[role.summary_cache].kv_cache,
                                   summary_meta.block_table, summary_meta.block_size,
                                   config.summary_tokens, self.summary_log_weight)
-            if key_meta.summary_ends.numel():  # known on the host: no sync
+            if self.path == "triton":  # on the device, from the step's lengths
+                triton_kernels().triton_write_summaries(
+                    own_keys, summary, key_meta.query_start_loc_device, key_meta.seq_lens_device)
+            elif key_meta.summary_ends.numel():  # known on the host: no sync
                 write_summaries(own_keys, summary, key_meta.summary_rows, key_meta.summary_ends)
         return LayerInputs(
             q=query, scale=self.scale,

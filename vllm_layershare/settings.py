@@ -28,6 +28,9 @@ SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 # tensors runs in Triton's interpreter (TRITON_INTERPRET=1): the engine tests use it.
 KERNELS_ENV = "VLLM_LAYERSHARE_KERNELS"
 PATHS = ("native", "triton", "portable")
+# "1": let vLLM capture decode steps whole in CUDA graphs on the Triton path
+# (experimental: the replay is tested on CPU, not yet inside vLLM on a GPU).
+FULL_GRAPHS_ENV = "VLLM_LAYERSHARE_FULL_CUDA_GRAPHS"
 
 
 def forced_path() -> str | None:
@@ -59,6 +62,20 @@ def runs_triton(vllm_config: VllmConfig) -> bool:
 
     device = torch.device(current_platform.device_type)
     return attention_path(device, vllm_config.model_config.get_head_size()) == "triton"
+
+
+def full_graphs_requested() -> bool:
+    """FULL_GRAPHS_ENV, checked."""
+    value = os.environ.get(FULL_GRAPHS_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{FULL_GRAPHS_ENV}={value!r}: expected 0 or 1.")
+    return value == "1"
+
+
+def full_decode_graphs(vllm_config: VllmConfig) -> bool:
+    """Whether the backend offers vLLM full CUDA graphs of decode steps: requested, and
+    attention runs the Triton kernels (their metadata and launches are graph-safe)."""
+    return full_graphs_requested() and runs_triton(vllm_config)
 
 
 @cache
@@ -107,8 +124,25 @@ def check_vllm_config(vllm_config: VllmConfig) -> LayershareConfig:
         # Sink-keeping key windows have no prefix-cache hit rule in vLLM yet.
         logger.warning("layershare: prefix caching is not supported yet; turning it off.")
         cache_config.enable_prefix_caching = False
+    _check_full_graphs(vllm_config)
     logger.info(config.describe(model_config.max_model_len, score_fraction(vllm_config)))
     return config
+
+
+def _check_full_graphs(vllm_config: VllmConfig) -> None:
+    """Say what FULL_GRAPHS_ENV does here; where it applies, one eager warm-up run per
+    captured size, so that each layer's first forward (its one-time set-up, the Triton
+    compiles) runs outside the capture."""
+    if not full_graphs_requested():
+        return
+    if not full_decode_graphs(vllm_config):
+        logger.warning("layershare: %s=1 has no effect: attention does not run the Triton "
+                       "kernels on this platform.", FULL_GRAPHS_ENV)
+        return
+    compilation = vllm_config.compilation_config
+    compilation.cudagraph_num_of_warmups = max(1, compilation.cudagraph_num_of_warmups)
+    logger.warning("layershare: decode steps may be captured whole in CUDA graphs "
+                   "(experimental: tested by replay on CPU, not yet inside vLLM on a GPU).")
 
 
 def score_fraction(vllm_config: VllmConfig) -> float:

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_layershare.attention.paged import UNBOUNDED, LayerInputs, PagedPart
+from vllm_layershare.attention.paged import UNBOUNDED, LayerInputs, PagedPart, SummaryPart
 
 NEG_BIG = tl.constexpr(-1.0e30)  # finite start for running maxima: exp(-inf - NEG_BIG) = 0
 # Which keys a scan keeps (_keep).
@@ -58,6 +58,13 @@ def _keep(n, q_pos, sink, recent, exact_lo, exact_hi, MODE: tl.constexpr):
     else:  # EXACT_MASS: distant keys outside the whole summary blocks [exact_lo, exact_hi)
         return (n >= sink) & (n <= q_pos - recent) & (
             (n < exact_lo) | (n >= exact_hi[:, None]))
+
+
+@triton.jit
+def _pages(table, row, table_stride, index, mask):
+    """Block-table entries `index` of request `row`, widened to int64: vLLM's tables are
+    int32, and page * page stride passes 2**31 in a large cache."""
+    return tl.load(table + row * table_stride + index, mask=mask, other=0).to(tl.int64)
 
 
 @triton.jit
@@ -88,7 +95,7 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, q_pos, sink, recent, scale,
             s_next = _shared_logits(start + BLOCK_N, hi, row, kv_head, sc_ptr, sc_sb, sc_sh,
                                     sc_table, sc_table_stride, sc_bs, sc_g, row_ok, BLOCK_N)
         else:
-            page = tl.load(k_table + row * k_table_stride + n // k_bs, mask=in_range, other=0)
+            page = _pages(k_table, row, k_table_stride, n // k_bs, in_range)
             k = tl.load(k_ptr + page[:, None] * k_sb + kv_head * k_sh
                         + (n % k_bs)[:, None] * k_ss + d[None, :],
                         mask=in_range[:, None] & (d[None, :] < D), other=0.0)
@@ -107,7 +114,7 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, q_pos, sink, recent, scale,
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if WITH_V:
-            vpage = tl.load(v_table + row * v_table_stride + n // v_bs, mask=in_range, other=0)
+            vpage = _pages(v_table, row, v_table_stride, n // v_bs, in_range)
             v = tl.load(v_ptr + vpage[:, None] * v_sb + kv_head * v_sh
                         + (n % v_bs)[:, None] * v_ss + d[None, :],
                         mask=in_range[:, None] & (d[None, :] < D), other=0.0)
@@ -124,7 +131,7 @@ def _score_slots(n, in_range, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table, sc_t
     """[M, N] pointers to the shared logits of positions n for query heads sc_g [M] of
     kv_head: page table[n // bs], cell (page, kv_head), then head-major within the cell
     (a row's positions are adjacent)."""
-    page = tl.load(sc_table + row * sc_table_stride + n // sc_bs, mask=in_range, other=0)
+    page = _pages(sc_table, row, sc_table_stride, n // sc_bs, in_range)
     return (sc_ptr + (page * sc_sb + kv_head * sc_sh + n % sc_bs)[None, :]
             + sc_g[:, None] * sc_bs)
 
@@ -152,8 +159,7 @@ def _summary_scan(m_i, l_i, q, row, kv_head, low, high_last, high, scale, log_w,
         b = start + tl.arange(0, BLOCK_N)
         in_range = b < high_last
         first_token = b * SUMMARY
-        page = tl.load(s_table + row * s_table_stride + first_token // tokens_per_page,
-                       mask=in_range, other=0)
+        page = _pages(s_table, row, s_table_stride, first_token // tokens_per_page, in_range)
         state = (first_token % tokens_per_page) // SUMMARY
         kbar = tl.load(s_ptr + page[:, None] * s_sb + kv_head * s_sh + state[:, None] * s_ss
                        + d[None, :], mask=in_range[:, None] & (d[None, :] < D), other=0.0)
@@ -714,3 +720,47 @@ def triton_write_slots(cache: torch.Tensor, slots: torch.Tensor, block_size: int
         cache, cache.stride(0), cache.stride(1), cache.stride(2), slots, data,
         data.stride(0), data.stride(1), block_size,
         C=channels, BLOCK_C=triton.next_power_of_2(channels))
+
+
+@triton.jit
+def _write_summaries_kernel(query_start_loc, seq_lens,
+                            k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
+                            s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+                            SUMMARY: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    """kbar[b] of request `row`, KV head `kv_head`, for every summary block b whose last
+    token this step wrote: b in [first // S, seq_len // S), first = seq_len - q_len."""
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq_len = tl.load(seq_lens + row)
+    first = seq_len - (tl.load(query_start_loc + row + 1) - tl.load(query_start_loc + row))
+    j = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    in_block = j < SUMMARY
+    for b in range(first // SUMMARY, seq_len // SUMMARY):
+        n = b * SUMMARY + j
+        page = _pages(k_table, row, k_table_stride, n // k_bs, in_block)
+        k = tl.load(k_ptr + page[:, None] * k_sb + kv_head * k_sh + (n % k_bs)[:, None] * k_ss
+                    + d[None, :], mask=in_block[:, None] & (d[None, :] < D), other=0.0)
+        mean = tl.sum(k.to(tl.float32), 0) / SUMMARY
+        start = b * SUMMARY
+        s_page = tl.load(s_table + row * s_table_stride + start // tokens_per_page).to(tl.int64)
+        state = (start % tokens_per_page) // SUMMARY
+        tl.store(s_ptr + s_page * s_sb + kv_head * s_sh + state * s_ss + d,
+                 mean.to(s_ptr.dtype.element_ty), mask=d < D)
+
+
+def triton_write_summaries(keys: PagedPart, summary: SummaryPart,
+                           query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """mass.write_summaries on the device: the blocks to summarise are found from the
+    step's lengths by each program, so there is no host-side list and no branch on it
+    (a CUDA graph replays it as captured); padding rows (no query) write nothing."""
+    view = keys.cache[..., keys.lo : keys.hi]
+    kv_heads, dim = view.shape[1], view.shape[-1]
+    size = summary.summary_tokens
+    _write_summaries_kernel[(seq_lens.shape[0], kv_heads)](
+        query_start_loc, seq_lens, *_paged_args(keys),
+        summary.cache, *summary.cache.stride()[:3], summary.block_table,
+        summary.block_table.stride(0), summary.tokens_per_page,
+        SUMMARY=size, BLOCK_S=triton.next_power_of_2(size), D=dim,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)))
