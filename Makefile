@@ -48,12 +48,14 @@ bench: install
 
 # On a bare GPU machine (PyTorch, Triton, nvcc, pytest; no vLLM, no install): the Triton
 # kernels' tests compiled, not interpreted, and csrc's CUDA kernel built and tested on the
-# GPU, then the kernel benchmark (docs/benchmarks.md).
+# GPU, then the kernel benchmark and whole decode steps, eager and in CUDA graphs
+# (docs/benchmarks.md).
 gpu-check:
 	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a GPU')"
 	PYTHONPATH=. $(PY) -m pytest -q tests/test_attention.py tests/test_cuda_kernel.py \
 		-k "triton or leaders_scores or cuda"
 	PYTHONPATH=. PYTHONUNBUFFERED=1 $(PY) benchmarks/kernels.py
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(PY) benchmarks/kernels.py --steps
 
 # docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock
 # attention through vLLM (about 3 h on a 2-core CPU machine).

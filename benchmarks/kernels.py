@@ -14,6 +14,7 @@ reads the leader's keys (it has no shared scores).
 
     python benchmarks/kernels.py                 # on a GPU
     python benchmarks/kernels.py --sweep         # launch shapes compared (TritonConfig)
+    python benchmarks/kernels.py --steps         # whole decode steps, eager and CUDA graph
     TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # tiny shapes, CPU
 """
 
@@ -40,6 +41,7 @@ from vllm_layershare.attention.triton_paged import (  # noqa: E402
     decode_splits,
     decode_workspace,
     triton_pod_attention,
+    triton_write_slots,
 )
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16
@@ -49,6 +51,10 @@ CASES = [("decode", ctx, batch, 1) for ctx in (4096, 32768, 131072)
          for batch in (1, 16, 64, 256)] + [("prefill", ctx, 1, 2048)
                                             for ctx in (4096, 32768, 131072)]
 SMOKE_CASES = [("decode", 200, 3, 1), ("prefill", 160, 1, 40)]
+# --steps: a group of one leader and GROUP_FOLLOWERS followers, (context, batch).
+GROUP_FOLLOWERS = 3
+STEP_CASES = [(ctx, batch) for ctx in (4096, 32768) for batch in (1, 16, 64)]
+SMOKE_STEP_CASES = [(200, 3)]
 
 
 def timed_ms(fn, device: torch.device, repeats: int) -> float:
@@ -215,6 +221,89 @@ def sweep(cases, device: torch.device, dtype, repeats: int, recent: int) -> dict
     return best
 
 
+def decode_step(batch: int, context: int, followers: int, device: torch.device, dtype,
+                recent: int):
+    """A decode step through 1 + followers layers as the backend runs them, every launch
+    included: each layer writes its new key and value at the token's slot, then attends;
+    with followers the first layer keeps its queries and writes the shared scores, and
+    the others read them (share scores). followers=0 repeats full layers instead: the
+    stock step of as many layers. Returns the step as a function."""
+    leader, values, table, q, starts, lens = paged_layer(batch, context, 1, device, dtype)
+    pos = context - 1  # the new token of every request
+    slots = (table[:, pos // BLOCK].long() * BLOCK + pos % BLOCK).contiguous()
+    new_k, new_v = (torch.randn(batch, KV_HEADS, DIM, device=device, dtype=dtype)
+                    for _ in range(2))
+    scores = torch.empty(leader.shape[0], KV_HEADS, HEADS // KV_HEADS * BLOCK, device=device)
+    kept = torch.empty_like(q)
+    out = torch.empty_like(q)
+    workspace = decode_workspace(batch, HEADS, KV_HEADS, DIM, context, device)
+    first = layer_inputs(leader, values, table, kept, "writing" if followers else "full",
+                         recent, scores)
+    others = layer_inputs(leader, values, table, q, "follower" if followers else "full",
+                          recent, scores)
+    if followers:
+        others.q_distant = kept
+
+    def attend(inputs: LayerInputs) -> None:
+        triton_pod_attention(inputs, starts, lens, out, 1, context, workspace=workspace)
+
+    later_values = values if followers else leader[..., DIM:]
+
+    def step() -> None:
+        triton_write_slots(leader[..., :DIM], slots, BLOCK, new_k)
+        triton_write_slots(leader[..., DIM:], slots, BLOCK, new_v)
+        if followers:
+            kept.copy_(q)
+        attend(first)
+        for _ in range(followers or GROUP_FOLLOWERS):
+            # a follower's key window: the leader's cache stands in (layer_inputs)
+            triton_write_slots(leader[..., :DIM], slots, BLOCK, new_k)
+            triton_write_slots(later_values, slots, BLOCK, new_v)
+            attend(others)
+    return step
+
+
+def graph_ms(step, device: torch.device, repeats: int) -> float | None:
+    """Median ms of the step captured once in a CUDA graph and replayed (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compiles every kernel outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return timed_ms(graph.replay, device, repeats)
+
+
+def steps(cases, device: torch.device, dtype, repeats: int, recent: int) -> None:
+    """--steps: a whole decode step of a group against as many full layers, eager (the
+    attention ops of vLLM's piecewise graphs) and replayed from a CUDA graph (what
+    VLLM_LAYERSHARE_FULL_CUDA_GRAPHS=1 lets vLLM do)."""
+    layers = 1 + GROUP_FOLLOWERS
+    print(f"\ndecode step of {layers} layers, ms: full attention in each, or a leader "
+          f"sharing its scores with {GROUP_FOLLOWERS} followers\n\n| context | batch "
+          "| full eager | group eager | group/full eager | full graph | group graph "
+          "| group/full graph | eager/graph (group) |\n|---|---|---|---|---|---|---|---|---|")
+    for context, batch in cases:
+        full, group = (decode_step(batch, context, n, device, dtype, recent)
+                       for n in (0, GROUP_FOLLOWERS))
+        eager = [timed_ms(fn, device, repeats) for fn in (full, group)]
+        graphs = [graph_ms(fn, device, repeats) for fn in (full, group)]
+        row = [f"{eager[0]:.3f}", f"{eager[1]:.3f}", f"{eager[1] / eager[0]:.2f}x"]
+        if graphs[0] is None:
+            row += ["-"] * 4
+        else:
+            row += [f"{graphs[0]:.3f}", f"{graphs[1]:.3f}", f"{graphs[1] / graphs[0]:.2f}x",
+                    f"{eager[1] / graphs[1]:.2f}x"]
+        print(f"| {context} | {batch} | " + " | ".join(row) + " |", flush=True)
+        del full, group
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,6 +312,8 @@ def main() -> None:
                         help="compare launch shapes; the fastest go to JSON (if named)")
     parser.add_argument("--config", metavar="JSON", help="TritonConfig fields, as a JSON "
                         "object or a file (what --sweep wrote); default: the defaults")
+    parser.add_argument("--steps", action="store_true",
+                        help="whole decode steps of a group, eager and in a CUDA graph")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--contexts", type=int, nargs="*", help="only these contexts")
     parser.add_argument("--batches", type=int, nargs="*", help="only these decode batches")
@@ -239,6 +330,9 @@ def main() -> None:
     print(f"{name}; copy bandwidth {bandwidth:.0f} GB/s; {HEADS} query / {KV_HEADS} KV heads, "
           f"head dim {DIM}, {dtype}, block {BLOCK}; follower: share scores, sink {SINK}, "
           f"recent {recent}; {DEFAULT_CONFIG}")
+    if args.steps:
+        steps(SMOKE_STEP_CASES if args.smoke else STEP_CASES, device, dtype, repeats, recent)
+        return
     if args.sweep:
         best = sweep(SMOKE_CASES if args.smoke else SWEEP_CASES, device, dtype, repeats, recent)
         if args.sweep != "-":
