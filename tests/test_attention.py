@@ -739,12 +739,17 @@ def test_decode_step_replays_on_static_tensors():
     logits and a follower reading them, launched on static tensors (queries, lengths,
     outputs, one workspace, a static bound on the context), then replayed for later
     steps with new queries and lengths copied into those tensors; leader and follower
-    equal the dense references at every step. On a GPU the launches are captured in a
-    CUDA graph and replayed; without one the same calls are repeated (interpreter)."""
+    equal the dense references at every step, and the follower's summaries of the
+    blocks its steps completed are written. The static batch has a padding row, as
+    vLLM pads a batch to a captured size (no query, no context, block-table row 0), and
+    from step 3 a second one (a request that finished). On a GPU the launches are
+    captured in a CUDA graph and replayed; without one the same calls are repeated
+    (interpreter)."""
     from vllm_layershare.attention.triton_paged import (
         TritonConfig,
         decode_workspace,
         triton_pod_attention,
+        triton_write_summaries,
     )
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -754,20 +759,22 @@ def test_decode_step_replays_on_static_tensors():
     seqs = [random_sequence(n, gen) for n in lengths]
     batch, score_pages = PagedBatch(lengths, 8, gen), PagedBatch(lengths, 5, gen)
 
+    def padded(table: torch.Tensor) -> torch.Tensor:
+        return torch.cat([table, torch.zeros_like(table[:1])]).to(device)
+
     def cached(key: str, fill: float | None = None) -> PagedPart:
         part = batch.part([0, 1, 2], [s[key] if fill is None else torch.full_like(s[key], fill)
                                       for s in seqs])
-        return replace(part, cache=part.cache.to(device),
-                       block_table=part.block_table.to(device))
+        return replace(part, cache=part.cache.to(device), block_table=padded(part.block_table))
 
     def zeros(*shape, dtype=torch.float32) -> torch.Tensor:
         return torch.zeros(*shape, dtype=dtype, device=device)
 
-    q_lead, q_own, lead_out, out = (zeros(3, HEADS, DIM) for _ in range(4))
-    starts, lens = torch.arange(4, device=device), zeros(3, dtype=torch.int64)
+    q_lead, q_own, lead_out, out = (zeros(4, HEADS, DIM) for _ in range(4))
+    starts, lens = zeros(5, dtype=torch.int64), zeros(4, dtype=torch.int64)
     scores = SharedScores(
         torch.full((score_pages.num_blocks, KV_HEADS, HEADS // KV_HEADS * 5), float("nan"),
-                   device=device), score_pages.block_table.to(device), 5, sink, recent,
+                   device=device), padded(score_pages.block_table), 5, sink, recent,
         write=True)
     values = cached("v")
     leader = LayerInputs(q=q_lead, k_prox=cached("ka"), v=values, scale=SCALE,
@@ -776,18 +783,26 @@ def test_decode_step_replays_on_static_tensors():
                            recent=recent, q_distant=q_lead, k_distant=cached("ka", float("nan")),
                            shared_scores=replace(scores, write=False))
     config = TritonConfig(decode_block_n=16, min_split_len=16)
-    workspace = decode_workspace(3, HEADS, KV_HEADS, DIM, bound, device, config)
+    workspace = decode_workspace(4, HEADS, KV_HEADS, DIM, bound, device, config)
+    size, per_page, summary_pages = 4, 8, PagedBatch(lengths, 8, gen)
+    summary = SummaryPart(torch.full((summary_pages.num_blocks, KV_HEADS, 2, DIM), float("nan"),
+                                     device=device), padded(summary_pages.block_table),
+                          per_page, size, SummaryPart.log_weights(size, HEADS))
 
     def step() -> None:
+        triton_write_summaries(follower.k_prox, summary, starts, lens)
         for inputs, output in ((leader, lead_out), (follower, out)):
             triton_pod_attention(inputs, starts, lens, output, 1, bound, config, workspace)
 
     def load(t: int) -> list[int]:
-        """Step t's queries and context lengths into the static tensors."""
-        positions = [f + t for f in first]
-        q_lead.copy_(torch.stack([s["qa"][p] for s, p in zip(seqs, positions, strict=True)]))
-        q_own.copy_(torch.stack([s["q"][p] for s, p in zip(seqs, positions, strict=True)]))
-        lens.copy_(torch.tensor(positions) + 1)
+        """Step t's queries and context lengths into the static tensors; rows past the
+        live requests are padding."""
+        positions = [f + t for f in first][: 3 if t < 3 else 2]
+        live = len(positions)
+        q_lead[:live] = torch.stack([seqs[r]["qa"][p] for r, p in enumerate(positions)])
+        q_own[:live] = torch.stack([seqs[r]["q"][p] for r, p in enumerate(positions)])
+        starts.copy_(torch.tensor([min(r, live) for r in range(5)]))
+        lens.copy_(torch.tensor([p + 1 for p in positions] + [0] * (4 - live)))
         return positions
 
     run = step
@@ -801,8 +816,10 @@ def test_decode_step_replays_on_static_tensors():
         run = graph.replay
     expected_lead = [dense_attention(s["qa"], s["ka"], s["v"], SCALE) for s in seqs]
     expected = [reference(s, sink=sink, recent=recent) for s in seqs]
+    last = list(first)
     for t in range(steps):
         positions = load(t)
+        last[: len(positions)] = positions
         lead_out.fill_(float("nan"))
         out.fill_(float("nan"))
         run()
@@ -811,3 +828,9 @@ def test_decode_step_replays_on_static_tensors():
                                        atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(out[r].cpu().double(), expected[r][p],
                                        atol=2e-5, rtol=1e-4)
+        means = torch.full_like(summary.cache, float("nan"))  # blocks completed in steps
+        for r, seq in enumerate(seqs):
+            for b in range(first[r] // size, (last[r] + 1) // size):
+                page = summary_pages.block_table[r, b * size // per_page]
+                means[page, :, b % 2] = seq["k"][b * size:(b + 1) * size].mean(0)
+        torch.testing.assert_close(summary.cache, means, equal_nan=True)
