@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 
 import pytest
@@ -259,6 +260,24 @@ def test_full_decode_graphs_only_when_asked_on_the_triton_path(tiny_model, tmp_p
         assert config.compilation_config.cudagraph_num_of_warmups == int(offered)
     monkeypatch.setenv("VLLM_LAYERSHARE_FULL_CUDA_GRAPHS", "yes")
     with pytest.raises(ValueError, match="VLLM_LAYERSHARE_FULL_CUDA_GRAPHS='yes'"):
+        engine_config(tiny_model, grouping)
+
+
+def test_v1_model_runner_where_vllm_would_pick_v2(tiny_model, tmp_path, monkeypatch):
+    """vLLM 0.32 runs GPUs on its V2 model runner (wherever Triton works), but the
+    backend's KV-cache layout is wired into V1: start-up chooses V1 there, for the
+    engine processes too (environment), and refuses an explicit request for V2."""
+    import vllm.config.vllm as vllm_config_module
+
+    grouping = write_grouping(tmp_path / "g.yaml")
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)  # as on a GPU
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")  # unset, restored after the test
+    config = engine_config(tiny_model, grouping)
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert not config.use_v2_model_runner
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(Exception, match="runs on vLLM's V1 model runner"):  # in pydantic's
         engine_config(tiny_model, grouping)
 
 

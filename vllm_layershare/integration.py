@@ -95,6 +95,7 @@ def _patch_config_check() -> None:
 def _patch_kv_cache_specs() -> None:
     # GPUModelRunner.get_kv_cache_spec asks each layer for one spec; a follower
     # needs two caches (values, and a key window), which no layer hook can declare.
+    # V1's runner, which settings.py selects (vLLM 0.32 would run GPUs on V2).
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     def make(original):

@@ -31,6 +31,8 @@ PATHS = ("native", "triton", "portable")
 # "1": let vLLM capture decode steps whole in CUDA graphs on the Triton path
 # (experimental: the replay is tested on CPU, not yet inside vLLM on a GPU).
 FULL_GRAPHS_ENV = "VLLM_LAYERSHARE_FULL_CUDA_GRAPHS"
+# vLLM's switch between its model runners; the backend's KV-cache layout is wired into V1.
+RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 def forced_path() -> str | None:
@@ -124,9 +126,29 @@ def check_vllm_config(vllm_config: VllmConfig) -> LayershareConfig:
         # Sink-keeping key windows have no prefix-cache hit rule in vLLM yet.
         logger.warning("layershare: prefix caching is not supported yet; turning it off.")
         cache_config.enable_prefix_caching = False
+    _use_v1_model_runner(vllm_config)
     _check_full_graphs(vllm_config)
     logger.info(config.describe(model_config.max_model_len, score_fraction(vllm_config)))
     return config
+
+
+def _use_v1_model_runner(vllm_config: VllmConfig) -> None:
+    """vLLM 0.32 runs GPUs on its V2 model runner by default, but the backend's KV-cache
+    layout (followers' split caches, integration.py) is wired into the V1 runner's KV
+    specs: choose V1 where vLLM would choose V2, refuse where the user asked for V2.
+    Set in the environment, before vLLM starts its engine processes, which read it."""
+    if not vllm_config.use_v2_model_runner:
+        return
+    if os.environ.get(RUNNER_ENV) is None:
+        os.environ[RUNNER_ENV] = "0"
+        if not vllm_config.use_v2_model_runner:
+            logger.info("layershare: using vLLM's V1 model runner (%s=0): the backend's "
+                        "KV-cache layout is wired into it.", RUNNER_ENV)
+            return
+    raise LayershareConfigError(
+        f"layershare runs on vLLM's V1 model runner, but this configuration needs V2 "
+        f"({RUNNER_ENV}={os.environ[RUNNER_ENV]}; HiSparse and watermarking need V2 too). "
+        f"Fix: unset {RUNNER_ENV} or set it to 0, without V2-only features.")
 
 
 def _check_full_graphs(vllm_config: VllmConfig) -> None:
