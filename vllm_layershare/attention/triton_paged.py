@@ -755,6 +755,8 @@ def triton_write_summaries(keys: PagedPart, summary: SummaryPart,
     """mass.write_summaries on the device: the blocks to summarise are found from the
     step's lengths by each program, so there is no host-side list and no branch on it
     (a CUDA graph replays it as captured); padding rows (no query) write nothing."""
+    if seq_lens.shape[0] == 0:
+        return
     view = keys.cache[..., keys.lo : keys.hi]
     kv_heads, dim = view.shape[1], view.shape[-1]
     size = summary.summary_tokens
