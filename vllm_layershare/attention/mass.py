@@ -34,7 +34,8 @@ def write_summaries(keys: PagedPart, summary: SummaryPart, rows: torch.Tensor,
                     ends: torch.Tensor) -> None:
     """Store kbar of the blocks whose last token is at `ends` (this step's tokens that
     complete a block, of requests `rows`; the metadata builder finds them on the host,
-    so nothing here waits for the device), read back from the key window."""
+    so nothing here waits for the device), read back from the key window. The Triton
+    path has its own writer, which finds them on the device (triton_write_summaries)."""
     size = summary.summary_tokens
     span = ends[:, None] - size + 1 + torch.arange(size, device=ends.device)
     mean = keys.gather(rows, span).float().mean(1)  # [n, Hkv, D]
