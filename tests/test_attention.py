@@ -507,6 +507,17 @@ def estimated_reference(seq, *, sink, recent, size, share="scores", tau=None, of
                                summary_offsets=offsets)
 
 
+def host_summaries(keys: PagedPart, summary: SummaryPart, loc: list[int],
+                   seq_lens: list[int]) -> None:
+    """mass.write_summaries for a step given as query_start_loc and seq_lens: the tokens
+    that complete a summary block are selected on the host, as the metadata builder does."""
+    positions = torch.cat([torch.arange(n - (loc[i + 1] - loc[i]), n)
+                           for i, n in enumerate(seq_lens)])
+    token_rows = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(loc).diff())
+    ends = (positions + 1) % summary.summary_tokens == 0
+    write_summaries(keys, summary, token_rows[ends], positions[ends])
+
+
 def run_estimated(impl, seqs, feed, block_size, gen, *, sink, recent, size, share="scores",
                   tau=None, offsets=None):
     """Like run_paged, with vLLM's block-granular freeing of follower keys (a key block
@@ -543,13 +554,8 @@ def run_estimated(impl, seqs, feed, block_size, gen, *, sink, recent, size, shar
         own_keys = batch.part(rows, keys)
         summary = SummaryPart(summary_cache, summary_table[rows], per_page, size,
                               SummaryPart.log_weights(size, HEADS, offsets))
-        token_rows = torch.cat([torch.full((b - a,), i) for i, (_, a, b) in enumerate(spans)])
-        positions = torch.cat([torch.arange(a, b) for _, a, b in spans])
-        ends = (positions + 1) % size == 0  # as the metadata builder selects them
-        if hasattr(impl, "write_summaries"):  # a device-side writer (Triton)
-            impl.write_summaries(own_keys, summary, loc, seq_lens)
-        else:
-            write_summaries(own_keys, summary, token_rows[ends], positions[ends])
+        # a device-side writer (Triton), else the host-driven one
+        getattr(impl, "write_summaries", host_summaries)(own_keys, summary, loc, seq_lens)
         q = torch.cat([seqs[r]["q"][a:b] for r, a, b in spans])
         inputs = LayerInputs(
             q=q, scale=SCALE, k_prox=own_keys,
@@ -621,7 +627,7 @@ def test_summaries_are_the_block_means(writer, feed):
     table[:-1] = torch.stack([ids[sum(pages[:r]):][:max(pages)] for r in range(len(pages))])
     cache = torch.full((sum(pages) + 2, KV_HEADS, per_page // size, DIM), float("nan"))
     feeds = [FEEDS[feed](n) for n in lengths]
-    write = triton_impl().write_summaries if writer == "triton" else None
+    write = triton_impl().write_summaries if writer == "triton" else host_summaries
     done = [0] * len(lengths)
     for step in range(max(len(f) for f in feeds)):
         rows = [r for r in range(len(lengths)) if step < len(feeds[r])]
@@ -636,15 +642,7 @@ def test_summaries_are_the_block_means(writer, feed):
         keys.block_table = torch.cat([keys.block_table, keys.block_table[:1] * 0])
         summary = SummaryPart(cache, table[rows + [len(lengths)]], per_page, size,
                               SummaryPart.log_weights(size, HEADS))
-        if write is not None:
-            write(keys, summary, loc, seq_lens)
-        else:
-            positions = torch.cat([torch.arange(n - (loc[i + 1] - loc[i]), n)
-                                   for i, n in enumerate(seq_lens)])
-            token_rows = torch.repeat_interleave(torch.arange(len(seq_lens)),
-                                                 torch.tensor(loc).diff())
-            ends = (positions + 1) % size == 0
-            write_summaries(keys, summary, token_rows[ends], positions[ends])
+        write(keys, summary, loc, seq_lens)
         expected = torch.full_like(cache, float("nan"))
         for r, n in enumerate(done):
             for b in range(n // size):
