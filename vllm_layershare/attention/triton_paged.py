@@ -182,25 +182,15 @@ def _load_rows(ptr, stride_token, stride_head, tok, head, d, mask, UPCAST: tl.co
 
 
 @triton.jit
-def _merge(out_p, m_p, l_p, acc_d, m_d, l_d, q, row, kv_head, first, last, q_pos, sink, recent,
-           scale, gate_tau, log_w_ptr, head, row_ok,
-           kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
-           s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
-           SUMMARY: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-           PRECISION: tl.constexpr):
+def _merge(out_p, m_p, l_p, acc_d, m_d, l_d, lse_estimated, gate_tau, SUMMARY: tl.constexpr):
     """g o_P + (1 - g) o_D, g = sigmoid(lse_P - lse_D) with lse_D the distant branch's own
     or, with SUMMARY, the follower's estimated log-mass; gate skip where tau > 0."""
     out_d = acc_d / tl.where(l_d > 0, l_d, 1.0)[:, None]
     lse_p = m_p + tl.log(tl.where(l_p > 0, l_p, 1.0))  # > 0: P holds the query itself
-    lse_d = tl.where(l_d > 0, m_d + tl.log(tl.where(l_d > 0, l_d, 1.0)), float("-inf"))
     if SUMMARY > 0:
-        log_w = tl.load(log_w_ptr + head, mask=row_ok, other=0.0)
-        lse_d = _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale,
-                                    log_w, kp_ptr, kp_sb, kp_sh, kp_ss, kp_table,
-                                    kp_table_stride, kp_bs, s_ptr, s_sb, s_sh, s_ss, s_table,
-                                    s_table_stride, tokens_per_page, SUMMARY, D, BLOCK_M,
-                                    BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+        lse_d = lse_estimated
+    else:
+        lse_d = tl.where(l_d > 0, m_d + tl.log(tl.where(l_d > 0, l_d, 1.0)), float("-inf"))
     gate = 1.0 / (1.0 + tl.exp(lse_d - lse_p))
     if gate_tau > 0:
         gate = tl.where(gate >= gate_tau, 1.0, gate)
@@ -243,6 +233,13 @@ def _prefill_kernel(
     tok = q_begin + t
     q_mask = row_ok[:, None] & (d[None, :] < D)
     q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
+    lse_estimated = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_DISTANT and SUMMARY > 0:  # first: then only its [M] result lives through the scans
+        lse_estimated = _estimated_log_mass(
+            q, row, kv_head, first, last, q_pos, sink, recent, scale, log_w_ptr, head, row_ok,
+            kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+            s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+            SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
 
     # Proximal branch: sinks [0, min(n_s, last + 1)), then the window [w0, last].
     m_p = tl.full([BLOCK_M], NEG_BIG, tl.float32)
@@ -280,11 +277,7 @@ def _prefill_kernel(
                                     v_bs, out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
                                     D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST, PRECISION,
                                     False, False)
-            out = _merge(out, m_p, l_p, acc_d, m_d, l_d, q, row, kv_head, first, last, q_pos,
-                         sink, recent, scale, gate_tau, log_w_ptr, head, row_ok,
-                         kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
-                         s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
-                         SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+            out = _merge(out, m_p, l_p, acc_d, m_d, l_d, lse_estimated, gate_tau, SUMMARY)
 
     tl.store(out_ptr + tok[:, None] * o_st + head[:, None] * o_sh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -446,24 +439,29 @@ def _decode_merge_kernel(
         if i - recent + 1 > sink:
             m_d, l_d, acc_d = _combine_splits(acc_ptr, ml_ptr, row, 1, num_splits, used, head,
                                               row_ok, d, q_mask, NUM_HEADS, BLOCK_M, BLOCK_D, D)
-            q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
-            out = _merge(out, m_p, l_p, acc_d, m_d, l_d, q, row, kv_head, i, i, head * 0 + i,
-                         sink, recent, scale, gate_tau, log_w_ptr, head, row_ok,
-                         kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
-                         s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
-                         SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+            lse_estimated = l_d
+            if SUMMARY > 0:
+                q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
+                lse_estimated = _estimated_log_mass(
+                    q, row, kv_head, i, i, head * 0 + i, sink, recent, scale, log_w_ptr, head,
+                    row_ok, kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+                    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+                    SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+            out = _merge(out, m_p, l_p, acc_d, m_d, l_d, lse_estimated, gate_tau, SUMMARY)
     tl.store(out_ptr + tok[:, None] * o_st + head[:, None] * o_sh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
-def _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale, log_w,
-                        k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
+def _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale, log_w_ptr,
+                        head, row_ok, k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                         s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
                         SUMMARY: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                         PRECISION: tl.constexpr):
-    """log M of mass.py: summaries of whole distant blocks, exact keys elsewhere."""
+    """log M of mass.py: summaries of whole distant blocks, exact keys elsewhere; a block
+    weighs log_w (log S + the calibrated offset) of the row's query head."""
+    log_w = tl.load(log_w_ptr + head, mask=row_ok, other=0.0)
     low = (sink + SUMMARY - 1) // SUMMARY  # first block wholly after the sinks
     high = tl.maximum((q_pos - recent + 1) // SUMMARY, low)  # per row: blocks [low, high)
     high_first = tl.maximum((first - recent + 1) // SUMMARY, low)
@@ -531,6 +529,14 @@ class TritonConfig:
 
 
 DEFAULT_CONFIG = TritonConfig()
+
+
+def interpreted() -> bool:
+    """Whether Triton's interpreter runs the kernels (TRITON_INTERPRET=1): it keeps bf16
+    as raw integers, so the kernels convert their loads to float32 there. Compiled for a
+    GPU they keep the cache's dtype, also when compiled on a machine without one
+    (benchmarks/kernel_resources.py)."""
+    return bool(triton.knobs.runtime.interpret)
 
 
 @functools.cache
@@ -639,7 +645,7 @@ def triton_pod_attention(
     recent = min(inputs.recent, UNBOUNDED)
     tau = -1.0 if inputs.gate_skip_threshold is None else inputs.gate_skip_threshold
     common = dict(D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), HAS_DISTANT=distant,
-                  UPCAST=device.type == "cpu",
+                  UPCAST=interpreted(),
                   # fp32 caches (tests, fp32 models) get exact fp32 products, not TF32.
                   PRECISION="ieee" if kp.cache.dtype == torch.float32 else "tf32")
     summary_tokens = summary.summary_tokens if estimated else 0

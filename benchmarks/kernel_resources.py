@@ -1,0 +1,264 @@
+"""layershare's Triton kernels compiled for a GPU, on a machine without one.
+
+Every kernel variant the backend launches is compiled by Triton for the named NVIDIA
+architectures as a launch on that GPU would compile it: the backend's own calls run on
+CPU tensors, and Triton's launch stops after the compile (its driver answers as that
+GPU). For each kernel it prints what ptxas made of it: registers per thread, bytes
+spilled to local memory, shared memory, the matrix instruction its dots became, and how
+many of its programs fit on one multiprocessor at once (what hides memory latency in a
+bandwidth-bound decode). Exits non-zero when a kernel does not compile or spills.
+
+Variants: Llama-3-8B heads (32 query / 8 KV heads, head dim 128) in bf16 and fp16, and
+SmolLM2-135M heads (9 / 3, head dim 64) in bf16; prefill and decode; a leader alone, a
+leader writing its followers' decode logits, followers reading them (share `scores`),
+followers reading the leader's keys (share `keys`), followers weighting the distant
+branch by their own estimated mass; the cache and summary writers.
+
+    python benchmarks/kernel_resources.py                      # sm_90 (H100/H200), sm_80 (A100)
+    python benchmarks/kernel_resources.py --arch 90 --config '{"decode_stages": 3}'
+    python benchmarks/kernel_resources.py --json resources.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a bare checkout
+
+from vllm_layershare.attention import triton_paged  # noqa: E402
+from vllm_layershare.attention.paged import (  # noqa: E402
+    LayerInputs,
+    PagedPart,
+    SharedScores,
+    SummaryPart,
+)
+from vllm_layershare.attention.triton_paged import TritonConfig, interpreted  # noqa: E402
+
+# Per multiprocessor on sm_80 and sm_90: registers, warps, programs; shared memory
+# (KiB) and what the driver reserves per program (bytes).
+REGISTERS, MAX_WARPS, MAX_PROGRAMS, RESERVED_SHARED = 65536, 64, 32, 1024
+SHARED_KIB = {80: 164, 86: 100, 89: 100, 90: 228}
+BLOCK, SUMMARY_TOKENS, SINK, RECENT = 16, 64, 16, 1008
+# (name, query heads, KV heads, head dim, dtype)
+GEOMETRIES = [("llama3-8b bf16", 32, 8, 128, torch.bfloat16),
+              ("llama3-8b fp16", 32, 8, 128, torch.float16),
+              ("smollm2-135m bf16", 9, 3, 64, torch.bfloat16)]
+MMA = re.compile(r"\b(?:mma\.sync\.aligned\.\w+\.row\.col\.\w+\.(\w+)\.\w+\.\w+"
+                 r"|wgmma\.mma_async\.sync\.aligned\.\w+\.\w+\.(\w+)\.\w+)")
+
+
+@dataclass
+class Compiled:
+    """One kernel as ptxas built it for one architecture."""
+
+    arch: int
+    geometry: str
+    variant: str
+    kernel: str
+    warps: int
+    registers: int
+    spilled: int  # bytes of local memory per thread
+    shared: int  # bytes per program
+    mma: str  # input type of the dots' matrix instructions, "" without dots
+
+    @property
+    def programs_per_sm(self) -> int:
+        """Programs resident on one multiprocessor, as registers, shared memory and
+        warps allow (registers are given out 256 per warp at a time)."""
+        per_warp = -(-self.registers * 32 // 256) * 256
+        by_registers = REGISTERS // per_warp // self.warps
+        by_shared = SHARED_KIB[self.arch] * 1024 // (self.shared + RESERVED_SHARED)
+        return min(by_registers, by_shared, MAX_WARPS // self.warps, MAX_PROGRAMS)
+
+
+class _CompileOnlyDriver:
+    """What Triton's launch path asks of its driver, answered as GPU `arch` would; the
+    device id is the architecture, so Triton's per-device kernel caches stay apart."""
+
+    def __init__(self, arch: int) -> None:
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return self.target.arch
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+
+@contextlib.contextmanager
+def compile_only(arch: int, compiled: list):
+    """Inside, `kernel[grid](...)` compiles for `arch` and launches nothing; each compiled
+    kernel is appended to `compiled`. JITFunction.run is what `kernel[grid]` calls; its
+    warmup mode is Triton's own compile-without-launch."""
+    original, active = JITFunction.run, driver._active
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.__name__, kernel))
+        return kernel
+
+    driver.set_active(_CompileOnlyDriver(arch))
+    JITFunction.run = run
+    try:
+        yield
+    finally:
+        JITFunction.run = original
+        driver._active = active  # reset_active() would look for a GPU driver: none here
+
+
+@dataclass
+class Layer:
+    """Small paged caches and queries of one layer (only dtypes and strides matter)."""
+
+    keys: PagedPart  # the leader's K of its K | V cache
+    values: PagedPart  # the leader's V
+    own_values: PagedPart  # a follower's V cache
+    scores: torch.Tensor  # the leader's shared decode logits
+    summary: SummaryPart
+    q: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+
+    @staticmethod
+    def make(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, queries: int) -> Layer:
+        batch, context = 2, 4 * BLOCK
+        blocks = batch * context // BLOCK
+        table = torch.arange(blocks, dtype=torch.int32).view(batch, -1)
+        leader = torch.zeros(blocks, kv_heads, BLOCK, 2 * dim, dtype=dtype)
+        summaries = torch.zeros(blocks, kv_heads, 1, dim, dtype=dtype)
+        return Layer(
+            PagedPart(leader, 0, dim, table, BLOCK), PagedPart(leader, dim, 2 * dim, table, BLOCK),
+            PagedPart(torch.zeros(blocks, kv_heads, BLOCK, dim, dtype=dtype), 0, dim, table,
+                      BLOCK),
+            torch.zeros(blocks, kv_heads, heads // kv_heads * BLOCK),
+            SummaryPart(summaries, table, SUMMARY_TOKENS, SUMMARY_TOKENS,
+                        SummaryPart.log_weights(SUMMARY_TOKENS, heads)),
+            torch.zeros(batch * queries, heads, dim, dtype=dtype),
+            torch.arange(0, batch * queries + 1, queries, dtype=torch.int32),
+            torch.full((batch,), context, dtype=torch.int32))
+
+    def roles(self, decode: bool) -> dict[str, LayerInputs]:
+        """The backend's inputs of each role (shared logits are decode's)."""
+        scale = self.q.shape[-1] ** -0.5
+
+        def shared(write: bool) -> SharedScores:
+            return SharedScores(self.scores, self.keys.block_table, BLOCK, SINK, RECENT, write)
+
+        def follower(**extra) -> LayerInputs:
+            return LayerInputs(q=self.q, k_prox=self.keys, v=self.own_values, scale=scale,
+                               sink=SINK, recent=RECENT, q_distant=self.q, k_distant=self.keys,
+                               **extra)
+
+        found = {"full": LayerInputs(q=self.q, k_prox=self.keys, v=self.values, scale=scale),
+                 "follower keys": follower(),
+                 "follower keys, estimated": follower(summary=self.summary)}
+        if decode:
+            found["full+share"] = LayerInputs(q=self.q, k_prox=self.keys, v=self.values,
+                                              scale=scale, shared_scores=shared(True))
+            found["follower scores"] = follower(shared_scores=shared(False))
+            found["follower scores, estimated"] = follower(shared_scores=shared(False),
+                                                           summary=self.summary)
+        return found
+
+
+def launches(heads, kv_heads, dim, dtype, config: TritonConfig):
+    """(variant, call) for every launch the backend makes in a step of these heads."""
+    for phase, queries in (("prefill", 8), ("decode", 1)):
+        layer = Layer.make(heads, kv_heads, dim, dtype, queries)
+        for role, inputs in layer.roles(decode=queries == 1).items():
+            yield f"{phase}, {role}", lambda i=inputs, x=layer, m=queries: (
+                triton_paged.triton_pod_attention(i, x.query_start_loc, x.seq_lens,
+                                                  torch.zeros_like(x.q), m,
+                                                  int(x.seq_lens.max()), config))
+    slots = torch.arange(layer.q.shape[0], dtype=torch.int64)
+    yield "cache write", lambda: triton_paged.triton_write_slots(
+        layer.own_values.cache, slots, BLOCK, layer.q[:, :kv_heads])
+    yield "summary write", lambda: triton_paged.triton_write_summaries(
+        layer.keys, layer.summary, layer.query_start_loc, layer.seq_lens)
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """ptxas's resource use of a cubin (cuobjdump -res-usage, shipped with Triton)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if found is None:
+        raise RuntimeError(f"no resource line in cuobjdump's output:\n{text}")
+    registers, stack, shared, local = map(int, found.groups())
+    return dict(registers=registers, spilled=stack + local, static_shared=shared)
+
+
+def compile_all(archs: list[int], config: TritonConfig) -> list[Compiled]:
+    """Every variant's kernels for every architecture."""
+    results = []
+    for arch in archs:
+        for geometry, heads, kv_heads, dim, dtype in GEOMETRIES:
+            for variant, call in launches(heads, kv_heads, dim, dtype, config):
+                compiled: list = []
+                with compile_only(arch, compiled):
+                    call()
+                for name, kernel in compiled:
+                    used = resources(kernel.asm["cubin"])
+                    mma = {a or b for a, b in MMA.findall(kernel.asm["ptx"])}
+                    results.append(Compiled(
+                        arch, geometry, variant, name, kernel.metadata.num_warps,
+                        used["registers"], used["spilled"],
+                        kernel.metadata.shared + used["static_shared"], ",".join(sorted(mma))))
+                print(f"  sm_{arch} {geometry}: {variant}", file=sys.stderr, flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80],
+                        choices=sorted(SHARED_KIB), help="compute capabilities x 10")
+    parser.add_argument("--config", metavar="JSON", help="TritonConfig fields (as "
+                        "benchmarks/kernels.py --config); default: the defaults")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows here")
+    args = parser.parse_args()
+    if interpreted():
+        sys.exit("kernel_resources.py compiles for a GPU: run it without TRITON_INTERPRET")
+    config = TritonConfig()
+    if args.config:
+        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
+        config = TritonConfig(**json.loads(text))
+    rows = compile_all(args.arch, config)
+    print(f"Triton {triton.__version__}; {config}\n\n| arch | heads | variant | kernel | warps "
+          "| registers | spilled bytes | shared KiB | dots | programs per SM |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| sm_{r.arch} | {r.geometry} | {r.variant} | {r.kernel} | {r.warps} "
+              f"| {r.registers} | {r.spilled} | {r.shared / 1024:.1f} | {r.mma or '-'} "
+              f"| {r.programs_per_sm} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            [dict(vars(r), programs_per_sm=r.programs_per_sm) for r in rows], indent=1))
+    spilled = [r for r in rows if r.spilled]
+    if spilled:
+        sys.exit(f"{len(spilled)} kernels spill registers to local memory")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Every Triton kernel the backend launches compiles for the GPUs it serves on, here,
+without a GPU: benchmarks/kernel_resources.py runs Triton's compiler and ptxas for
+sm_90 (H100, H200) through the backend's own calls. This catches what the interpreter
+cannot: a kernel that does not compile for a GPU, spills registers, needs more shared
+memory than a multiprocessor has, or runs its dots in another type than the cache's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from vllm_layershare.attention import triton_paged
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+PHASE_ROLES = {"prefill": ["full", "follower keys", "follower keys, estimated"],
+               "decode": ["full", "full+share", "follower keys", "follower keys, estimated",
+                          "follower scores", "follower scores, estimated"]}
+DOT_TYPE = {"bf16": "bf16", "fp16": "f16"}
+
+
+def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when it is unset
+    out = tmp_path / "resources.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+
+    kernels = {name for name in dir(triton_paged) if name.endswith("_kernel")}
+    geometries = {row["geometry"] for row in rows}
+    assert len(geometries) == 3, geometries
+    for geometry in geometries:
+        mine = [row for row in rows if row["geometry"] == geometry]
+        assert {row["kernel"] for row in mine} == kernels, geometry
+        variants = {row["variant"] for row in mine}
+        for phase, roles in PHASE_ROLES.items():
+            assert {f"{phase}, {role}" for role in roles} <= variants, (geometry, variants)
+        # The dots take the cache's type: the interpreter's float32 upcast stays there.
+        dots = {row["mma"] for row in mine if row["mma"]}
+        assert dots == {DOT_TYPE[geometry.split()[-1]]}, (geometry, dots)
+        assert any(row["kernel"] == "_prefill_kernel" and row["mma"] for row in mine)
+        assert any(row["kernel"] == "_decode_split_kernel" and row["mma"] for row in mine)
+    for row in rows:
+        assert row["spilled"] == 0, row
+        assert row["programs_per_sm"] >= 1, row  # its shared memory fits
