@@ -48,14 +48,20 @@ bench: install
 
 # On a bare GPU machine (PyTorch, Triton, nvcc, pytest; no vLLM, no install): the Triton
 # kernels' tests compiled, not interpreted, and csrc's CUDA kernel built and tested on the
-# GPU, then the kernel benchmark and whole decode steps, eager and in CUDA graphs
-# (docs/benchmarks.md).
+# GPU; the launch shapes swept (the fastest written to $(SWEPT)); then the kernel benchmark
+# and whole decode steps, eager and in CUDA graphs, with the defaults and with the fastest
+# shapes (docs/benchmarks.md).
+SWEPT ?= /tmp/layershare-swept.json
+BENCH := PYTHONPATH=. PYTHONUNBUFFERED=1 $(PY) benchmarks/kernels.py
 gpu-check:
 	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a GPU')"
 	PYTHONPATH=. $(PY) -m pytest -q tests/test_attention.py tests/test_cuda_kernel.py \
 		-k "triton or leaders_scores or cuda"
-	PYTHONPATH=. PYTHONUNBUFFERED=1 $(PY) benchmarks/kernels.py
-	PYTHONPATH=. PYTHONUNBUFFERED=1 $(PY) benchmarks/kernels.py --steps
+	$(BENCH) --sweep $(SWEPT)
+	$(BENCH) --contexts 4096 32768
+	$(BENCH) --contexts 4096 32768 --config $(SWEPT)
+	$(BENCH) --steps
+	$(BENCH) --steps --config $(SWEPT)
 
 # docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock
 # attention through vLLM (about 3 h on a 2-core CPU machine).

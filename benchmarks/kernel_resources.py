@@ -5,8 +5,10 @@ architectures as a launch on that GPU would compile it: the backend's own calls 
 CPU tensors, and Triton's launch stops after the compile (its driver answers as that
 GPU). For each kernel it prints what ptxas made of it: registers per thread, bytes
 spilled to local memory, shared memory, the matrix instruction its dots became, and how
-many of its programs fit on one multiprocessor at once (what hides memory latency in a
-bandwidth-bound decode). Exits non-zero when a kernel does not compile or spills.
+many of its programs fit on one multiprocessor at once, and the rings of shared-memory
+buffers Triton's pipeliner made for its asynchronous copies ("2x32x128": a 32 x 128 tile,
+double-buffered; what hides memory latency in a bandwidth-bound decode, with the
+programs per multiprocessor). Exits non-zero when a kernel does not compile or spills.
 
 Variants: Llama-3-8B heads (32 query / 8 KV heads, head dim 128) in bf16 and fp16, and
 SmolLM2-135M heads (9 / 3, head dim 64) in bf16; prefill and decode; a leader alone, a
@@ -14,7 +16,8 @@ leader writing its followers' decode logits, followers reading them (share `scor
 followers reading the leader's keys (share `keys`), followers weighting the distant
 branch by their own estimated mass; the cache and summary writers.
 
-    python benchmarks/kernel_resources.py                      # sm_90 (H100/H200), sm_80 (A100)
+    python benchmarks/kernel_resources.py                      # sm_90 (H100, H200)
+    python benchmarks/kernel_resources.py --arch 90 80         # and sm_80 (A100)
     python benchmarks/kernel_resources.py --arch 90 --config '{"decode_stages": 3}'
     python benchmarks/kernel_resources.py --json resources.json
 """
@@ -57,6 +60,7 @@ BLOCK, SUMMARY_TOKENS, SINK, RECENT = 16, 64, 16, 1008
 GEOMETRIES = [("llama3-8b bf16", 32, 8, 128, torch.bfloat16),
               ("llama3-8b fp16", 32, 8, 128, torch.float16),
               ("smollm2-135m bf16", 9, 3, 64, torch.bfloat16)]
+RING = re.compile(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+(?:x\d+)+)x(?:bf16|f16|f32)")
 MMA = re.compile(r"\b(?:mma\.sync\.aligned\.\w+\.row\.col\.\w+\.(\w+)\.\w+\.\w+"
                  r"|wgmma\.mma_async\.sync\.aligned\.\w+\.\w+\.(\w+)\.\w+)")
 
@@ -74,6 +78,7 @@ class Compiled:
     spilled: int  # bytes of local memory per thread
     shared: int  # bytes per program
     mma: str  # input type of the dots' matrix instructions, "" without dots
+    buffers: str  # the pipeliner's shared-memory rings of async copies: depth x tile
 
     @property
     def programs_per_sm(self) -> int:
@@ -209,22 +214,26 @@ def resources(cubin: bytes) -> dict[str, int]:
     return dict(registers=registers, spilled=stack + local, static_shared=shared)
 
 
-def compile_all(archs: list[int], config: TritonConfig) -> list[Compiled]:
-    """Every variant's kernels for every architecture."""
+def compile_all(archs: list[int], config: TritonConfig, only: str = "") -> list[Compiled]:
+    """Every variant's kernels (those whose name contains `only`) for every architecture."""
     results = []
     for arch in archs:
         for geometry, heads, kv_heads, dim, dtype in GEOMETRIES:
             for variant, call in launches(heads, kv_heads, dim, dtype, config):
+                if only not in variant:
+                    continue
                 compiled: list = []
                 with compile_only(arch, compiled):
                     call()
                 for name, kernel in compiled:
                     used = resources(kernel.asm["cubin"])
                     mma = {a or b for a, b in MMA.findall(kernel.asm["ptx"])}
+                    rings = sorted(set(RING.findall(kernel.asm["ttgir"])))
                     results.append(Compiled(
                         arch, geometry, variant, name, kernel.metadata.num_warps,
                         used["registers"], used["spilled"],
-                        kernel.metadata.shared + used["static_shared"], ",".join(sorted(mma))))
+                        kernel.metadata.shared + used["static_shared"], ",".join(sorted(mma)),
+                        ",".join(rings)))
                 print(f"  sm_{arch} {geometry}: {variant}", file=sys.stderr, flush=True)
     return results
 
@@ -232,10 +241,12 @@ def compile_all(archs: list[int], config: TritonConfig) -> list[Compiled]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80],
+    parser.add_argument("--arch", type=int, nargs="+", default=[90],
                         choices=sorted(SHARED_KIB), help="compute capabilities x 10")
     parser.add_argument("--config", metavar="JSON", help="TritonConfig fields (as "
                         "benchmarks/kernels.py --config); default: the defaults")
+    parser.add_argument("--only", default="", metavar="TEXT",
+                        help="only the variants whose name contains TEXT (e.g. decode)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows here")
     args = parser.parse_args()
     if interpreted():
@@ -244,14 +255,14 @@ def main() -> None:
     if args.config:
         text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
         config = TritonConfig(**json.loads(text))
-    rows = compile_all(args.arch, config)
+    rows = compile_all(args.arch, config, args.only)
     print(f"Triton {triton.__version__}; {config}\n\n| arch | heads | variant | kernel | warps "
-          "| registers | spilled bytes | shared KiB | dots | programs per SM |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+          "| registers | spilled bytes | shared KiB | dots | copy buffers | programs per SM |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| sm_{r.arch} | {r.geometry} | {r.variant} | {r.kernel} | {r.warps} "
               f"| {r.registers} | {r.spilled} | {r.shared / 1024:.1f} | {r.mma or '-'} "
-              f"| {r.programs_per_sm} |")
+              f"| {r.buffers or '-'} | {r.programs_per_sm} |")
     if args.json:
         Path(args.json).write_text(json.dumps(
             [dict(vars(r), programs_per_sm=r.programs_per_sm) for r in rows], indent=1))

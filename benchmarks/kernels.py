@@ -183,10 +183,11 @@ def fits(batch: int, context: int, device: torch.device) -> bool:
 
 
 # Launch shapes compared by --sweep (fields of TritonConfig).
+# Decode: 3 and 4 stages double- and triple-buffer the K and V copies (kernel_resources.py);
+# none of these spills on sm_90.
 SWEEP_DECODE = [dict(decode_block_n=n, decode_warps=w, decode_stages=st, programs_per_sm=p)
-                for n, w, st, p in [(32, 4, 2, 4), (32, 4, 2, 16), (32, 4, 2, 32), (64, 4, 2, 4),
-                                    (64, 4, 2, 16), (64, 4, 2, 32), (64, 8, 2, 16),
-                                    (128, 4, 2, 16)]]
+                for n, w, st, p in [(32, 4, 2, 32), (32, 4, 2, 16), (32, 4, 3, 32), (32, 4, 3, 16),
+                                    (32, 4, 4, 32), (32, 4, 4, 16)]]
 SWEEP_PREFILL = [dict(prefill_block_m=m, prefill_block_n=n, prefill_warps=w,
                       prefill_stages=st)
                  for m, n, w, st in [(64, 32, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3)]]
@@ -222,7 +223,7 @@ def sweep(cases, device: torch.device, dtype, repeats: int, recent: int) -> dict
 
 
 def decode_step(batch: int, context: int, followers: int, device: torch.device, dtype,
-                recent: int):
+                recent: int, config: TritonConfig = DEFAULT_CONFIG):
     """A decode step through 1 + followers layers as the backend runs them, every launch
     included: each layer writes its new key and value at the token's slot, then attends;
     with followers the first layer keeps its queries and writes the shared scores, and
@@ -236,7 +237,7 @@ def decode_step(batch: int, context: int, followers: int, device: torch.device, 
     scores = torch.empty(leader.shape[0], KV_HEADS, HEADS // KV_HEADS * BLOCK, device=device)
     kept = torch.empty_like(q)
     out = torch.empty_like(q)
-    workspace = decode_workspace(batch, HEADS, KV_HEADS, DIM, context, device)
+    workspace = decode_workspace(batch, HEADS, KV_HEADS, DIM, context, device, config)
     first = layer_inputs(leader, values, table, kept, "writing" if followers else "full",
                          recent, scores)
     others = layer_inputs(leader, values, table, q, "follower" if followers else "full",
@@ -245,7 +246,7 @@ def decode_step(batch: int, context: int, followers: int, device: torch.device, 
         others.q_distant = kept
 
     def attend(inputs: LayerInputs) -> None:
-        triton_pod_attention(inputs, starts, lens, out, 1, context, workspace=workspace)
+        triton_pod_attention(inputs, starts, lens, out, 1, context, config, workspace)
 
     later_values = values if followers else leader[..., DIM:]
 
@@ -278,7 +279,8 @@ def graph_ms(step, device: torch.device, repeats: int) -> float | None:
     return timed_ms(graph.replay, device, repeats)
 
 
-def steps(cases, device: torch.device, dtype, repeats: int, recent: int) -> None:
+def steps(cases, device: torch.device, dtype, repeats: int, recent: int,
+          config: TritonConfig = DEFAULT_CONFIG) -> None:
     """--steps: a whole decode step of a group against as many full layers, eager (the
     attention ops of vLLM's piecewise graphs) and replayed from a CUDA graph (what
     VLLM_LAYERSHARE_FULL_CUDA_GRAPHS=1 lets vLLM do)."""
@@ -288,7 +290,7 @@ def steps(cases, device: torch.device, dtype, repeats: int, recent: int) -> None
           "| full eager | group eager | group/full eager | full graph | group graph "
           "| group/full graph | eager/graph (group) |\n|---|---|---|---|---|---|---|---|---|")
     for context, batch in cases:
-        full, group = (decode_step(batch, context, n, device, dtype, recent)
+        full, group = (decode_step(batch, context, n, device, dtype, recent, config)
                        for n in (0, GROUP_FOLLOWERS))
         eager = [timed_ms(fn, device, repeats) for fn in (full, group)]
         graphs = [graph_ms(fn, device, repeats) for fn in (full, group)]
@@ -327,22 +329,22 @@ def main() -> None:
     recent = 64 if args.smoke else RECENT  # the smoke contexts must have distant tokens
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
     bandwidth = copy_bandwidth_gbs(device, 4 if args.smoke else 2048)
+    config = DEFAULT_CONFIG
+    if args.config:
+        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
+        config = TritonConfig(**json.loads(text))
     print(f"{name}; copy bandwidth {bandwidth:.0f} GB/s; {HEADS} query / {KV_HEADS} KV heads, "
           f"head dim {DIM}, {dtype}, block {BLOCK}; follower: share scores, sink {SINK}, "
-          f"recent {recent}; {DEFAULT_CONFIG}")
+          f"recent {recent}; {config if not args.sweep else 'launch shapes below'}")
     if args.steps:
-        steps(SMOKE_STEP_CASES if args.smoke else STEP_CASES, device, dtype, repeats, recent)
+        steps(SMOKE_STEP_CASES if args.smoke else STEP_CASES, device, dtype, repeats, recent,
+              config)
         return
     if args.sweep:
         best = sweep(SMOKE_CASES if args.smoke else SWEEP_CASES, device, dtype, repeats, recent)
         if args.sweep != "-":
             Path(args.sweep).write_text(json.dumps(best))
         return
-    config = DEFAULT_CONFIG
-    if args.config:
-        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
-        config = TritonConfig(**json.loads(text))
-        print(f"launch shapes: {config}")
     lib = cuda_library(device)
     print("\n| case | context | batch | full ms | full+share ms | follower ms | follower/full "
           "| SDPA ms | full GB/s (% copy) | follower GB/s (% copy) | CUDA full ms "

@@ -21,14 +21,19 @@ PHASE_ROLES = {"prefill": ["full", "follower keys", "follower keys, estimated"],
 DOT_TYPE = {"bf16": "bf16", "fp16": "f16"}
 
 
-def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
+def compiled_rows(tmp_path: Path, *args: str) -> list[dict]:
+    """The rows of a kernel_resources.py run for sm_90 with args."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when it is unset
     out = tmp_path / "resources.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90", "--json", str(out)],
-                          capture_output=True, text=True, env=env, timeout=1200)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90", "--json", str(out),
+                           *args], capture_output=True, text=True, env=env, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
+    rows = compiled_rows(tmp_path)
 
     kernels = {name for name in dir(triton_paged) if name.endswith("_kernel")}
     geometries = {row["geometry"] for row in rows}
@@ -47,3 +52,17 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     for row in rows:
         assert row["spilled"] == 0, row
         assert row["programs_per_sm"] >= 1, row  # its shared memory fits
+
+
+def test_decode_copies_are_double_buffered_with_three_stages(tmp_path):
+    """The decode kernels read block-table entries a tile ahead so that Triton's pipeliner
+    can keep the next K and V tiles in flight while a tile is computed: with 3 stages
+    every decode program double-buffers its copies (reading the entries in the tile's own
+    iteration leaves one buffer, waited on before each tile)."""
+    rows = compiled_rows(tmp_path, "--only", "decode", "--config", '{"decode_stages": 3}')
+    splits = [row for row in rows if row["kernel"] == "_decode_split_kernel"]
+    assert len(splits) == 3 * len(PHASE_ROLES["decode"]), len(splits)
+    for row in splits:
+        dim = 64 if row["geometry"].startswith("smollm2") else 128
+        assert row["buffers"] == f"2x32x{dim}", row
+        assert row["spilled"] == 0, row

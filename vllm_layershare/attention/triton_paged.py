@@ -87,16 +87,25 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, q_pos, sink, recent, scale,
     if READ_SCORES:  # one tile ahead: Triton pipelines only the loads that feed tl.dot
         s_next = _shared_logits(lo, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table,
                                 sc_table_stride, sc_bs, sc_g, row_ok, BLOCK_N)
+    # Block-table entries one tile ahead: the K and V copies that Triton's pipeliner
+    # issues early then wait on no load of their own iteration, and with 3 stages it
+    # double-buffers them (the copy buffers of benchmarks/kernel_resources.py).
+    n = lo + tl.arange(0, BLOCK_N)
+    kpage_next = _pages(k_table, row, k_table_stride, n // k_bs, n < hi)
+    vpage_next = _pages(v_table, row, v_table_stride, n // v_bs, n < hi)
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         in_range = n < hi
+        kpage, vpage = kpage_next, vpage_next
+        ahead = n + BLOCK_N
+        kpage_next = _pages(k_table, row, k_table_stride, ahead // k_bs, ahead < hi)
+        vpage_next = _pages(v_table, row, v_table_stride, ahead // v_bs, ahead < hi)
         if READ_SCORES:
             s = s_next
             s_next = _shared_logits(start + BLOCK_N, hi, row, kv_head, sc_ptr, sc_sb, sc_sh,
                                     sc_table, sc_table_stride, sc_bs, sc_g, row_ok, BLOCK_N)
         else:
-            page = _pages(k_table, row, k_table_stride, n // k_bs, in_range)
-            k = tl.load(k_ptr + page[:, None] * k_sb + kv_head * k_sh
+            k = tl.load(k_ptr + kpage[:, None] * k_sb + kv_head * k_sh
                         + (n % k_bs)[:, None] * k_ss + d[None, :],
                         mask=in_range[:, None] & (d[None, :] < D), other=0.0)
             if UPCAST:
@@ -114,7 +123,6 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, q_pos, sink, recent, scale,
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if WITH_V:
-            vpage = _pages(v_table, row, v_table_stride, n // v_bs, in_range)
             v = tl.load(v_ptr + vpage[:, None] * v_sb + kv_head * v_sh
                         + (n % v_bs)[:, None] * v_ss + d[None, :],
                         mask=in_range[:, None] & (d[None, :] < D), other=0.0)
