@@ -3,6 +3,7 @@ running its smoke shapes here (Triton's interpreter on CPU without a GPU)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,3 +45,19 @@ def test_step_benchmark_smoke_runs():
     assert len(rows) == 1, rows
     assert ratio(rows[0][4]) > 0, rows  # group / full, eager
     assert (rows[0][5] == "-") == (not torch.cuda.is_available()), rows
+
+
+def test_sweep_writes_the_fastest_shapes_that_the_benchmark_takes(tmp_path):
+    """make gpu-check sweeps the launch shapes, then benchmarks with the fastest: the file
+    --sweep writes holds one decode and one prefill shape of the sweep, and --config and
+    --steps --config run with it."""
+    swept = tmp_path / "swept.json"
+    rows = smoke_rows("--sweep", str(swept), starts=("| {",))
+    assert len(rows) == 6 + 3, rows  # SWEEP_DECODE on the decode case, SWEEP_PREFILL
+    best = json.loads(swept.read_text())
+    assert set(best) == {"decode_block_n", "decode_warps", "decode_stages", "programs_per_sm",
+                         "prefill_block_m", "prefill_block_n", "prefill_warps",
+                         "prefill_stages"}, best
+    assert len(smoke_rows("--config", str(swept), starts=("| decode",))) == 1
+    steps = smoke_rows("--steps", "--config", str(swept), starts=("| 200 |",))
+    assert len(steps) == 1 and ratio(steps[0][4]) > 0, steps
