@@ -48,7 +48,8 @@ bench: install
 
 # On a bare GPU machine (PyTorch, Triton, nvcc, pytest; no vLLM, no install): the Triton
 # kernels' tests compiled, not interpreted, and csrc's CUDA kernel built and tested on the
-# GPU; the launch shapes swept (the fastest written to $(SWEPT)); then the kernel benchmark
+# GPU; the kernels' resources as this Triton compiles them; the launch shapes swept (the
+# fastest written to $(SWEPT)); then the kernel benchmark
 # and whole decode steps, eager and in CUDA graphs, with the defaults and with the fastest
 # shapes (docs/benchmarks.md).
 SWEPT ?= /tmp/layershare-swept.json
@@ -57,6 +58,8 @@ gpu-check:
 	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a GPU')"
 	PYTHONPATH=. $(PY) -m pytest -q tests/test_attention.py tests/test_cuda_kernel.py \
 		-k "triton or leaders_scores or cuda"
+	# what this Triton's compiler made of each kernel (registers, copy buffers); informative
+	-PYTHONPATH=. $(PY) benchmarks/kernel_resources.py
 	$(BENCH) --sweep $(SWEPT)
 	$(BENCH) --contexts 4096 32768
 	$(BENCH) --contexts 4096 32768 --config $(SWEPT)
