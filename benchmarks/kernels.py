@@ -6,11 +6,12 @@ tables. For decode and prefill chunks at contexts 4K-128K and batches 1-256 it
 prints the time of the leader (full-attention) kernel, of the same kernel when it
 also writes its followers' shared decode scores, of the follower kernel (share
 scores, sink 16, recent 1008; in decode it reads the leader's scores, not its keys),
-of PyTorch's scaled_dot_product_attention on the same data laid out densely (a
-sanity line), the bytes each kernel must read over its time against the device's
-measured copy bandwidth, and follower / full. In decode it also times the CUDA kernel
-of csrc/ (built here with nvcc, when there is one) as a leader and as a follower that
-reads the leader's keys (it has no shared scores).
+of the same follower weighing its distant branch by its own estimated mass (a mean
+key per 64 tokens: the default mode), of PyTorch's scaled_dot_product_attention on
+the same data laid out densely (a sanity line), the bytes each kernel must read over
+its time against the device's measured copy bandwidth, and follower / full. In decode
+it also times the CUDA kernel of csrc/ (built here with nvcc, when there is one) as a
+leader and as a follower that reads the leader's keys (it has no shared scores).
 
     python benchmarks/kernels.py                 # on a GPU
     python benchmarks/kernels.py --sweep         # launch shapes compared (TritonConfig)
@@ -34,7 +35,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a bare checkout
 
 from vllm_layershare.attention import cuda_decode  # noqa: E402
-from vllm_layershare.attention.paged import LayerInputs, PagedPart, SharedScores  # noqa: E402
+from vllm_layershare.attention.paged import (  # noqa: E402
+    LayerInputs,
+    PagedPart,
+    SharedScores,
+    SummaryPart,
+)
 from vllm_layershare.attention.triton_paged import (  # noqa: E402
     DEFAULT_CONFIG,
     TritonConfig,
@@ -42,10 +48,14 @@ from vllm_layershare.attention.triton_paged import (  # noqa: E402
     decode_workspace,
     triton_pod_attention,
     triton_write_slots,
+    triton_write_summaries,
 )
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16
 SINK, RECENT = 16, 1008
+# distant_mass: estimated (the default): a mean key per SUMMARY tokens, pages as the
+# backend plans them (layout.summary_spec: 2 x BLOCK states per page).
+SUMMARY, SUMMARY_STATES = 64, 2 * BLOCK
 # (case, context, batch, queries per request); skipped when the caches do not fit.
 CASES = [("decode", ctx, batch, 1) for ctx in (4096, 32768, 131072)
          for batch in (1, 16, 64, 256)] + [("prefill", ctx, 1, 2048)
@@ -98,21 +108,34 @@ def paged_layer(batch: int, context: int, queries: int, device: torch.device, dt
     return leader, values, table, q, starts, lens
 
 
+def summaries(batch: int, context: int, device: torch.device, dtype) -> SummaryPart:
+    """A follower's mean keys (random: only the bytes read matter here), paged as the
+    backend plans them, with a shuffled table of their own."""
+    per_seq = -(-context // (SUMMARY * SUMMARY_STATES))
+    table = torch.randperm(batch * per_seq, device=device, dtype=torch.int32).view(batch, -1)
+    cache = torch.randn(batch * per_seq, KV_HEADS, SUMMARY_STATES, DIM, device=device,
+                        dtype=dtype)
+    return SummaryPart(cache, table, SUMMARY * SUMMARY_STATES, SUMMARY,
+                       SummaryPart.log_weights(SUMMARY, HEADS, device=device))
+
+
 def layer_inputs(leader, values, table, q, role: str, recent: int,
-                 scores: torch.Tensor) -> LayerInputs:
+                 scores: torch.Tensor, summary: SummaryPart | None = None) -> LayerInputs:
     """role: full (a leader alone), writing (a leader sharing its decode scores),
-    follower (reading them)."""
+    follower (reading them), estimated (a follower reading them whose distant branch
+    weighs by its own estimated mass: `summary`, the default mode)."""
     keys = PagedPart(leader, 0, DIM, table, BLOCK)
     # The scores companion over the leader's own pages (its table, its block size).
     shared = SharedScores(scores, table, BLOCK, SINK, recent, write=role == "writing")
-    if role != "follower":
+    if role not in ("follower", "estimated"):
         return LayerInputs(q=q, k_prox=keys, v=PagedPart(leader, DIM, 2 * DIM, table, BLOCK),
                            scale=DIM ** -0.5, shared_scores=shared if role == "writing" else None)
     # The follower's own key window: a separate cache would hold only sinks and the
     # window; the kernel reads only those positions, so the leader's keys stand in.
     return LayerInputs(q=q, k_prox=keys, v=PagedPart(values, 0, DIM, table, BLOCK),
                        scale=DIM ** -0.5, sink=SINK, recent=recent, q_distant=q,
-                       k_distant=keys, shared_scores=shared)
+                       k_distant=keys, shared_scores=shared,
+                       summary=summary if role == "estimated" else None)
 
 
 def kernel_ms(inputs: LayerInputs, starts: torch.Tensor, lens: torch.Tensor,
@@ -155,12 +178,14 @@ def cuda_library(device: torch.device):
 def bytes_read(batch: int, context: int, queries: int, role: str, recent: int) -> int:
     """Bytes a kernel must read once: K and V of every token (bf16); a decoding
     follower reads V, its own window's keys, and the leader's fp32 scores (per query
-    head) instead of the leader's distant keys."""
+    head) instead of the leader's distant keys; with estimated mass also its mean keys."""
     full = context * KV_HEADS * DIM * 2 * 2
-    if role != "follower" or queries > 1:
+    if role not in ("follower", "estimated") or queries > 1:
         return batch * full
     near = min(context, SINK + recent)
-    return batch * (full // 2 + near * KV_HEADS * DIM * 2 + (context - near) * HEADS * 4)
+    mean_keys = context // SUMMARY * KV_HEADS * DIM * 2 if role == "estimated" else 0
+    return batch * (full // 2 + near * KV_HEADS * DIM * 2 + (context - near) * HEADS * 4
+                    + mean_keys)
 
 
 def sdpa_ms(batch, context, queries, device, dtype, repeats) -> float:
@@ -223,12 +248,14 @@ def sweep(cases, device: torch.device, dtype, repeats: int, recent: int) -> dict
 
 
 def decode_step(batch: int, context: int, followers: int, device: torch.device, dtype,
-                recent: int, config: TritonConfig = DEFAULT_CONFIG):
+                recent: int, config: TritonConfig = DEFAULT_CONFIG, estimated: bool = False):
     """A decode step through 1 + followers layers as the backend runs them, every launch
     included: each layer writes its new key and value at the token's slot, then attends;
     with followers the first layer keeps its queries and writes the shared scores, and
-    the others read them (share scores). followers=0 repeats full layers instead: the
-    stock step of as many layers. Returns the step as a function."""
+    the others read them (share scores); `estimated`: the followers also write their
+    completed mean keys and weigh by their own estimated mass (the default mode).
+    followers=0 repeats full layers instead: the stock step of as many layers. Returns
+    the step as a function."""
     leader, values, table, q, starts, lens = paged_layer(batch, context, 1, device, dtype)
     pos = context - 1  # the new token of every request
     slots = (table[:, pos // BLOCK].long() * BLOCK + pos % BLOCK).contiguous()
@@ -240,8 +267,9 @@ def decode_step(batch: int, context: int, followers: int, device: torch.device, 
     workspace = decode_workspace(batch, HEADS, KV_HEADS, DIM, context, device, config)
     first = layer_inputs(leader, values, table, kept, "writing" if followers else "full",
                          recent, scores)
-    others = layer_inputs(leader, values, table, q, "follower" if followers else "full",
-                          recent, scores)
+    summary = summaries(batch, context, device, dtype) if estimated else None
+    role = ("estimated" if estimated else "follower") if followers else "full"
+    others = layer_inputs(leader, values, table, q, role, recent, scores, summary)
     if followers:
         others.q_distant = kept
 
@@ -260,6 +288,9 @@ def decode_step(batch: int, context: int, followers: int, device: torch.device, 
             # a follower's key window: the leader's cache stands in (layer_inputs)
             triton_write_slots(leader[..., :DIM], slots, BLOCK, new_k)
             triton_write_slots(later_values, slots, BLOCK, new_v)
+            if summary is not None:  # contexts are multiples of SUMMARY: every step
+                # completes a block, the worst case (one step in SUMMARY in a real run)
+                triton_write_summaries(others.k_prox, summary, starts, lens)
             attend(others)
     return step
 
@@ -288,20 +319,25 @@ def steps(cases, device: torch.device, dtype, repeats: int, recent: int,
     print(f"\ndecode step of {layers} layers, ms: full attention in each, or a leader "
           f"sharing its scores with {GROUP_FOLLOWERS} followers\n\n| context | batch "
           "| full eager | group eager | group/full eager | full graph | group graph "
-          "| group/full graph | eager/graph (group) |\n|---|---|---|---|---|---|---|---|---|")
+          "| group/full graph | eager/graph (group) | group, estimated mass: eager (/ full) "
+          "| graph (/ full) |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for context, batch in cases:
-        full, group = (decode_step(batch, context, n, device, dtype, recent, config)
-                       for n in (0, GROUP_FOLLOWERS))
-        eager = [timed_ms(fn, device, repeats) for fn in (full, group)]
-        graphs = [graph_ms(fn, device, repeats) for fn in (full, group)]
+        fns = [decode_step(batch, context, n, device, dtype, recent, config, estimated)
+               for n, estimated in ((0, False), (GROUP_FOLLOWERS, False),
+                                    (GROUP_FOLLOWERS, True))]
+        eager = [timed_ms(fn, device, repeats) for fn in fns]
+        graphs = [graph_ms(fn, device, repeats) for fn in fns]
         row = [f"{eager[0]:.3f}", f"{eager[1]:.3f}", f"{eager[1] / eager[0]:.2f}x"]
         if graphs[0] is None:
             row += ["-"] * 4
         else:
             row += [f"{graphs[0]:.3f}", f"{graphs[1]:.3f}", f"{graphs[1] / graphs[0]:.2f}x",
                     f"{eager[1] / graphs[1]:.2f}x"]
+        row.append(f"{eager[2]:.3f} ({eager[2] / eager[0]:.2f}x)")
+        row.append("-" if graphs[0] is None
+                   else f"{graphs[2]:.3f} ({graphs[2] / graphs[0]:.2f}x)")
         print(f"| {context} | {batch} | " + " | ".join(row) + " |", flush=True)
-        del full, group
+        del fns
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -348,7 +384,8 @@ def main() -> None:
     lib = cuda_library(device)
     print("\n| case | context | batch | full ms | full+share ms | follower ms | follower/full "
           "| SDPA ms | full GB/s (% copy) | follower GB/s (% copy) | CUDA full ms "
-          "| CUDA follower ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| CUDA follower ms | follower, estimated mass: ms (/ full) | its GB/s (% copy) |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case, context, batch, queries in cases:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the last case's blocks: the next may need them all
@@ -359,8 +396,9 @@ def main() -> None:
                                                              dtype)
         out = torch.empty_like(q)
         scores = torch.empty(leader.shape[0], KV_HEADS, HEADS // KV_HEADS * BLOCK, device=device)
-        inputs = {role: layer_inputs(leader, values, table, q, role, recent, scores)
-                  for role in ("full", "writing", "follower")}
+        summary = summaries(batch, context, device, dtype)
+        inputs = {role: layer_inputs(leader, values, table, q, role, recent, scores, summary)
+                  for role in ("full", "writing", "follower", "estimated")}
         # in this order: the follower reads what the writing leader left
         ms = {role: kernel_ms(inputs[role], starts, lens, out, repeats, config)
               for role in inputs}
@@ -368,15 +406,16 @@ def main() -> None:
         if lib is not None and queries == 1:
             cuda = [f"{cuda_ms(lib, inputs[role], lens, repeats, config):.3f}"
                     for role in ("full", "follower")]
-        del leader, values, scores, inputs
+        del leader, values, scores, summary, inputs
         sdpa = sdpa_ms(batch, context, queries, device, dtype, repeats)
         rates = []
-        for role in ("full", "follower"):
+        for role in ("full", "follower", "estimated"):
             gbs = bytes_read(batch, context, queries, role, recent) / ms[role] / 1e6
             rates.append(f"{gbs:.0f} ({100 * gbs / bandwidth:.0f}%)")
         print(f"| {case} | {context} | {batch} | {ms['full']:.3f} | {ms['writing']:.3f} | "
               f"{ms['follower']:.3f} | {ms['follower'] / ms['full']:.2f}x | {sdpa:.3f} | "
-              f"{rates[0]} | {rates[1]} | {cuda[0]} | {cuda[1]} |", flush=True)
+              f"{rates[0]} | {rates[1]} | {cuda[0]} | {cuda[1]} | {ms['estimated']:.3f} "
+              f"({ms['estimated'] / ms['full']:.2f}x) | {rates[2]} |", flush=True)
 
 
 if __name__ == "__main__":

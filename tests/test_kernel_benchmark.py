@@ -36,6 +36,7 @@ def test_kernel_benchmark_smoke_runs():
     assert len(rows) == 2, rows
     for row in rows:
         assert ratio(row[6]) > 0, row  # follower / full
+        assert ratio(row[12].split("(")[1].rstrip(")")) > 0, row  # estimated mass / full
 
 
 def test_step_benchmark_smoke_runs():
@@ -45,6 +46,7 @@ def test_step_benchmark_smoke_runs():
     assert len(rows) == 1, rows
     assert ratio(rows[0][4]) > 0, rows  # group / full, eager
     assert (rows[0][5] == "-") == (not torch.cuda.is_available()), rows
+    assert ratio(rows[0][9].split("(")[1].rstrip(")")) > 0, rows  # estimated mass, eager
 
 
 def test_sweep_writes_the_fastest_shapes_that_the_benchmark_takes(tmp_path):
