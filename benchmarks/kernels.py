@@ -140,13 +140,16 @@ def layer_inputs(leader, values, table, q, role: str, recent: int,
 
 def kernel_ms(inputs: LayerInputs, starts: torch.Tensor, lens: torch.Tensor,
               out: torch.Tensor, repeats: int, config: TritonConfig = DEFAULT_CONFIG) -> float:
-    """The backend's call: device metadata, host maxima, a workspace made beforehand."""
-    max_q = int((starts[1:] - starts[:-1]).max())
+    """The backend's call: device metadata, host maxima and decode flag, a workspace
+    made beforehand."""
+    queries = starts[1:] - starts[:-1]
+    max_q, decode_rows = int(queries.max()), bool((queries == 1).any())
     max_len = int(lens.max())
     workspace = decode_workspace(lens.shape[0], out.shape[1], inputs.k_prox.cache.shape[1],
                                  out.shape[2], max_len, out.device, config)
     return timed_ms(lambda: triton_pod_attention(inputs, starts, lens, out, max_q, max_len,
-                                                 config, workspace), out.device, repeats)
+                                                 config, workspace, decode_rows),
+                    out.device, repeats)
 
 
 def cuda_ms(lib, inputs: LayerInputs, lens: torch.Tensor, repeats: int,

@@ -832,3 +832,41 @@ def test_decode_step_replays_on_static_tensors():
                 page = summary_pages.block_table[r, b * size // per_page]
                 means[page, :, b % 2] = seq["k"][b * size:(b + 1) * size].mean(0)
         torch.testing.assert_close(summary.cache, means, equal_nan=True)
+
+
+def test_triton_steps_without_decode_rows_launch_no_decode_kernels(monkeypatch):
+    """Only steps with a one-query row launch the decode kernels (two launches per layer
+    saved in a prefill step): seen in the host lists, or as the backend says it
+    (decode_rows, from vLLM's host query lengths); mixed steps still decode every row."""
+    from vllm_layershare.attention import triton_paged
+
+    launches = []
+    real = triton_paged._decode
+    monkeypatch.setattr(triton_paged, "_decode",
+                        lambda *args: launches.append(args[4].shape[0]) or real(*args))
+    gen = torch.Generator().manual_seed(8)
+    seqs = [random_sequence(n, gen) for n in (12, 10)]
+    feed = [[5, 1, 4, 2], [2, 2, 1, 5]]  # steps: prefill, mixed, mixed, prefill
+    outs = run_paged(triton_impl(), seqs, feed, 4, gen, sink=2, recent=3)
+    for seq, out in zip(seqs, outs, strict=True):
+        torch.testing.assert_close(out.double(), reference(seq, sink=2, recent=3),
+                                   atol=2e-5, rtol=1e-4)
+    assert launches == [2, 2], launches  # the two mixed steps, each with both requests
+
+    launches.clear()
+    seq = random_sequence(6, gen)
+    batch = PagedBatch([6], 4, gen)
+    inputs = LayerInputs(q=seq["q"], scale=scale_of(seq), k_prox=batch.part([0], [seq["k"]]),
+                         v=batch.part([0], [seq["v"]]))
+    out = torch.zeros(6, HEADS, DIM)
+    starts, lens = torch.tensor([0, 6]), torch.tensor([6])
+
+    def told(*args):  # as the backend calls it: device tensors, its host flag
+        triton_paged.triton_pod_attention(*args, 6, 6, decode_rows=False)
+
+    (on_gpu(told) if torch.cuda.is_available() else told)(int32_tables(inputs), starts, lens,
+                                                          out)
+    assert launches == []
+    torch.testing.assert_close(out.double(), dense_attention(
+        seq["q"].double(), seq["k"].double(), seq["v"].double(), scale_of(seq)),
+        atol=2e-5, rtol=1e-4)

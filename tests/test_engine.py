@@ -167,7 +167,8 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
     planned, or (3 query heads per KV head: no whole number of tokens fills a page)
     over the leader's own pages. Every layer's decode used the one workspace the
     builders made from the scheduler's limits; the builders never read a device
-    tensor on the host (on a GPU, a wait for the device every step)."""
+    tensor on the host (on a GPU, a wait for the device every step); the prefill step
+    told the kernels it has no decode rows (they then launch no decode kernels)."""
     from vllm_layershare.attention import triton_paged
     from vllm_layershare.tools.tiny_model import build_tiny_llama
 
@@ -176,10 +177,12 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
     grouping = write_grouping(tmp_path / "g.yaml")  # share scores, estimated mass
     prompts = random_prompts(2, 60, seed=4)
     _, expected = greedy_with_logprobs(model, grouping, prompts)  # the CPU kernel
-    shared_calls, page_sizes, workspaces = [], set(), set()
+    shared_calls, page_sizes, workspaces, decode_rows = [], set(), set(), set()
     real = triton_paged.triton_pod_attention
 
     def spying(inputs, *args, **kwargs):
+        queries = tuple(args[0].diff().tolist())  # the step's query lengths
+        decode_rows.add((queries, kwargs["decode_rows"]))
         if inputs.shared_scores is not None:
             shared_calls.append(inputs.shared_scores.write)
             page_sizes.add(inputs.shared_scores.block_size)
@@ -195,6 +198,8 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
     own_pages = {32}  # make_llm's block size: the leader's pages
     assert (page_sizes == own_pages) == (heads == 6), page_sizes
     assert len(workspaces) == 1, workspaces
+    assert all(flag == (1 in queries) for queries, flag in decode_rows), decode_rows
+    assert {flag for _, flag in decode_rows} == {True, False}, decode_rows
     assert_same_greedy(got, expected)
 
 

@@ -131,6 +131,7 @@ class LayershareMetadata:
     seq_lens_device: torch.Tensor
     max_query_len: int
     max_seq_len: int  # host maxima: the GPU kernels' grids, without a device sync
+    decode_rows: bool  # whether a request has one query: else no decode launches
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     block_size: int
@@ -238,6 +239,7 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
             seq_lens_device=m.seq_lens[: m.num_reqs],
             max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len,
+            decode_rows=bool((query_start_loc.diff() == 1).any()),
             # The Triton kernels read vLLM's int32 table itself (persistent: CUDA graphs
             # replay it); the CPU kernel and torch indexing take int64.
             block_table=(m.block_table_tensor[: m.num_reqs] if self.runs_triton
@@ -412,7 +414,8 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             triton_kernels().triton_pod_attention(
                 inputs, attn_metadata.query_start_loc_device, attn_metadata.seq_lens_device,
                 output[:n], attn_metadata.max_query_len, attn_metadata.max_seq_len,
-                workspace=attn_metadata.decode_workspace)
+                workspace=attn_metadata.decode_workspace,
+                decode_rows=attn_metadata.decode_rows)
         else:
             paged_pod_attention(inputs, attn_metadata.query_start_loc, attn_metadata.seq_lens,
                                 output[:n])

@@ -6,15 +6,19 @@ the context, one program per (request, KV head, chunk of the context), each leav
 partial softmax states that a second kernel merges by log-sum-exp, so that a small
 batch of long sequences still fills the GPU. Either way a tile packs every query head
 of a KV head into its rows, so each key and value loaded from the paged cache serves
-the whole GQA group. Per row it keeps two online softmaxes:
+the whole GQA group. Per row it runs two online softmaxes:
 
-    proximal  (m_P, l_P, acc_P)  over sinks U window, q . k_prox, own V
     distant   (m_D, l_D, acc_D)  over [n_s, i - n_r],  q_distant . k_distant, own V
+    proximal  (m_P, l_P, acc_P)  over sinks U window, q . k_prox, own V
 
-and merges them as portable.merge does: g = sigmoid(lse_P - lse_D), optional gate
-skip, o = g o_P + (1 - g) o_D. With `distant_mass: estimated` lse_D is replaced by
-the follower's own log-mass over its block summaries and exact keys (mass.py).
-No score matrix is materialised; freed key blocks are never read.
+merged as portable.merge does: o = g o_P + (1 - g) o_D, g = sigmoid(lse_P - lse_D);
+with `distant_mass: estimated` lse_D is the follower's own log-mass over its block
+summaries and exact keys (mass.py). That merge equals one softmax whose first "key"
+is the distant branch, of mass exp(lse_D) and value o_D (_as_prior): so the distant
+scan runs first and the proximal scan continues its state, one [M, D] accumulator
+live at a time, as in a full layer; only the optional gate skip (g = 1 where g >=
+tau) keeps the branches apart. No score matrix is materialised; freed key blocks are
+never read. In decode the split programs also scan the summary blocks of their chunk.
 
 Share `scores`, rows with one query (decode): the distant logits of a follower are
 the leader's own. The leader's pass stores them per query head and slot of its cache
@@ -31,6 +35,7 @@ converted to float32 there (UPCAST).
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -163,12 +168,17 @@ def _summary_scan(m_i, l_i, q, row, kv_head, low, high_last, high, scale, log_w,
     """Log-sum-exp over the mean keys of summary blocks [low, high) of each row; a block
     weighs log_w of the row's query head (log S + its offset)."""
     d = tl.arange(0, BLOCK_D)
+    b = low + tl.arange(0, BLOCK_N)  # table entries a tile ahead, as in _scan
+    page_next = _pages(s_table, row, s_table_stride, b * SUMMARY // tokens_per_page,
+                       b < high_last)
     for start in range(low, high_last, BLOCK_N):
         b = start + tl.arange(0, BLOCK_N)
         in_range = b < high_last
-        first_token = b * SUMMARY
-        page = _pages(s_table, row, s_table_stride, first_token // tokens_per_page, in_range)
-        state = (first_token % tokens_per_page) // SUMMARY
+        page = page_next
+        ahead = b + BLOCK_N
+        page_next = _pages(s_table, row, s_table_stride, ahead * SUMMARY // tokens_per_page,
+                           ahead < high_last)
+        state = (b * SUMMARY % tokens_per_page) // SUMMARY
         kbar = tl.load(s_ptr + page[:, None] * s_sb + kv_head * s_sh + state[:, None] * s_ss
                        + d[None, :], mask=in_range[:, None] & (d[None, :] < D), other=0.0)
         if UPCAST:
@@ -190,18 +200,30 @@ def _load_rows(ptr, stride_token, stride_head, tok, head, d, mask, UPCAST: tl.co
 
 
 @triton.jit
-def _merge(out_p, m_p, l_p, acc_d, m_d, l_d, lse_estimated, gate_tau, SUMMARY: tl.constexpr):
-    """g o_P + (1 - g) o_D, g = sigmoid(lse_P - lse_D) with lse_D the distant branch's own
-    or, with SUMMARY, the follower's estimated log-mass; gate skip where tau > 0."""
+def _log_sum(m, l_sum):
+    """log-sum-exp of an online softmax state; -inf where it is empty."""
+    return tl.where(l_sum > 0, m + tl.log(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _as_prior(m_d, l_d, acc_d, lse_d):
+    """The distant branch as a softmax state of mass exp(lse_D) and mean o_D: continuing
+    it over the proximal keys gives (sum_P e^s v + e^lse_D o_D) / (sum_P e^s + e^lse_D),
+    which is g o_P + (1 - g) o_D with g = sigmoid(lse_P - lse_D), portable.merge."""
+    has = (l_d > 0) & (lse_d > float("-inf"))
+    out_d = acc_d / tl.where(l_d > 0, l_d, 1.0)[:, None]
+    return (tl.where(has, lse_d, NEG_BIG), tl.where(has, 1.0, 0.0),
+            tl.where(has[:, None], out_d, 0.0))
+
+
+@triton.jit
+def _merge(out_p, m_p, l_p, acc_d, l_d, lse_d, gate_tau):
+    """g o_P + (1 - g) o_D with the gate skip (g = 1 where g >= tau), g = sigmoid(lse_P -
+    lse_D): lse_D the distant branch's own or the follower's estimated log-mass."""
     out_d = acc_d / tl.where(l_d > 0, l_d, 1.0)[:, None]
     lse_p = m_p + tl.log(tl.where(l_p > 0, l_p, 1.0))  # > 0: P holds the query itself
-    if SUMMARY > 0:
-        lse_d = lse_estimated
-    else:
-        lse_d = tl.where(l_d > 0, m_d + tl.log(tl.where(l_d > 0, l_d, 1.0)), float("-inf"))
     gate = 1.0 / (1.0 + tl.exp(lse_d - lse_p))
-    if gate_tau > 0:
-        gate = tl.where(gate >= gate_tau, 1.0, gate)
+    gate = tl.where(gate >= gate_tau, 1.0, gate)
     return gate[:, None] * out_p + (1.0 - gate[:, None]) * out_d
 
 
@@ -217,7 +239,7 @@ def _prefill_kernel(
     scale, sink, recent, gate_tau, log_w_ptr,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr, SUMMARY: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    GATE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Rows of several queries; one-query rows are left to the decode kernels."""
     row = tl.program_id(0)
@@ -240,44 +262,28 @@ def _prefill_kernel(
     d = tl.arange(0, BLOCK_D)
     tok = q_begin + t
     q_mask = row_ok[:, None] & (d[None, :] < D)
-    q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
-    lse_estimated = tl.zeros([BLOCK_M], tl.float32)
-    if HAS_DISTANT and SUMMARY > 0:  # first: then only its [M] result lives through the scans
-        lse_estimated = _estimated_log_mass(
-            q, row, kv_head, first, last, q_pos, sink, recent, scale, log_w_ptr, head, row_ok,
-            kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
-            s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
-            SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
-
-    # Proximal branch: sinks [0, min(n_s, last + 1)), then the window [w0, last].
-    m_p = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-    l_p = tl.zeros([BLOCK_M], tl.float32)
-    acc_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    sink_end = tl.minimum(sink, last + 1)
-    window = tl.maximum(sink_end, first - recent + 1)
-    m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, 0, sink_end, q_pos, sink, recent,
-                            scale, 0, q_pos,
-                            kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
-                            v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                            out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
-                            D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
-                            False, False)
-    m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, window, last + 1, q_pos, sink,
-                            recent, scale, 0, q_pos,
-                            kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
-                            v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                            out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
-                            D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
-                            False, False)
-    out = acc_p / tl.where(l_p > 0, l_p, 1.0)[:, None]
-
+    # The distant branch first, while only its query is live. Without the gate skip its
+    # result becomes the prior of the proximal scan (_as_prior), so, as in a full layer,
+    # one [M, D] accumulator lives at a time; the gate skip keeps both branches apart.
+    m_d = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_d = tl.zeros([BLOCK_M], tl.float32)
+    acc_d = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lse_d = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if HAS_DISTANT:
         distant_end = last - recent + 1  # distant positions of the tile: [n_s, distant_end)
         if distant_end > sink:
+            if SUMMARY > 0:
+                q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
+                lse_d = _estimated_log_mass(
+                    m_d, l_d, q, row, kv_head, first, last, q_pos, sink, recent, scale,
+                    log_w_ptr, head, row_ok,
+                    kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+                    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+                    SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, True)
             qd = _load_rows(qd_ptr, qd_st, qd_sh, tok, head, d, q_mask, UPCAST)
-            m_d = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-            l_d = tl.zeros([BLOCK_M], tl.float32)
-            acc_d = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             m_d, l_d, acc_d = _scan(m_d, l_d, acc_d, qd, row, kv_head, sink, distant_end, q_pos,
                                     sink, recent, scale, 0, q_pos,
                                     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride,
@@ -285,7 +291,32 @@ def _prefill_kernel(
                                     v_bs, out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
                                     D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST, PRECISION,
                                     False, False)
-            out = _merge(out, m_p, l_p, acc_d, m_d, l_d, lse_estimated, gate_tau, SUMMARY)
+            if SUMMARY == 0:
+                lse_d = _log_sum(m_d, l_d)
+            if not GATE:
+                m_i, l_i, acc = _as_prior(m_d, l_d, acc_d, lse_d)
+
+    # Proximal branch: sinks [0, min(n_s, last + 1)), then the window [w0, last].
+    q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
+    sink_end = tl.minimum(sink, last + 1)
+    window = tl.maximum(sink_end, first - recent + 1)
+    m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, 0, sink_end, q_pos, sink, recent,
+                          scale, 0, q_pos,
+                          kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+                          v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
+                          out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
+                          D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
+                          False, False)
+    m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, window, last + 1, q_pos, sink,
+                          recent, scale, 0, q_pos,
+                          kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+                          v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
+                          out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
+                          D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
+                          False, False)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if GATE:  # here (m_i, l_i, acc) is the proximal branch alone
+        out = _merge(out, m_i, l_i, acc_d, l_d, lse_d, gate_tau)
 
     tl.store(out_ptr + tok[:, None] * o_st + head[:, None] * o_sh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -324,7 +355,7 @@ def _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N: tl.conste
 
 @triton.jit
 def _decode_split_kernel(
-    acc_ptr, ml_ptr, num_splits, split_len, min_split_len,
+    acc_ptr, ml_ptr, mass_ptr, num_splits, split_len, min_split_len,
     q_ptr, q_st, q_sh, qd_ptr, qd_st, qd_sh,
     query_start_loc, seq_lens,
     kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
@@ -332,13 +363,15 @@ def _decode_split_kernel(
     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs,
     scale, sink, recent,
     sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs, sc_sink, sc_recent,
+    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page, log_w_ptr,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WRITE_SCORES: tl.constexpr,
-    READ_SCORES: tl.constexpr,
+    SUMMARY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_SCORES: tl.constexpr, READ_SCORES: tl.constexpr,
 ):
     """Both branches of one decode query over context chunk [lo, hi): unnormalised
-    (m, l, acc) per branch and head into the partials."""
+    (m, l, acc) per branch and head into the partials; with SUMMARY, the (m, l) of the
+    follower's mean keys over the summary blocks starting in the chunk too."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -352,6 +385,19 @@ def _decode_split_kernel(
     i = seq_len - 1
     q_pos = head * 0 + i
     q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
+    if HAS_DISTANT and SUMMARY > 0:  # first: the summary blocks b with b * S in [lo, hi)
+        low, high = _summary_blocks(sink, recent, i, SUMMARY)
+        b_hi = tl.minimum(tl.cdiv(hi, SUMMARY), high)
+        log_w = tl.load(log_w_ptr + head, mask=row_ok, other=0.0)
+        m_s, l_s = _summary_scan(tl.full([BLOCK_M], NEG_BIG, tl.float32),
+                                 tl.zeros([BLOCK_M], tl.float32), q, row, kv_head,
+                                 tl.maximum(tl.cdiv(lo, SUMMARY), low), b_hi, head * 0 + b_hi,
+                                 scale, log_w, s_ptr, s_sb, s_sh, s_ss, s_table,
+                                 s_table_stride, tokens_per_page, SUMMARY, D, BLOCK_N, BLOCK_D,
+                                 UPCAST, PRECISION)
+        at = (row * num_splits + split) * NUM_HEADS + head
+        tl.store(mass_ptr + 2 * at, m_s, mask=row_ok)
+        tl.store(mass_ptr + 2 * at + 1, l_s, mask=row_ok)
     m_p = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_p = tl.zeros([BLOCK_M], tl.float32)
     acc_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -398,13 +444,9 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _combine_splits(acc_ptr, ml_ptr, row, branch, num_splits, used, head, row_ok, d, q_mask,
-                    NUM_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                    D: tl.constexpr):
-    """One branch's (m, l, acc) over the first `used` splits, by log-sum-exp."""
-    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+def _combine_splits(m_i, l_i, acc, acc_ptr, ml_ptr, row, branch, num_splits, used, head,
+                    row_ok, d, q_mask, NUM_HEADS: tl.constexpr, D: tl.constexpr):
+    """(m, l, acc) continued over one branch's partials of the first `used` splits."""
     for split in range(0, used):
         at = _partial_index(row, split, branch, num_splits, head, NUM_HEADS)
         m = tl.load(ml_ptr + 2 * at, mask=row_ok, other=NEG_BIG)
@@ -420,17 +462,34 @@ def _combine_splits(acc_ptr, ml_ptr, row, branch, num_splits, used, head, row_ok
 
 
 @triton.jit
+def _combine_masses(mass_ptr, row, num_splits, used, head, row_ok, BLOCK_M: tl.constexpr,
+                    NUM_HEADS: tl.constexpr):
+    """(m, l) of the summaries' softmax over the first `used` splits."""
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for split in range(0, used):
+        at = (row * num_splits + split) * NUM_HEADS + head
+        m = tl.load(mass_ptr + 2 * at, mask=row_ok, other=NEG_BIG)
+        l_s = tl.load(mass_ptr + 2 * at + 1, mask=row_ok, other=0.0)
+        m_new = tl.maximum(m_i, m)
+        l_i = l_i * tl.exp(m_i - m_new) + l_s * tl.exp(m - m_new)
+        m_i = m_new
+    return m_i, l_i
+
+
+@triton.jit
 def _decode_merge_kernel(
-    out_ptr, o_st, o_sh, acc_ptr, ml_ptr, num_splits, split_len, min_split_len,
+    out_ptr, o_st, o_sh, acc_ptr, ml_ptr, mass_ptr, num_splits, split_len, min_split_len,
     q_ptr, q_st, q_sh, query_start_loc, seq_lens,
     kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
-    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
-    scale, sink, recent, gate_tau, log_w_ptr,
+    scale, sink, recent, gate_tau,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr,
-    SUMMARY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SUMMARY: tl.constexpr, GATE: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """A decode query's output from its splits' partials: both branches, then the gate."""
+    """A decode query's output from its splits' partials: the distant branch (and its
+    estimated mass) first, then the proximal one, as in the prefill kernel."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     q_len, seq_len, tok, head, row_ok, d, q_mask = _decode_rows(
@@ -439,47 +498,69 @@ def _decode_merge_kernel(
         return
     length = _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N)
     used = tl.cdiv(seq_len, length)
-    m_p, l_p, acc_p = _combine_splits(acc_ptr, ml_ptr, row, 0, num_splits, used, head, row_ok,
-                                      d, q_mask, NUM_HEADS, BLOCK_M, BLOCK_D, D)
-    out = acc_p / tl.where(l_p > 0, l_p, 1.0)[:, None]
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_d = tl.zeros([BLOCK_M], tl.float32)
+    acc_d = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lse_d = tl.full([BLOCK_M], float("-inf"), tl.float32)
     if HAS_DISTANT:
         i = seq_len - 1
         if i - recent + 1 > sink:
-            m_d, l_d, acc_d = _combine_splits(acc_ptr, ml_ptr, row, 1, num_splits, used, head,
-                                              row_ok, d, q_mask, NUM_HEADS, BLOCK_M, BLOCK_D, D)
-            lse_estimated = l_d
+            m_d, l_d, acc_d = _combine_splits(m_i, l_i, acc, acc_ptr, ml_ptr, row, 1,
+                                              num_splits, used, head, row_ok, d, q_mask,
+                                              NUM_HEADS, D)
             if SUMMARY > 0:
+                m_s, l_s = _combine_masses(mass_ptr, row, num_splits, used, head, row_ok,
+                                           BLOCK_M, NUM_HEADS)
                 q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
-                lse_estimated = _estimated_log_mass(
-                    q, row, kv_head, i, i, head * 0 + i, sink, recent, scale, log_w_ptr, head,
-                    row_ok, kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
-                    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
-                    SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
-            out = _merge(out, m_p, l_p, acc_d, m_d, l_d, lse_estimated, gate_tau, SUMMARY)
+                lse_d = _estimated_log_mass(
+                    m_s, l_s, q, row, kv_head, i, i, head * 0 + i, sink, recent, scale,
+                    kp_ptr, head, row_ok,
+                    kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+                    kp_ptr, 0, 0, 0, kp_table, 0, 1,
+                    SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, False)
+            else:
+                lse_d = _log_sum(m_d, l_d)
+            if not GATE:
+                m_i, l_i, acc = _as_prior(m_d, l_d, acc_d, lse_d)
+    m_i, l_i, acc = _combine_splits(m_i, l_i, acc, acc_ptr, ml_ptr, row, 0, num_splits, used,
+                                    head, row_ok, d, q_mask, NUM_HEADS, D)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if GATE:  # here (m_i, l_i, acc) is the proximal branch alone
+        out = _merge(out, m_i, l_i, acc_d, l_d, lse_d, gate_tau)
     tl.store(out_ptr + tok[:, None] * o_st + head[:, None] * o_sh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
-def _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale, log_w_ptr,
-                        head, row_ok, k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
+def _summary_blocks(sink, recent, q_pos, SUMMARY: tl.constexpr):
+    """(low, high [M]): a row's whole distant summary blocks are [low, high)."""
+    low = (sink + SUMMARY - 1) // SUMMARY  # first block wholly after the sinks
+    return low, tl.maximum((q_pos - recent + 1) // SUMMARY, low)
+
+
+@triton.jit
+def _estimated_log_mass(m_i, l_i, q, row, kv_head, first, last, q_pos, sink, recent, scale,
+                        log_w_ptr, head, row_ok,
+                        k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                         s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
                         SUMMARY: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, SCAN_SUMMARIES: tl.constexpr):
     """log M of mass.py: summaries of whole distant blocks, exact keys elsewhere; a block
-    weighs log_w (log S + the calibrated offset) of the row's query head."""
-    log_w = tl.load(log_w_ptr + head, mask=row_ok, other=0.0)
-    low = (sink + SUMMARY - 1) // SUMMARY  # first block wholly after the sinks
-    high = tl.maximum((q_pos - recent + 1) // SUMMARY, low)  # per row: blocks [low, high)
+    weighs log_w (log S + the calibrated offset) of the row's query head. (m_i, l_i): the
+    summaries' softmax state, scanned here with SCAN_SUMMARIES, else already gathered
+    (decode: the split kernels scan them, the merge kernel combines)."""
+    low, high = _summary_blocks(sink, recent, q_pos, SUMMARY)
     high_first = tl.maximum((first - recent + 1) // SUMMARY, low)
-    high_last = tl.maximum((last - recent + 1) // SUMMARY, low)
-    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    m_i, l_i = _summary_scan(m_i, l_i, q, row, kv_head, low, high_last, high, scale,
-                             log_w, s_ptr, s_sb, s_sh, s_ss, s_table,
-                             s_table_stride, tokens_per_page, SUMMARY, D, BLOCK_N, BLOCK_D,
-                             UPCAST, PRECISION)
+    if SCAN_SUMMARIES:
+        high_last = tl.maximum((last - recent + 1) // SUMMARY, low)
+        log_w = tl.load(log_w_ptr + head, mask=row_ok, other=0.0)
+        m_i, l_i = _summary_scan(m_i, l_i, q, row, kv_head, low, high_last, high, scale,
+                                 log_w, s_ptr, s_sb, s_sh, s_ss, s_table,
+                                 s_table_stride, tokens_per_page, SUMMARY, D, BLOCK_N, BLOCK_D,
+                                 UPCAST, PRECISION)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # unused: the scans below keep no values
     exact_hi = high * SUMMARY
     # Exact keys next to the sinks, then next to the window (still in the key cache).
@@ -499,7 +580,7 @@ def _estimated_log_mass(q, row, kv_head, first, last, q_pos, sink, recent, scale
                           k_ptr, 0, 0, k_table, 0, 1, 0, 0, q_pos, q_pos >= 0,
                           D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
                           False, False)
-    return tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    return _log_sum(m_i, l_i)
 
 
 def _paged_args(part: PagedPart) -> tuple:
@@ -584,23 +665,33 @@ def decode_workspace(max_reqs: int, heads: int, kv_heads: int, head_size: int,
     """Scratch for the decode partials of any step within the scheduler's limits (up to
     max_reqs requests of up to max_seq_len positions): allocated once, passed to every
     call, so a decode step allocates nothing (CUDA graphs need static buffers)."""
-    rows = max(reqs * decode_splits(reqs, kv_heads, max_seq_len, device, config)
-               for reqs in range(1, max_reqs + 1))
-    return torch.empty(rows * 2 * heads * (head_size + 2), dtype=torch.float32, device=device)
+    programs = max(reqs * decode_splits(reqs, kv_heads, max_seq_len, device, config)
+                   for reqs in range(1, max_reqs + 1))
+    return torch.empty(_partials_size(programs * heads, head_size), dtype=torch.float32,
+                       device=device)
+
+
+def _partials_size(rows: int, head_size: int) -> int:
+    """Floats of the partials of `rows` (request, split, query head): per branch (m, l)
+    and acc [head_size], and the (m, l) of the summaries."""
+    return rows * (2 * (head_size + 2) + 2)
 
 
 def _partials(workspace: torch.Tensor | None, rows: int, head_size: int,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of the decode partials, acc [rows, head_size] and (m, l) [rows, 2], in the
-    workspace (or a fresh buffer without one)."""
-    need = rows * (head_size + 2)
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of the decode partials of `rows` (request, split, query head) in the
+    workspace (or a fresh buffer without one): acc [2 rows, head_size] and (m, l)
+    [2 rows, 2] of both branches, the summaries' (m, l) [rows, 2]."""
+    need = _partials_size(rows, head_size)
     if workspace is None:
         workspace = torch.empty(need, dtype=torch.float32, device=device)
     elif workspace.numel() < need:
         raise ValueError(f"layershare: decode workspace of {workspace.numel()} floats, this "
                          f"step needs {need}: it was sized for smaller scheduler limits")
-    acc = workspace[: rows * head_size].view(rows, head_size)
-    return acc, workspace[rows * head_size : need].view(rows, 2)
+    branch_rows = 2 * rows
+    acc = workspace[: branch_rows * head_size].view(branch_rows, head_size)
+    ml = workspace[branch_rows * head_size : branch_rows * (head_size + 2)]
+    return acc, ml.view(branch_rows, 2), workspace[branch_rows * (head_size + 2) : need]
 
 
 def triton_pod_attention(
@@ -612,6 +703,7 @@ def triton_pod_attention(
     max_seq_len: int | None = None,
     config: TritonConfig = DEFAULT_CONFIG,
     workspace: torch.Tensor | None = None,
+    decode_rows: bool | None = None,
 ) -> None:
     """Write attention of every scheduled token into `output` [T, H, Dv].
 
@@ -619,7 +711,12 @@ def triton_pod_attention(
     neither copies metadata to the GPU nor waits for it; lists work too (tests).
     max_seq_len may be any bound on the context lengths: decode launches depend on it
     and on the batch size only. `workspace` (decode_workspace) holds the decode partials.
+    decode_rows: whether some request has exactly one query (None: seen in the lists,
+    assumed with tensors); without, the decode kernels are not launched.
     """
+    if decode_rows is None:
+        decode_rows = isinstance(query_start_loc, torch.Tensor) or any(
+            b - a == 1 for a, b in itertools.pairwise(query_start_loc))
     q, kp, v, kd, summary = inputs.q, inputs.k_prox, inputs.v, inputs.k_distant, inputs.summary
     device = q.device
     starts = torch.as_tensor(query_start_loc, device=device)
@@ -666,10 +763,11 @@ def triton_pod_attention(
             *_paged_args(kp), *_paged_args(v), *kd_args, *s_args,
             inputs.scale, inputs.sink, recent, tau, log_w,
             GROUP=group, BLOCK_M=block_m, BLOCK_N=config.prefill_block_n,
-            SUMMARY=summary_tokens, num_warps=config.prefill_warps,
+            SUMMARY=summary_tokens, GATE=tau > 0, num_warps=config.prefill_warps,
             num_stages=config.prefill_stages, **common)
-    _decode(inputs, q, qd, starts, lens, output, max_seq_len, kd_args, s_args, log_w, recent,
-            tau, summary_tokens, config, common, workspace)
+    if decode_rows:
+        _decode(inputs, q, qd, starts, lens, output, max_seq_len, kd_args, s_args, log_w,
+                recent, tau, summary_tokens, config, common, workspace)
 
 
 def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_args, s_args,
@@ -682,8 +780,8 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
     group = heads // kv_heads
     num_splits = decode_splits(num_reqs, kv_heads, max_seq_len, q.device, config)
     chunks = (num_splits, config.split_len or 0, config.min_split_len)
-    partial_acc, partial_ml = _partials(workspace, num_reqs * num_splits * 2 * heads, dim,
-                                        q.device)
+    partial_acc, partial_ml, masses = _partials(workspace, num_reqs * num_splits * heads,
+                                                dim, q.device)
     write = shared is not None and shared.write
     read = shared is not None and not shared.write and inputs.k_distant is not None
     if shared is not None:
@@ -693,18 +791,18 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
     else:
         sc_args = (output, 0, 0, kp.block_table, 0, 1, 0, 0)
     rows = dict(NUM_HEADS=heads, GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)),
-                BLOCK_N=config.decode_block_n, num_warps=config.decode_warps,
-                num_stages=config.decode_stages, **common)
+                BLOCK_N=config.decode_block_n, SUMMARY=summary_tokens,
+                num_warps=config.decode_warps, num_stages=config.decode_stages, **common)
     _decode_split_kernel[(num_reqs, kv_heads, num_splits)](
-        partial_acc, partial_ml, *chunks,
+        partial_acc, partial_ml, masses, *chunks,
         q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
         *_paged_args(kp), *_paged_args(v), *kd_args,
-        inputs.scale, inputs.sink, recent, *sc_args,
+        inputs.scale, inputs.sink, recent, *sc_args, *s_args, log_w,
         WRITE_SCORES=write, READ_SCORES=read, **rows)
     _decode_merge_kernel[(num_reqs, kv_heads)](
-        output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
-        q, q.stride(0), q.stride(1), starts, lens, *_paged_args(kp), *s_args,
-        inputs.scale, inputs.sink, recent, tau, log_w, SUMMARY=summary_tokens, **rows)
+        output, output.stride(0), output.stride(1), partial_acc, partial_ml, masses, *chunks,
+        q, q.stride(0), q.stride(1), starts, lens, *_paged_args(kp),
+        inputs.scale, inputs.sink, recent, tau, GATE=tau > 0, **rows)
 
 
 @triton.jit
