@@ -49,6 +49,7 @@ NEG_BIG = tl.constexpr(-1.0e30)  # finite start for running maxima: exp(-inf - N
 PROXIMAL = tl.constexpr(0)
 DISTANT = tl.constexpr(1)
 EXACT_MASS = tl.constexpr(2)
+MASS = tl.constexpr(2)  # the estimated mass's (m, l) in the decode partials, after P and D
 
 
 @triton.jit
@@ -277,12 +278,12 @@ def _prefill_kernel(
         if distant_end > sink:
             if SUMMARY > 0:
                 q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
-                lse_d = _estimated_log_mass(
-                    m_d, l_d, q, row, kv_head, first, last, q_pos, sink, recent, scale,
+                lse_d = _log_sum(*_estimated_mass(
+                    q, row, kv_head, first, last, q_pos, 0, last + 1, sink, recent, scale,
                     log_w_ptr, head, row_ok,
                     kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                     s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
-                    SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, True)
+                    SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION))
             qd = _load_rows(qd_ptr, qd_st, qd_sh, tok, head, d, q_mask, UPCAST)
             m_d, l_d, acc_d = _scan(m_d, l_d, acc_d, qd, row, kv_head, sink, distant_end, q_pos,
                                     sink, recent, scale, 0, q_pos,
@@ -340,9 +341,25 @@ def _decode_rows(query_start_loc, seq_lens, row, kv_head,
 
 
 @triton.jit
-def _partial_index(row, split, branch, num_splits, head, NUM_HEADS: tl.constexpr):
-    """Index of (request, split, branch, head) in the decode partials [R, S, 2, H]."""
-    return ((row * num_splits + split) * 2 + branch) * NUM_HEADS + head
+def _partial_index(row, split, branch, num_splits, head, NUM_HEADS: tl.constexpr,
+                   BRANCHES: tl.constexpr):
+    """Index of (request, split, branch, head) in decode partials [R, S, BRANCHES, H]: the
+    accumulators have 2 branches (proximal, distant), their (m, l) a third, the
+    follower's estimated mass (MASS)."""
+    return ((row * num_splits + split) * BRANCHES + branch) * NUM_HEADS + head
+
+
+@triton.jit
+def _store_partial(acc_ptr, ml_ptr, m_i, l_i, acc, row, split, branch, num_splits, head,
+                   row_ok, d, q_mask, NUM_HEADS: tl.constexpr, D: tl.constexpr,
+                   WITH_ACC: tl.constexpr):
+    """One branch's (m, l) and, WITH_ACC, acc of a decode split program."""
+    at = _partial_index(row, split, branch, num_splits, head, NUM_HEADS, 3)
+    tl.store(ml_ptr + 2 * at, m_i, mask=row_ok)
+    tl.store(ml_ptr + 2 * at + 1, l_i, mask=row_ok)
+    if WITH_ACC:
+        at = _partial_index(row, split, branch, num_splits, head, NUM_HEADS, 2)
+        tl.store(acc_ptr + at[:, None] * D + d[None, :], acc, mask=q_mask)
 
 
 @triton.jit
@@ -355,7 +372,7 @@ def _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N: tl.conste
 
 @triton.jit
 def _decode_split_kernel(
-    acc_ptr, ml_ptr, mass_ptr, num_splits, split_len, min_split_len,
+    acc_ptr, ml_ptr, num_splits, split_len, min_split_len,
     q_ptr, q_st, q_sh, qd_ptr, qd_st, qd_sh,
     query_start_loc, seq_lens,
     kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
@@ -371,7 +388,7 @@ def _decode_split_kernel(
 ):
     """Both branches of one decode query over context chunk [lo, hi): unnormalised
     (m, l, acc) per branch and head into the partials; with SUMMARY, the (m, l) of the
-    follower's mean keys over the summary blocks starting in the chunk too."""
+    follower's estimated mass over the chunk too (_estimated_mass)."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -385,19 +402,6 @@ def _decode_split_kernel(
     i = seq_len - 1
     q_pos = head * 0 + i
     q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
-    if HAS_DISTANT and SUMMARY > 0:  # first: the summary blocks b with b * S in [lo, hi)
-        low, high = _summary_blocks(sink, recent, i, SUMMARY)
-        b_hi = tl.minimum(tl.cdiv(hi, SUMMARY), high)
-        log_w = tl.load(log_w_ptr + head, mask=row_ok, other=0.0)
-        m_s, l_s = _summary_scan(tl.full([BLOCK_M], NEG_BIG, tl.float32),
-                                 tl.zeros([BLOCK_M], tl.float32), q, row, kv_head,
-                                 tl.maximum(tl.cdiv(lo, SUMMARY), low), b_hi, head * 0 + b_hi,
-                                 scale, log_w, s_ptr, s_sb, s_sh, s_ss, s_table,
-                                 s_table_stride, tokens_per_page, SUMMARY, D, BLOCK_N, BLOCK_D,
-                                 UPCAST, PRECISION)
-        at = (row * num_splits + split) * NUM_HEADS + head
-        tl.store(mass_ptr + 2 * at, m_s, mask=row_ok)
-        tl.store(mass_ptr + 2 * at + 1, l_s, mask=row_ok)
     m_p = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_p = tl.zeros([BLOCK_M], tl.float32)
     acc_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -419,10 +423,16 @@ def _decode_split_kernel(
                             sc_recent, head - kv_head * GROUP, row_ok,
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
                             WRITE_SCORES, False)
-    at = _partial_index(row, split, 0, num_splits, head, NUM_HEADS)
-    tl.store(acc_ptr + at[:, None] * D + d[None, :], acc_p, mask=q_mask)
-    tl.store(ml_ptr + 2 * at, m_p, mask=row_ok)
-    tl.store(ml_ptr + 2 * at + 1, l_p, mask=row_ok)
+    _store_partial(acc_ptr, ml_ptr, m_p, l_p, acc_p, row, split, 0, num_splits, head,
+                   row_ok, d, q_mask, NUM_HEADS, D, True)
+    if HAS_DISTANT and SUMMARY > 0:  # q still live; the proximal state stored
+        m_s, l_s = _estimated_mass(
+            q, row, kv_head, i, i, q_pos, lo, hi, sink, recent, scale, log_w_ptr, head,
+            row_ok, kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+            s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+            SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+        _store_partial(acc_ptr, ml_ptr, m_s, l_s, 0.0, row, split, MASS, num_splits, head,
+                       row_ok, d, q_mask, NUM_HEADS, D, False)
     if HAS_DISTANT:  # [n_s, i - n_r] cut to the chunk
         qd = _load_rows(qd_ptr, qd_st, qd_sh, tok, head, d, q_mask, UPCAST)
         m_d = tl.full([BLOCK_M], NEG_BIG, tl.float32)
@@ -437,100 +447,84 @@ def _decode_split_kernel(
                                 sc_recent, head - kv_head * GROUP, row_ok,
                                 D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST, PRECISION,
                                 False, READ_SCORES)
-        at = _partial_index(row, split, 1, num_splits, head, NUM_HEADS)
-        tl.store(acc_ptr + at[:, None] * D + d[None, :], acc_d, mask=q_mask)
-        tl.store(ml_ptr + 2 * at, m_d, mask=row_ok)
-        tl.store(ml_ptr + 2 * at + 1, l_d, mask=row_ok)
+        _store_partial(acc_ptr, ml_ptr, m_d, l_d, acc_d, row, split, 1, num_splits, head,
+                       row_ok, d, q_mask, NUM_HEADS, D, True)
 
 
 @triton.jit
-def _combine_splits(m_i, l_i, acc, acc_ptr, ml_ptr, row, branch, num_splits, used, head,
-                    row_ok, d, q_mask, NUM_HEADS: tl.constexpr, D: tl.constexpr):
-    """(m, l, acc) continued over one branch's partials of the first `used` splits."""
-    for split in range(0, used):
-        at = _partial_index(row, split, branch, num_splits, head, NUM_HEADS)
-        m = tl.load(ml_ptr + 2 * at, mask=row_ok, other=NEG_BIG)
-        l_s = tl.load(ml_ptr + 2 * at + 1, mask=row_ok, other=0.0)
-        a = tl.load(acc_ptr + at[:, None] * D + d[None, :], mask=q_mask, other=0.0)
-        m_new = tl.maximum(m_i, m)
+def _combine_splits(m_i, l_i, acc, acc_ptr, ml_ptr, row, branch, num_splits, used, head, d,
+                    NUM_HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                    WITH_ACC: tl.constexpr):
+    """(m [1], l [1], acc [1, BLOCK_D]) of query head `head` continued over one branch's
+    partials of the first `used` splits, SPLITS at a time (independent loads: a long
+    context's hundreds of splits are not read one after another)."""
+    for first in range(0, used, SPLITS):
+        split = first + tl.arange(0, SPLITS)
+        ok = split < used
+        at = _partial_index(row, split, branch, num_splits, head, NUM_HEADS, 3)
+        m = tl.load(ml_ptr + 2 * at, mask=ok, other=NEG_BIG)
+        l_s = tl.load(ml_ptr + 2 * at + 1, mask=ok, other=0.0)
+        m_new = tl.maximum(m_i, tl.max(m, 0))
         alpha = tl.exp(m_i - m_new)
-        beta = tl.exp(m - m_new)
-        acc = acc * alpha[:, None] + a * beta[:, None]
-        l_i = l_i * alpha + l_s * beta
+        beta = tl.exp(m - m_new)  # [SPLITS]
+        l_i = l_i * alpha + tl.sum(l_s * beta, 0)
+        if WITH_ACC:
+            at = _partial_index(row, split, branch, num_splits, head, NUM_HEADS, 2)
+            a = tl.load(acc_ptr + at[:, None] * D + d[None, :],
+                        mask=ok[:, None] & (d[None, :] < D), other=0.0)
+            acc = acc * alpha[:, None] + tl.sum(a * beta[:, None], 0)[None, :]
         m_i = m_new
     return m_i, l_i, acc
 
 
 @triton.jit
-def _combine_masses(mass_ptr, row, num_splits, used, head, row_ok, BLOCK_M: tl.constexpr,
-                    NUM_HEADS: tl.constexpr):
-    """(m, l) of the summaries' softmax over the first `used` splits."""
-    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    for split in range(0, used):
-        at = (row * num_splits + split) * NUM_HEADS + head
-        m = tl.load(mass_ptr + 2 * at, mask=row_ok, other=NEG_BIG)
-        l_s = tl.load(mass_ptr + 2 * at + 1, mask=row_ok, other=0.0)
-        m_new = tl.maximum(m_i, m)
-        l_i = l_i * tl.exp(m_i - m_new) + l_s * tl.exp(m - m_new)
-        m_i = m_new
-    return m_i, l_i
-
-
-@triton.jit
 def _decode_merge_kernel(
-    out_ptr, o_st, o_sh, acc_ptr, ml_ptr, mass_ptr, num_splits, split_len, min_split_len,
-    q_ptr, q_st, q_sh, query_start_loc, seq_lens,
-    kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
-    scale, sink, recent, gate_tau,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr,
-    SUMMARY: tl.constexpr, GATE: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    out_ptr, o_st, o_sh, acc_ptr, ml_ptr, num_splits, split_len, min_split_len,
+    query_start_loc, seq_lens, sink, recent, gate_tau,
+    NUM_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, HAS_DISTANT: tl.constexpr,
+    SUMMARY: tl.constexpr, GATE: tl.constexpr,
 ):
-    """A decode query's output from its splits' partials: the distant branch (and its
-    estimated mass) first, then the proximal one, as in the prefill kernel."""
+    """One query head's decode output from its splits' partials: the distant branch and
+    its lse (the branch's own, or the estimated mass's) first, then the proximal one, as
+    in the prefill kernel. Rows of one element, so that _as_prior and _merge apply."""
     row = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    q_len, seq_len, tok, head, row_ok, d, q_mask = _decode_rows(
-        query_start_loc, seq_lens, row, kv_head, GROUP, D, BLOCK_M, BLOCK_D)
-    if q_len != 1:
+    head = tl.program_id(1)
+    q_begin = tl.load(query_start_loc + row)
+    if tl.load(query_start_loc + row + 1) - q_begin != 1:
         return
+    seq_len = tl.load(seq_lens + row)
     length = _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N)
     used = tl.cdiv(seq_len, length)
-    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    l_d = tl.zeros([BLOCK_M], tl.float32)
-    acc_d = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lse_d = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    d = tl.arange(0, BLOCK_D)
+    m_i = tl.full([1], NEG_BIG, tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([1, BLOCK_D], tl.float32)
+    l_d = tl.zeros([1], tl.float32)
+    acc_d = tl.zeros([1, BLOCK_D], tl.float32)
+    lse_d = tl.full([1], float("-inf"), tl.float32)
     if HAS_DISTANT:
         i = seq_len - 1
         if i - recent + 1 > sink:
             m_d, l_d, acc_d = _combine_splits(m_i, l_i, acc, acc_ptr, ml_ptr, row, 1,
-                                              num_splits, used, head, row_ok, d, q_mask,
-                                              NUM_HEADS, D)
+                                              num_splits, used, head, d, NUM_HEADS, D,
+                                              SPLITS, True)
             if SUMMARY > 0:
-                m_s, l_s = _combine_masses(mass_ptr, row, num_splits, used, head, row_ok,
-                                           BLOCK_M, NUM_HEADS)
-                q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
-                lse_d = _estimated_log_mass(
-                    m_s, l_s, q, row, kv_head, i, i, head * 0 + i, sink, recent, scale,
-                    kp_ptr, head, row_ok,
-                    kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
-                    kp_ptr, 0, 0, 0, kp_table, 0, 1,
-                    SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, False)
+                m_s, l_s, _ = _combine_splits(m_i, l_i, acc, acc_ptr, ml_ptr, row, MASS,
+                                              num_splits, used, head, d, NUM_HEADS, D,
+                                              SPLITS, False)
+                lse_d = _log_sum(m_s, l_s)
             else:
                 lse_d = _log_sum(m_d, l_d)
             if not GATE:
                 m_i, l_i, acc = _as_prior(m_d, l_d, acc_d, lse_d)
     m_i, l_i, acc = _combine_splits(m_i, l_i, acc, acc_ptr, ml_ptr, row, 0, num_splits, used,
-                                    head, row_ok, d, q_mask, NUM_HEADS, D)
+                                    head, d, NUM_HEADS, D, SPLITS, True)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if GATE:  # here (m_i, l_i, acc) is the proximal branch alone
         out = _merge(out, m_i, l_i, acc_d, l_d, lse_d, gate_tau)
-    tl.store(out_ptr + tok[:, None] * o_st + head[:, None] * o_sh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    at = out_ptr + q_begin * o_st + head * o_sh + d[None, :]
+    tl.store(at, out.to(out_ptr.dtype.element_ty), mask=d[None, :] < D)
 
 
 @triton.jit
@@ -541,31 +535,35 @@ def _summary_blocks(sink, recent, q_pos, SUMMARY: tl.constexpr):
 
 
 @triton.jit
-def _estimated_log_mass(m_i, l_i, q, row, kv_head, first, last, q_pos, sink, recent, scale,
-                        log_w_ptr, head, row_ok,
-                        k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
-                        s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
-                        SUMMARY: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                        PRECISION: tl.constexpr, SCAN_SUMMARIES: tl.constexpr):
-    """log M of mass.py: summaries of whole distant blocks, exact keys elsewhere; a block
-    weighs log_w (log S + the calibrated offset) of the row's query head. (m_i, l_i): the
-    summaries' softmax state, scanned here with SCAN_SUMMARIES, else already gathered
-    (decode: the split kernels scan them, the merge kernel combines)."""
+def _estimated_mass(q, row, kv_head, first, last, q_pos, lo, hi, sink, recent, scale,
+                    log_w_ptr, head, row_ok,
+                    k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
+                    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+                    SUMMARY: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """Softmax state (m, l) of mass.py's estimate M of rows at q_pos in [first, last],
+    over context [lo, hi) (decode: a split's chunk): the mean keys of the whole distant
+    summary blocks that start there, a block weighing log_w (log S + the calibrated
+    offset) of the row's query head, and the exact keys of its other distant positions
+    (next to the sinks and to the window, still in the key cache)."""
+    log_w = tl.load(log_w_ptr + head, mask=row_ok, other=0.0)
     low, high = _summary_blocks(sink, recent, q_pos, SUMMARY)
     high_first = tl.maximum((first - recent + 1) // SUMMARY, low)
-    if SCAN_SUMMARIES:
-        high_last = tl.maximum((last - recent + 1) // SUMMARY, low)
-        log_w = tl.load(log_w_ptr + head, mask=row_ok, other=0.0)
-        m_i, l_i = _summary_scan(m_i, l_i, q, row, kv_head, low, high_last, high, scale,
-                                 log_w, s_ptr, s_sb, s_sh, s_ss, s_table,
-                                 s_table_stride, tokens_per_page, SUMMARY, D, BLOCK_N, BLOCK_D,
-                                 UPCAST, PRECISION)
+    high_last = tl.maximum((last - recent + 1) // SUMMARY, low)
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i, l_i = _summary_scan(m_i, l_i, q, row, kv_head, tl.maximum(low, tl.cdiv(lo, SUMMARY)),
+                             tl.minimum(high_last, tl.cdiv(hi, SUMMARY)), high, scale,
+                             log_w, s_ptr, s_sb, s_sh, s_ss, s_table,
+                             s_table_stride, tokens_per_page, SUMMARY, D, BLOCK_N, BLOCK_D,
+                             UPCAST, PRECISION)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # unused: the scans below keep no values
     exact_hi = high * SUMMARY
     # Exact keys next to the sinks, then next to the window (still in the key cache).
-    m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, sink,
-                          tl.minimum(low * SUMMARY, last - recent + 1), q_pos, sink, recent,
+    distant_end = tl.minimum(last - recent + 1, hi)
+    m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, tl.maximum(sink, lo),
+                          tl.minimum(low * SUMMARY, distant_end), q_pos, sink, recent,
                           scale, low * SUMMARY, exact_hi,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
@@ -573,14 +571,14 @@ def _estimated_log_mass(m_i, l_i, q, row, kv_head, first, last, q_pos, sink, rec
                           D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
                           False, False)
     m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head,
-                          high_first * SUMMARY, last - recent + 1,
+                          tl.maximum(high_first * SUMMARY, lo), distant_end,
                           q_pos, sink, recent, scale, low * SUMMARY, exact_hi,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, 0, 0, k_table, 0, 1, 0, 0, q_pos, q_pos >= 0,
                           D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
                           False, False)
-    return _log_sum(m_i, l_i)
+    return m_i, l_i
 
 
 def _paged_args(part: PagedPart) -> tuple:
@@ -618,6 +616,7 @@ class TritonConfig:
 
 
 DEFAULT_CONFIG = TritonConfig()
+MERGE_SPLITS = 16  # decode partials a merge program combines per step
 
 
 def interpreted() -> bool:
@@ -672,26 +671,25 @@ def decode_workspace(max_reqs: int, heads: int, kv_heads: int, head_size: int,
 
 
 def _partials_size(rows: int, head_size: int) -> int:
-    """Floats of the partials of `rows` (request, split, query head): per branch (m, l)
-    and acc [head_size], and the (m, l) of the summaries."""
-    return rows * (2 * (head_size + 2) + 2)
+    """Floats of the partials of `rows` (request, split, query head): acc [head_size] of
+    two branches, (m, l) of three (the third, the estimated mass)."""
+    return rows * (2 * head_size + 3 * 2)
 
 
 def _partials(workspace: torch.Tensor | None, rows: int, head_size: int,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Views of the decode partials of `rows` (request, split, query head) in the
-    workspace (or a fresh buffer without one): acc [2 rows, head_size] and (m, l)
-    [2 rows, 2] of both branches, the summaries' (m, l) [rows, 2]."""
+    workspace (or a fresh buffer without one): acc [2 rows, head_size], (m, l) [3 rows,
+    2] (_partial_index)."""
     need = _partials_size(rows, head_size)
     if workspace is None:
         workspace = torch.empty(need, dtype=torch.float32, device=device)
     elif workspace.numel() < need:
         raise ValueError(f"layershare: decode workspace of {workspace.numel()} floats, this "
                          f"step needs {need}: it was sized for smaller scheduler limits")
-    branch_rows = 2 * rows
-    acc = workspace[: branch_rows * head_size].view(branch_rows, head_size)
-    ml = workspace[branch_rows * head_size : branch_rows * (head_size + 2)]
-    return acc, ml.view(branch_rows, 2), workspace[branch_rows * (head_size + 2) : need]
+    accs = 2 * rows * head_size
+    return (workspace[:accs].view(2 * rows, head_size),
+            workspace[accs:need].view(3 * rows, 2))
 
 
 def triton_pod_attention(
@@ -780,8 +778,8 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
     group = heads // kv_heads
     num_splits = decode_splits(num_reqs, kv_heads, max_seq_len, q.device, config)
     chunks = (num_splits, config.split_len or 0, config.min_split_len)
-    partial_acc, partial_ml, masses = _partials(workspace, num_reqs * num_splits * heads,
-                                                dim, q.device)
+    partial_acc, partial_ml = _partials(workspace, num_reqs * num_splits * heads, dim,
+                                        q.device)
     write = shared is not None and shared.write
     read = shared is not None and not shared.write and inputs.k_distant is not None
     if shared is not None:
@@ -790,19 +788,19 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
                    shared.sink, shared.recent)
     else:
         sc_args = (output, 0, 0, kp.block_table, 0, 1, 0, 0)
-    rows = dict(NUM_HEADS=heads, GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)),
-                BLOCK_N=config.decode_block_n, SUMMARY=summary_tokens,
-                num_warps=config.decode_warps, num_stages=config.decode_stages, **common)
+    both = dict(NUM_HEADS=heads, BLOCK_N=config.decode_block_n, SUMMARY=summary_tokens,
+                num_warps=config.decode_warps)
     _decode_split_kernel[(num_reqs, kv_heads, num_splits)](
-        partial_acc, partial_ml, masses, *chunks,
+        partial_acc, partial_ml, *chunks,
         q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
         *_paged_args(kp), *_paged_args(v), *kd_args,
         inputs.scale, inputs.sink, recent, *sc_args, *s_args, log_w,
-        WRITE_SCORES=write, READ_SCORES=read, **rows)
-    _decode_merge_kernel[(num_reqs, kv_heads)](
-        output, output.stride(0), output.stride(1), partial_acc, partial_ml, masses, *chunks,
-        q, q.stride(0), q.stride(1), starts, lens, *_paged_args(kp),
-        inputs.scale, inputs.sink, recent, tau, GATE=tau > 0, **rows)
+        GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), WRITE_SCORES=write,
+        READ_SCORES=read, num_stages=config.decode_stages, **both, **common)
+    _decode_merge_kernel[(num_reqs, heads)](
+        output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
+        starts, lens, inputs.sink, recent, tau, D=dim, BLOCK_D=common["BLOCK_D"],
+        HAS_DISTANT=common["HAS_DISTANT"], SPLITS=MERGE_SPLITS, GATE=tau > 0, **both)
 
 
 @triton.jit
