@@ -18,7 +18,7 @@ is the distant branch, of mass exp(lse_D) and value o_D (_as_prior): so the dist
 scan runs first and the proximal scan continues its state, one [M, D] accumulator
 live at a time, as in a full layer; only the optional gate skip (g = 1 where g >=
 tau) keeps the branches apart. No score matrix is materialised; freed key blocks are
-never read. In decode the split programs also scan the summary blocks of their chunk.
+never read. In decode each split program also estimates its chunk's part of that mass.
 
 Share `scores`, rows with one query (decode): the distant logits of a follower are
 the leader's own. The leader's pass stores them per query head and slot of its cache
