@@ -8,7 +8,11 @@ spilled to local memory, shared memory, the matrix instruction its dots became, 
 many of its programs fit on one multiprocessor at once, and the rings of shared-memory
 buffers Triton's pipeliner made for its asynchronous copies ("2x32x128": a 32 x 128 tile,
 double-buffered; what hides memory latency in a bandwidth-bound decode, with the
-programs per multiprocessor). Exits non-zero when a kernel does not compile or spills.
+programs per multiprocessor), and the instructions each thread issues per key tile in
+every scan loop with a dot, on the path of a tile that needs no mask and (after "/") of
+one that does: where a prefill is issue-bound, as the tensor cores' share of a tile is
+~1,000 cycles on sm_90 and eight warps issue from four schedulers, that count decides
+its speed. Exits non-zero when a kernel does not compile or spills.
 
 Variants: Llama-3-8B heads (32 query / 8 KV heads, head dim 128) in bf16 and fp16, and
 SmolLM2-135M heads (9 / 3, head dim 64) in bf16; prefill and decode; a leader alone, a
@@ -79,6 +83,7 @@ class Compiled:
     shared: int  # bytes per program
     mma: str  # input type of the dots' matrix instructions, "" without dots
     buffers: str  # the pipeliner's shared-memory rings of async copies: depth x tile
+    tile_instructions: list[tuple[int, int]]  # per scan loop: (tile without mask, with)
 
     @property
     def programs_per_sm(self) -> int:
@@ -214,6 +219,59 @@ def resources(cubin: bytes) -> dict[str, int]:
     return dict(registers=registers, spilled=stack + local, static_shared=shared)
 
 
+NVDISASM = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+SASS_LABEL = re.compile(r"^\s*\.(L_x_\d+):")
+SASS_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def sass(cubin: bytes) -> tuple[list[tuple[bool, str, str]], dict[str, int]]:
+    """A cubin's instructions as (predicated, opcode, operands), and its labels'
+    positions among them (nvdisasm, shipped with Triton)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(NVDISASM), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    instructions, labels = [], {}
+    for line in text.splitlines():
+        if label := SASS_LABEL.match(line):
+            labels[label.group(1)] = len(instructions)
+        elif found := SASS_INSTRUCTION.search(line):
+            instructions.append((bool(found.group(1)), found.group(2), found.group(3)))
+    return instructions, labels
+
+
+def tile_instructions(cubin: bytes) -> list[tuple[int, int]]:
+    """Per loop with a matrix instruction (a scan over key tiles), the instructions one
+    pass issues when it takes every forward branch inside the loop (a tile that skips
+    _scan's masks) and when it takes only the unconditional ones (a masked tile)."""
+    instructions, labels = sass(cubin)
+
+    def target(operands: str) -> int | None:
+        found = re.search(r"(L_x_\d+)", operands)
+        return labels.get(found.group(1)) if found else None
+
+    def path(first: int, last: int, take_predicated: bool) -> int:
+        count, at = 0, first
+        while at <= last:
+            predicated, opcode, operands = instructions[at]
+            count += 1
+            jump = target(operands) if opcode.startswith("BRA") and at < last else None
+            if jump is not None and first < jump <= last and (take_predicated or not predicated):
+                at = jump
+            else:
+                at += 1
+        return count
+
+    loops = []
+    for at, (_, opcode, operands) in enumerate(instructions):
+        start = target(operands) if opcode.startswith("BRA") else None
+        if start is not None and start <= at and any(
+                op.startswith(("HGMMA", "HMMA")) for _, op, _ in instructions[start:at + 1]):
+            loops.append((path(start, at, True), path(start, at, False)))
+    return loops
+
+
 def compile_all(archs: list[int], config: TritonConfig, only: str = "") -> list[Compiled]:
     """Every variant's kernels (those whose name contains `only`) for every architecture."""
     results = []
@@ -233,7 +291,7 @@ def compile_all(archs: list[int], config: TritonConfig, only: str = "") -> list[
                         arch, geometry, variant, name, kernel.metadata.num_warps,
                         used["registers"], used["spilled"],
                         kernel.metadata.shared + used["static_shared"], ",".join(sorted(mma)),
-                        ",".join(rings)))
+                        ",".join(rings), tile_instructions(kernel.asm["cubin"])))
                 print(f"  sm_{arch} {geometry}: {variant}", file=sys.stderr, flush=True)
     return results
 
@@ -257,12 +315,13 @@ def main() -> None:
         config = TritonConfig(**json.loads(text))
     rows = compile_all(args.arch, config, args.only)
     print(f"Triton {triton.__version__}; {config}\n\n| arch | heads | variant | kernel | warps "
-          "| registers | spilled bytes | shared KiB | dots | copy buffers | programs per SM |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+          "| registers | spilled bytes | shared KiB | dots | copy buffers | programs per SM "
+          "| instructions per tile |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| sm_{r.arch} | {r.geometry} | {r.variant} | {r.kernel} | {r.warps} "
               f"| {r.registers} | {r.spilled} | {r.shared / 1024:.1f} | {r.mma or '-'} "
-              f"| {r.buffers or '-'} | {r.programs_per_sm} |")
+              f"| {r.buffers or '-'} | {r.programs_per_sm} "
+              f"| {', '.join(f'{a}/{b}' for a, b in r.tile_instructions) or '-'} |")
     if args.json:
         Path(args.json).write_text(json.dumps(
             [dict(vars(r), programs_per_sm=r.programs_per_sm) for r in rows], indent=1))

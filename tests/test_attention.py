@@ -343,6 +343,22 @@ def test_leader_is_ordinary_attention(impl):
         torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("leader", [True, False], ids=["leader", "follower"])
+def test_triton_prefill_skips_masks_only_where_every_row_keeps_the_tile(leader):
+    """A prefill tile that ends at or before its rows' first query (less the window, in
+    a follower's distant branch) runs without masks. Chunks of 7 queries over key tiles
+    of 16 put that edge at every offset of a tile: a tile let through one position too
+    early shows a row a future key (or a window key twice) and fails."""
+    gen = torch.Generator().manual_seed(23)
+    seqs = [random_sequence(n, gen) for n in (115, 30)]
+    feed = [[7] * 16 + [3], [7] * 4 + [2]]
+    outs = run_paged(triton_impl(), seqs, feed, 4, gen, sink=3, recent=9, leader=leader)
+    for seq, out in zip(seqs, outs, strict=True):
+        expected = (dense_attention(seq["q"], seq["k"], seq["v"], SCALE) if leader
+                    else reference(seq, sink=3, recent=9))
+        torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
+
+
 def test_follower_equal_to_leader_gives_leader_output(impl):
     """Invariant 5: share=scores, follower q, K, V equal to the leader's -> leader output."""
     gen = torch.Generator().manual_seed(13)

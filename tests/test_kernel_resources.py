@@ -49,9 +49,15 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
         assert dots == {DOT_TYPE[geometry.split()[-1]]}, (geometry, dots)
         assert any(row["kernel"] == "_prefill_kernel" and row["mma"] for row in mine)
         assert any(row["kernel"] == "_decode_split_kernel" and row["mma"] for row in mine)
+        # A prefill tile that every row keeps in full skips _scan's masks: a shorter path
+        # through the scan loops (the leader's runs over all keys but the last few).
+        for row in mine:
+            if row["kernel"] == "_prefill_kernel":
+                assert any(free < masked for free, masked in row["tile_instructions"]), row
     for row in rows:
         assert row["spilled"] == 0, row
         assert row["programs_per_sm"] >= 1, row  # its shared memory fits
+        assert all(free <= masked for free, masked in row["tile_instructions"]), row
 
 
 def test_decode_copies_are_double_buffered_with_three_stages(tmp_path):

@@ -19,6 +19,10 @@ scan runs first and the proximal scan continues its state, one [M, D] accumulato
 live at a time, as in a full layer; only the optional gate skip (g = 1 where g >=
 tau) keeps the branches apart. No score matrix is materialised; freed key blocks are
 never read. In decode each split program also estimates its chunk's part of that mass.
+A key tile that every row of the program keeps whole (in a long prefill all but the
+last few) skips the masks; the softmax runs on exp2 with the scale folded into one
+multiply-add, and page sizes are compile-time constants: a prefill tile issues about
+half the instructions it did (benchmarks/kernel_resources.py, docs/benchmarks.md).
 
 Share `scores`, rows with one query (decode): the distant logits of a follower are
 the leader's own. The leader's pass stores them per query head and slot of its cache
@@ -42,8 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_layershare.attention.paged import UNBOUNDED, LayerInputs, PagedPart, SummaryPart
+from vllm_layershare.attention.paged import LayerInputs, PagedPart, SummaryPart
 
+LOG2E = tl.constexpr(1.4426950408889634)
 NEG_BIG = tl.constexpr(-1.0e30)  # finite start for running maxima: exp(-inf - NEG_BIG) = 0
 # Which keys a scan keeps (_keep).
 PROXIMAL = tl.constexpr(0)
@@ -74,7 +79,15 @@ def _pages(table, row, table_stride, index, mask):
 
 
 @triton.jit
-def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, q_pos, sink, recent, scale,
+def _page_slot(n, bs):
+    """(page index, slot) of positions n >= 0 in pages of bs positions (a constexpr):
+    unsigned, so that a power of two divides by a shift, not a signed division."""
+    u = n.to(tl.int32).to(tl.uint32, bitcast=True)
+    return (u // bs).to(tl.int32, bitcast=True), (u % bs).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_end, q_pos, sink, recent, scale,
           exact_lo, exact_hi,
           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
@@ -84,57 +97,69 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, q_pos, sink, recent, scale,
           PRECISION: tl.constexpr, WRITE_SCORES: tl.constexpr, READ_SCORES: tl.constexpr):
     """One online-softmax pass over key positions [lo, hi): returns (m, l, acc).
 
+    The caller vouches that every row keeps every position below safe_end: tiles that
+    end there skip _keep's [M, N] compares (in a long prefill, all but the last few).
     Shared scores, decode rows only: WRITE_SCORES stores the logits of the followers'
     distant positions [sc_sink, q_pos - sc_recent] in the paged scores cache (row m is
     query head sc_g[m] of kv_head's group); READ_SCORES takes the logits from there and
     loads no keys.
     """
     d = tl.arange(0, BLOCK_D)
+    # Logits s are q.k (the leader's shared ones: already scaled); the softmax takes
+    # exp(scale s - m) as exp2(s * unit - m * log2 e), one multiply-add per element.
     if READ_SCORES:  # one tile ahead: Triton pipelines only the loads that feed tl.dot
         s_next = _shared_logits(lo, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table,
                                 sc_table_stride, sc_bs, sc_g, row_ok, BLOCK_N)
+        s_scale = 1.0
+    else:
+        s_scale = scale
+    unit = s_scale * LOG2E
+    safe_end = tl.minimum(safe_end, hi)
     # Block-table entries one tile ahead: the K and V copies that Triton's pipeliner
     # issues early then wait on no load of their own iteration, and with 3 stages it
     # double-buffers them (the copy buffers of benchmarks/kernel_resources.py).
     n = lo + tl.arange(0, BLOCK_N)
-    kpage_next = _pages(k_table, row, k_table_stride, n // k_bs, n < hi)
-    vpage_next = _pages(v_table, row, v_table_stride, n // v_bs, n < hi)
+    kpage_next = _pages(k_table, row, k_table_stride, _page_slot(n, k_bs)[0], n < hi)
+    vpage_next = _pages(v_table, row, v_table_stride, _page_slot(n, v_bs)[0], n < hi)
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         in_range = n < hi
         kpage, vpage = kpage_next, vpage_next
         ahead = n + BLOCK_N
-        kpage_next = _pages(k_table, row, k_table_stride, ahead // k_bs, ahead < hi)
-        vpage_next = _pages(v_table, row, v_table_stride, ahead // v_bs, ahead < hi)
+        kpage_next = _pages(k_table, row, k_table_stride, _page_slot(ahead, k_bs)[0],
+                            ahead < hi)
+        vpage_next = _pages(v_table, row, v_table_stride, _page_slot(ahead, v_bs)[0],
+                            ahead < hi)
         if READ_SCORES:
             s = s_next
             s_next = _shared_logits(start + BLOCK_N, hi, row, kv_head, sc_ptr, sc_sb, sc_sh,
                                     sc_table, sc_table_stride, sc_bs, sc_g, row_ok, BLOCK_N)
         else:
             k = tl.load(k_ptr + kpage[:, None] * k_sb + kv_head * k_sh
-                        + (n % k_bs)[:, None] * k_ss + d[None, :],
+                        + _page_slot(n, k_bs)[1][:, None] * k_ss + d[None, :],
                         mask=in_range[:, None] & (d[None, :] < D), other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             if WRITE_SCORES:
                 at = _score_slots(n, in_range, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table,
                                   sc_table_stride, sc_bs, sc_g)
-                tl.store(at, s, mask=row_ok[:, None] & in_range[None, :]
+                tl.store(at, s * scale, mask=row_ok[:, None] & in_range[None, :]
                          & _keep(n, q_pos, sc_sink, sc_recent, 0, 0, DISTANT))
-        keep = _keep(n, q_pos, sink, recent, exact_lo, exact_hi, MODE) & in_range[None, :]
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        if start + BLOCK_N > safe_end:
+            keep = _keep(n, q_pos, sink, recent, exact_lo, exact_hi, MODE) & in_range[None, :]
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * s_scale)
+        alpha = tl.exp2((m_i - m_new) * LOG2E)
+        p = tl.exp2(s * unit - (m_new * LOG2E)[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if WITH_V:
             v = tl.load(v_ptr + vpage[:, None] * v_sb + kv_head * v_sh
-                        + (n % v_bs)[:, None] * v_ss + d[None, :],
+                        + _page_slot(n, v_bs)[1][:, None] * v_ss + d[None, :],
                         mask=in_range[:, None] & (d[None, :] < D), other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return m_i, l_i, acc
 
@@ -145,8 +170,9 @@ def _score_slots(n, in_range, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table, sc_t
     """[M, N] pointers to the shared logits of positions n for query heads sc_g [M] of
     kv_head: page table[n // bs], cell (page, kv_head), then head-major within the cell
     (a row's positions are adjacent)."""
-    page = _pages(sc_table, row, sc_table_stride, n // sc_bs, in_range)
-    return (sc_ptr + (page * sc_sb + kv_head * sc_sh + n % sc_bs)[None, :]
+    index, slot = _page_slot(n, sc_bs)
+    page = _pages(sc_table, row, sc_table_stride, index, in_range)
+    return (sc_ptr + (page * sc_sb + kv_head * sc_sh + slot)[None, :]
             + sc_g[:, None] * sc_bs)
 
 
@@ -187,7 +213,8 @@ def _summary_scan(m_i, l_i, q, row, kv_head, low, high_last, high, scale, log_w,
         s = tl.dot(q, tl.trans(kbar), input_precision=PRECISION) * scale + log_w[:, None]
         s = tl.where(in_range[None, :] & (b[None, :] < high[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        l_i = (l_i * tl.exp2((m_i - m_new) * LOG2E)
+               + tl.sum(tl.exp2((s - m_new[:, None]) * LOG2E), 1))
         m_i = m_new
     return m_i, l_i
 
@@ -233,10 +260,10 @@ def _prefill_kernel(
     out_ptr, o_st, o_sh,
     q_ptr, q_st, q_sh, qd_ptr, qd_st, qd_sh,
     query_start_loc, seq_lens,
-    kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
-    v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-    kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs,
-    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+    kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs: tl.constexpr,
+    v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs: tl.constexpr,
+    kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs: tl.constexpr,
+    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page: tl.constexpr,
     scale, sink, recent, gate_tau, log_w_ptr,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr, SUMMARY: tl.constexpr,
@@ -285,8 +312,8 @@ def _prefill_kernel(
                     s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
                     SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION))
             qd = _load_rows(qd_ptr, qd_st, qd_sh, tok, head, d, q_mask, UPCAST)
-            m_d, l_d, acc_d = _scan(m_d, l_d, acc_d, qd, row, kv_head, sink, distant_end, q_pos,
-                                    sink, recent, scale, 0, q_pos,
+            m_d, l_d, acc_d = _scan(m_d, l_d, acc_d, qd, row, kv_head, sink, distant_end,
+                                    first - recent + 1, q_pos, sink, recent, scale, 0, q_pos,
                                     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride,
                                     kd_bs, v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride,
                                     v_bs, out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
@@ -301,14 +328,15 @@ def _prefill_kernel(
     q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
     sink_end = tl.minimum(sink, last + 1)
     window = tl.maximum(sink_end, first - recent + 1)
-    m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, 0, sink_end, q_pos, sink, recent,
-                          scale, 0, q_pos,
+    m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, 0, sink_end, first + 1, q_pos, sink,
+                          recent, scale, 0, q_pos,
                           kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
                           out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
                           D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
                           False, False)
-    m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, window, last + 1, q_pos, sink,
+    m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, window, last + 1,
+                          tl.where(window > last - recent, first + 1, window), q_pos, sink,
                           recent, scale, 0, q_pos,
                           kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
@@ -375,12 +403,12 @@ def _decode_split_kernel(
     acc_ptr, ml_ptr, num_splits, split_len, min_split_len,
     q_ptr, q_st, q_sh, qd_ptr, qd_st, qd_sh,
     query_start_loc, seq_lens,
-    kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
-    v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-    kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs,
+    kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs: tl.constexpr,
+    v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs: tl.constexpr,
+    kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs: tl.constexpr,
     scale, sink, recent,
-    sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs, sc_sink, sc_recent,
-    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page, log_w_ptr,
+    sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs: tl.constexpr, sc_sink, sc_recent,
+    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page: tl.constexpr, log_w_ptr,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr,
     SUMMARY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -406,8 +434,8 @@ def _decode_split_kernel(
     l_p = tl.zeros([BLOCK_M], tl.float32)
     acc_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Proximal: sinks, then the window, each cut to the chunk.
-    m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, lo, tl.minimum(hi, sink), q_pos,
-                            sink, recent, scale, 0, q_pos,
+    m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, lo, tl.minimum(hi, sink), hi,
+                            q_pos, sink, recent, scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
                             sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs, sc_sink,
@@ -415,7 +443,7 @@ def _decode_split_kernel(
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
                             WRITE_SCORES, False)
     window = tl.maximum(lo, tl.maximum(sink, i - recent + 1))
-    m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, window, hi, q_pos,
+    m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, window, hi, hi, q_pos,
                             sink, recent, scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
@@ -439,8 +467,8 @@ def _decode_split_kernel(
         l_d = tl.zeros([BLOCK_M], tl.float32)
         acc_d = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         m_d, l_d, acc_d = _scan(m_d, l_d, acc_d, qd, row, kv_head, tl.maximum(lo, sink),
-                                tl.minimum(hi, i - recent + 1), q_pos, sink, recent, scale,
-                                0, q_pos,
+                                tl.minimum(hi, i - recent + 1), hi, q_pos, sink, recent,
+                                scale, 0, q_pos,
                                 kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs,
                                 v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
                                 sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs, sc_sink,
@@ -563,15 +591,15 @@ def _estimated_mass(q, row, kv_head, first, last, q_pos, lo, hi, sink, recent, s
     # Exact keys next to the sinks, then next to the window (still in the key cache).
     distant_end = tl.minimum(last - recent + 1, hi)
     m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, tl.maximum(sink, lo),
-                          tl.minimum(low * SUMMARY, distant_end), q_pos, sink, recent,
-                          scale, low * SUMMARY, exact_hi,
+                          tl.minimum(low * SUMMARY, distant_end), lo, q_pos, sink,
+                          recent, scale, low * SUMMARY, exact_hi,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, 0, 0, k_table, 0, 1, 0, 0, q_pos, q_pos >= 0,
                           D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
                           False, False)
     m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head,
-                          tl.maximum(high_first * SUMMARY, lo), distant_end,
+                          tl.maximum(high_first * SUMMARY, lo), distant_end, lo,
                           q_pos, sink, recent, scale, low * SUMMARY, exact_hi,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
@@ -617,6 +645,9 @@ class TritonConfig:
 
 DEFAULT_CONFIG = TritonConfig()
 MERGE_SPLITS = 16  # decode partials a merge program combines per step
+# A leader's window for the kernels: past any context, small enough that the kernels'
+# position arithmetic stays in int32 (UNBOUNDED would make it int64, element-wise).
+UNBOUNDED_RECENT = 1 << 30
 
 
 def interpreted() -> bool:
@@ -745,7 +776,7 @@ def triton_pod_attention(
     else:
         s_args = (kp.cache, 0, 0, 0, kp.block_table, 0, 1)
         log_w = output
-    recent = min(inputs.recent, UNBOUNDED)
+    recent = min(inputs.recent, UNBOUNDED_RECENT)
     tau = -1.0 if inputs.gate_skip_threshold is None else inputs.gate_skip_threshold
     common = dict(D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), HAS_DISTANT=distant,
                   UPCAST=interpreted(),
@@ -834,8 +865,9 @@ def triton_write_slots(cache: torch.Tensor, slots: torch.Tensor, block_size: int
 
 @triton.jit
 def _write_summaries_kernel(query_start_loc, seq_lens,
-                            k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
-                            s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+                            k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs: tl.constexpr,
+                            s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride,
+                            tokens_per_page: tl.constexpr,
                             SUMMARY: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr,
                             BLOCK_D: tl.constexpr):
     """kbar[b] of request `row`, KV head `kv_head`, for every summary block b whose last
