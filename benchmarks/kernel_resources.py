@@ -24,6 +24,7 @@ branch by their own estimated mass; the cache and summary writers.
     python benchmarks/kernel_resources.py --arch 90 80         # and sm_80 (A100)
     python benchmarks/kernel_resources.py --arch 90 --config '{"decode_stages": 3}'
     python benchmarks/kernel_resources.py --json resources.json
+    python benchmarks/kernel_resources.py --metadata int64     # as callers' lists become
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ class Layer:
     seq_lens: torch.Tensor
 
     @staticmethod
-    def make(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, queries: int) -> Layer:
+    def make(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, queries: int,
+             index: torch.dtype = torch.int32) -> Layer:
         batch, context = 2, 4 * BLOCK
         blocks = batch * context // BLOCK
         table = torch.arange(blocks, dtype=torch.int32).view(batch, -1)
@@ -161,8 +163,8 @@ class Layer:
             SummaryPart(summaries, table, SUMMARY_TOKENS, SUMMARY_TOKENS,
                         SummaryPart.log_weights(SUMMARY_TOKENS, heads)),
             torch.zeros(batch * queries, heads, dim, dtype=dtype),
-            torch.arange(0, batch * queries + 1, queries, dtype=torch.int32),
-            torch.full((batch,), context, dtype=torch.int32))
+            torch.arange(0, batch * queries + 1, queries, dtype=index),
+            torch.full((batch,), context, dtype=index))
 
     def roles(self, decode: bool) -> dict[str, LayerInputs]:
         """The backend's inputs of each role (shared logits are decode's)."""
@@ -188,10 +190,11 @@ class Layer:
         return found
 
 
-def launches(heads, kv_heads, dim, dtype, config: TritonConfig):
-    """(variant, call) for every launch the backend makes in a step of these heads."""
+def launches(heads, kv_heads, dim, dtype, config: TritonConfig, index: torch.dtype):
+    """(variant, call) for every launch the backend makes in a step of these heads;
+    index: the type of the query starts and lengths."""
     for phase, queries in (("prefill", 8), ("decode", 1)):
-        layer = Layer.make(heads, kv_heads, dim, dtype, queries)
+        layer = Layer.make(heads, kv_heads, dim, dtype, queries, index)
         for role, inputs in layer.roles(decode=queries == 1).items():
             yield f"{phase}, {role}", lambda i=inputs, x=layer, m=queries: (
                 triton_paged.triton_pod_attention(i, x.query_start_loc, x.seq_lens,
@@ -272,13 +275,15 @@ def tile_instructions(cubin: bytes) -> list[tuple[int, int]]:
     return loops
 
 
-def compile_all(archs: list[int], config: TritonConfig, only: str = "") -> list[Compiled]:
-    """Every variant's kernels (those whose name contains `only`) for every architecture."""
+def compile_all(archs: list[int], config: TritonConfig, only: tuple[str, ...] = ("",),
+                index: torch.dtype = torch.int32) -> list[Compiled]:
+    """Every variant's kernels (those whose name contains one of `only`) for every
+    architecture."""
     results = []
     for arch in archs:
         for geometry, heads, kv_heads, dim, dtype in GEOMETRIES:
-            for variant, call in launches(heads, kv_heads, dim, dtype, config):
-                if only not in variant:
+            for variant, call in launches(heads, kv_heads, dim, dtype, config, index):
+                if not any(text in variant for text in only):
                     continue
                 compiled: list = []
                 with compile_only(arch, compiled):
@@ -303,8 +308,11 @@ def main() -> None:
                         choices=sorted(SHARED_KIB), help="compute capabilities x 10")
     parser.add_argument("--config", metavar="JSON", help="TritonConfig fields (as "
                         "benchmarks/kernels.py --config); default: the defaults")
-    parser.add_argument("--only", default="", metavar="TEXT",
-                        help="only the variants whose name contains TEXT (e.g. decode)")
+    parser.add_argument("--only", nargs="+", default=[""], metavar="TEXT",
+                        help="only the variants whose name contains a TEXT (e.g. decode)")
+    parser.add_argument("--metadata", choices=["int32", "int64"], default="int32",
+                        help="type of the query starts and lengths: int32 as vLLM passes "
+                        "them; int64 as a caller's lists become")
     parser.add_argument("--json", metavar="FILE", help="also write the rows here")
     args = parser.parse_args()
     if interpreted():
@@ -313,7 +321,7 @@ def main() -> None:
     if args.config:
         text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
         config = TritonConfig(**json.loads(text))
-    rows = compile_all(args.arch, config, args.only)
+    rows = compile_all(args.arch, config, tuple(args.only), getattr(torch, args.metadata))
     print(f"Triton {triton.__version__}; {config}\n\n| arch | heads | variant | kernel | warps "
           "| registers | spilled bytes | shared KiB | dots | copy buffers | programs per SM "
           "| instructions per tile |\n|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -210,9 +210,9 @@ def fits(batch: int, context: int, device: torch.device) -> bool:
     return need < 0.8 * torch.cuda.mem_get_info()[0]
 
 
-# Launch shapes compared by --sweep (fields of TritonConfig).
-# Decode: 3 and 4 stages double- and triple-buffer the K and V copies (kernel_resources.py);
-# none of these spills on sm_90.
+# Launch shapes compared by --sweep (fields of TritonConfig; a decode shape's stages go to
+# every role). 3 and 4 stages double- and triple-buffer the K and V copies
+# (kernel_resources.py). Tiles of 64 and 128 positions were no faster on the H200.
 SWEEP_DECODE = [dict(decode_block_n=n, decode_warps=w, decode_stages=st, programs_per_sm=p)
                 for n, w, st, p in [(32, 4, 2, 32), (32, 4, 2, 16), (32, 4, 3, 32), (32, 4, 3, 16),
                                     (32, 4, 4, 32), (32, 4, 4, 16)]]
@@ -220,32 +220,73 @@ SWEEP_PREFILL = [dict(prefill_block_m=m, prefill_block_n=n, prefill_warps=w,
                       prefill_stages=st)
                  for m, n, w, st in [(64, 32, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3)]]
 SWEEP_CASES = [("decode", 32768, 16, 1), ("decode", 32768, 64, 1), ("prefill", 32768, 1, 2048)]
+SWEEP_ROLES = ("full", "writing", "follower", "estimated")
 
 
-def sweep(cases, device: torch.device, dtype, repeats: int, recent: int) -> dict:
-    """Times each launch shape of SWEEP_DECODE / SWEEP_PREFILL on each case; returns the
-    fields of the shapes with the least full + follower time summed over the cases."""
-    totals: dict[str, dict[str, float]] = {"decode": {}, "prefill": {}}
+def shape_config(shape: dict) -> TritonConfig:
+    """A swept shape as a config: its decode stages for every role."""
+    if "decode_stages" in shape:
+        shape = dict(shape, scores_decode_stages=shape["decode_stages"])
+    return TritonConfig(**shape)
+
+
+def fastest(totals: dict[str, dict[str, float]]) -> dict:
+    """Of the shapes (JSON) and their times per role: for prefill, the least time over
+    every role; for decode, the least over the roles that take decode_stages, with
+    scores_decode_stages from the fastest follower reading shared scores alone among the
+    shapes that differ from that one in stages only."""
+    shapes = {key: json.loads(key) for key in totals}
+    decode = all("decode_stages" in shape for shape in shapes.values())
+    roles = ("full", "writing", "estimated") if decode else SWEEP_ROLES
+    best = min(totals, key=lambda key: sum(totals[key][role] for role in roles))
+    if not decode:
+        return shapes[best]
+
+    def others(key: str) -> dict:
+        return {f: v for f, v in shapes[key].items() if f != "decode_stages"}
+
+    follower = min((key for key in totals if others(key) == others(best)),
+                   key=lambda key: totals[key]["follower"])
+    return dict(shapes[best], scores_decode_stages=shapes[follower]["decode_stages"])
+
+
+def sweep(cases, device: torch.device, dtype, repeats: int, recent: int,
+          decode_shapes: list[dict], rounds: int) -> dict:
+    """Times each launch shape (decode_shapes / SWEEP_PREFILL) on each case, in `rounds`
+    interleaved rounds (the medians' median: a busy GPU's drift hits every shape alike);
+    returns the fastest decode and prefill shapes' fields (`fastest`), times summed over
+    the cases."""
+    totals: dict[str, dict[str, dict[str, float]]] = {"decode": {}, "prefill": {}}
     for case, context, batch, queries in cases:
         leader, values, table, q, starts, lens = paged_layer(batch, context, queries, device,
                                                              dtype)
         out = torch.empty_like(q)
         scores = torch.empty(leader.shape[0], KV_HEADS, HEADS // KV_HEADS * BLOCK, device=device)
-        print(f"\n{case}, context {context}, batch {batch}\n\n| shape | full ms "
-              "| full+share ms | follower ms |\n|---|---|---|---|")
-        for shape in SWEEP_DECODE if case == "decode" else SWEEP_PREFILL:
-            config = TritonConfig(**shape)
-            ms = [kernel_ms(layer_inputs(leader, values, table, q, role, recent, scores),
-                            starts, lens, out, repeats, config)
-                  for role in ("full", "writing", "follower")]
-            key = json.dumps(shape)
-            totals[case][key] = totals[case].get(key, 0.0) + ms[0] + ms[2]
-            print(f"| {shape} | " + " | ".join(f"{t:.3f}" for t in ms) + " |", flush=True)
-        del leader, values, scores
+        summary = summaries(batch, context, device, dtype)
+        shapes = decode_shapes if case == "decode" else SWEEP_PREFILL
+        times = {json.dumps(shape): {role: [] for role in SWEEP_ROLES} for shape in shapes}
+        for _ in range(rounds):
+            for shape in shapes:
+                for role in SWEEP_ROLES:  # in this order: the follower reads what was written
+                    inputs = layer_inputs(leader, values, table, q, role, recent, scores,
+                                          summary)
+                    times[json.dumps(shape)][role].append(
+                        kernel_ms(inputs, starts, lens, out, repeats, shape_config(shape)))
+        print(f"\n{case}, context {context}, batch {batch}, medians of {rounds} rounds\n\n"
+              "| shape | full ms | full+share ms | follower ms | follower, estimated mass ms |"
+              "\n|---|---|---|---|---|")
+        for key, by_role in times.items():
+            ms = {role: statistics.median(t) for role, t in by_role.items()}
+            summed = totals[case].setdefault(key, dict.fromkeys(SWEEP_ROLES, 0.0))
+            for role in SWEEP_ROLES:
+                summed[role] += ms[role]
+            print(f"| {json.loads(key)} | " + " | ".join(f"{ms[r]:.3f}" for r in SWEEP_ROLES)
+                  + " |", flush=True)
+        del leader, values, scores, summary
     best = {}
     for by_shape in totals.values():
         if by_shape:
-            best.update(json.loads(min(by_shape, key=by_shape.get)))
+            best.update(fastest(by_shape))
     print(f"\nfastest: {best}")
     return best
 
@@ -351,6 +392,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
     parser.add_argument("--sweep", metavar="JSON", nargs="?", const="-",
                         help="compare launch shapes; the fastest go to JSON (if named)")
+    parser.add_argument("--shapes", metavar="JSON", help="--sweep: these decode shapes "
+                        "(a JSON list of TritonConfig fields) instead of SWEEP_DECODE")
+    parser.add_argument("--rounds", type=int, default=3, help="--sweep: interleaved rounds")
     parser.add_argument("--config", metavar="JSON", help="TritonConfig fields, as a JSON "
                         "object or a file (what --sweep wrote); default: the defaults")
     parser.add_argument("--steps", action="store_true",
@@ -358,6 +402,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--contexts", type=int, nargs="*", help="only these contexts")
     parser.add_argument("--batches", type=int, nargs="*", help="only these decode batches")
+    parser.add_argument("--no-cuda", action="store_true",
+                        help="leave out csrc's CUDA decode kernel (no nvcc build)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -380,11 +426,13 @@ def main() -> None:
               config)
         return
     if args.sweep:
-        best = sweep(SMOKE_CASES if args.smoke else SWEEP_CASES, device, dtype, repeats, recent)
+        shapes = json.loads(args.shapes) if args.shapes else SWEEP_DECODE
+        best = sweep(SMOKE_CASES if args.smoke else SWEEP_CASES, device, dtype, repeats, recent,
+                     shapes, 1 if args.smoke else args.rounds)
         if args.sweep != "-":
             Path(args.sweep).write_text(json.dumps(best))
         return
-    lib = cuda_library(device)
+    lib = None if args.no_cuda else cuda_library(device)
     print("\n| case | context | batch | full ms | full+share ms | follower ms | follower/full "
           "| SDPA ms | full GB/s (% copy) | follower GB/s (% copy) | CUDA full ms "
           "| CUDA follower ms | follower, estimated mass: ms (/ full) | its GB/s (% copy) |"

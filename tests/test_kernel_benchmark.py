@@ -54,12 +54,38 @@ def test_sweep_writes_the_fastest_shapes_that_the_benchmark_takes(tmp_path):
     --sweep writes holds one decode and one prefill shape of the sweep, and --config and
     --steps --config run with it."""
     swept = tmp_path / "swept.json"
-    rows = smoke_rows("--sweep", str(swept), starts=("| {",))
-    assert len(rows) == 6 + 3, rows  # SWEEP_DECODE on the decode case, SWEEP_PREFILL
+    shapes = [dict(decode_block_n=n, decode_warps=4, decode_stages=2, programs_per_sm=32)
+              for n in (16, 32)]
+    rows = smoke_rows("--sweep", str(swept), "--shapes", json.dumps(shapes), starts=("| {",))
+    assert len(rows) == 2 + 3, rows  # the shapes on the decode case, SWEEP_PREFILL
+    assert all(float(cell) > 0 for row in rows for cell in row[1:]), rows
     best = json.loads(swept.read_text())
     assert set(best) == {"decode_block_n", "decode_warps", "decode_stages", "programs_per_sm",
-                         "prefill_block_m", "prefill_block_n", "prefill_warps",
-                         "prefill_stages"}, best
+                         "scores_decode_stages", "prefill_block_m", "prefill_block_n",
+                         "prefill_warps", "prefill_stages"}, best
     assert len(smoke_rows("--config", str(swept), starts=("| decode",))) == 1
     steps = smoke_rows("--steps", "--config", str(swept), starts=("| 200 |",))
     assert len(steps) == 1 and ratio(steps[0][4]) > 0, steps
+
+
+def test_sweep_gives_followers_reading_shared_scores_their_own_stages():
+    """The sweep times each decode shape with one pipeline depth for every role; the
+    fastest keeps the shape the leader and the estimated-mass follower run fastest with,
+    and the stages of the fastest follower reading shared scores alone among the shapes
+    that differ from it in stages only (the other fields are shared by every role)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import kernels
+
+    def shape(stages: int, programs: int) -> str:
+        return json.dumps(dict(decode_block_n=32, decode_warps=4, decode_stages=stages,
+                               programs_per_sm=programs))
+
+    # per role: full, writing, follower (shared scores alone), estimated
+    totals = {shape(2, 32): [1.0, 1.1, 0.9, 0.8], shape(3, 32): [1.0, 1.1, 0.7, 1.0],
+              shape(4, 16): [1.0, 1.1, 0.5, 1.0], shape(2, 16): [1.2, 1.1, 0.9, 0.8]}
+    best = kernels.fastest({key: dict(zip(kernels.SWEEP_ROLES, ms, strict=True))
+                            for key, ms in totals.items()})
+    assert best == dict(json.loads(shape(2, 32)), scores_decode_stages=3)
+    prefill = {json.dumps(dict(prefill_stages=n)): dict.fromkeys(kernels.SWEEP_ROLES, 3.0 - n)
+               for n in (2, 3)}
+    assert kernels.fastest(prefill) == {"prefill_stages": 3}

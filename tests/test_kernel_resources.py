@@ -57,6 +57,11 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     for row in rows:
         assert row["spilled"] == 0, row
         assert row["programs_per_sm"] >= 1, row  # its shared memory fits
+        if row["kernel"] == "_decode_split_kernel" and row["variant"].startswith("decode"):
+            # A follower reading shared scores alone double-buffers its copies
+            # (scores_decode_stages, 3); the other roles do not (decode_stages, 2).
+            double = row["variant"] == "decode, follower scores"
+            assert row["buffers"].startswith("2x" if double else "1x"), row
         assert all(free <= masked for free, masked in row["tile_instructions"]), row
 
 
@@ -72,3 +77,14 @@ def test_decode_copies_are_double_buffered_with_three_stages(tmp_path):
         dim = 64 if row["geometry"].startswith("smollm2") else 128
         assert row["buffers"] == f"2x32x{dim}", row
         assert row["spilled"] == 0, row
+
+
+def test_kernels_compile_when_query_starts_and_lengths_are_int64(tmp_path):
+    """vLLM passes int32 metadata; a caller's lists become int64 tensors. The kernels read
+    both as int32, so that their loop counters keep one type (Triton refuses to compile
+    a loop whose carried positions change from int32 to int64; the interpreter does not
+    check it)."""
+    rows = compiled_rows(tmp_path, "--metadata", "int64",
+                         "--only", "prefill, follower keys, estimated", "summary write")
+    assert {"_prefill_kernel", "_decode_split_kernel", "_write_summaries_kernel"} <= {
+        row["kernel"] for row in rows}

@@ -79,6 +79,13 @@ def _pages(table, row, table_stride, index, mask):
 
 
 @triton.jit
+def _index(ptr, i):
+    """Entry i of a step's metadata (query starts, lengths) as int32, as vLLM passes them:
+    an int64 list from a caller would otherwise make loop counters change type."""
+    return tl.load(ptr + i).to(tl.int32)
+
+
+@triton.jit
 def _page_slot(n, bs):
     """(page index, slot) of positions n >= 0 in pages of bs positions (a constexpr):
     unsigned, so that a power of two divides by a shift, not a signed division."""
@@ -274,11 +281,11 @@ def _prefill_kernel(
     tile = tl.program_id(1)
     kv_head = tl.program_id(2)
     TOKENS: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile
-    q_begin = tl.load(query_start_loc + row)
-    q_len = tl.load(query_start_loc + row + 1) - q_begin
+    q_begin = _index(query_start_loc, row)
+    q_len = _index(query_start_loc, row + 1) - q_begin
     if q_len <= 1 or tile * TOKENS >= q_len:
         return
-    seq_len = tl.load(seq_lens + row)
+    seq_len = _index(seq_lens, row)
     first = seq_len - q_len + tile * TOKENS  # position of the tile's first query
     last = tl.minimum(first + TOKENS, seq_len) - 1
 
@@ -357,9 +364,9 @@ def _decode_rows(query_start_loc, seq_lens, row, kv_head,
                  BLOCK_D: tl.constexpr):
     """A decode program's rows: the GROUP query heads of kv_head for request row's one
     query (padded to BLOCK_M). -> (q_len, seq_len, token [M], head [M], ok [M], d, mask)."""
-    q_begin = tl.load(query_start_loc + row)
-    q_len = tl.load(query_start_loc + row + 1) - q_begin
-    seq_len = tl.load(seq_lens + row)
+    q_begin = _index(query_start_loc, row)
+    q_len = _index(query_start_loc, row + 1) - q_begin
+    seq_len = _index(seq_lens, row)
     r = tl.arange(0, BLOCK_M)
     head = kv_head * GROUP + r
     row_ok = r < GROUP
@@ -518,10 +525,10 @@ def _decode_merge_kernel(
     in the prefill kernel. Rows of one element, so that _as_prior and _merge apply."""
     row = tl.program_id(0)
     head = tl.program_id(1)
-    q_begin = tl.load(query_start_loc + row)
-    if tl.load(query_start_loc + row + 1) - q_begin != 1:
+    q_begin = _index(query_start_loc, row)
+    if _index(query_start_loc, row + 1) - q_begin != 1:
         return
-    seq_len = tl.load(seq_lens + row)
+    seq_len = _index(seq_lens, row)
     length = _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N)
     used = tl.cdiv(seq_len, length)
     d = tl.arange(0, BLOCK_D)
@@ -628,6 +635,10 @@ class TritonConfig:
     decode_block_n: int = 32
     decode_warps: int = 4
     decode_stages: int = 2
+    # A follower weighing its distant branch by the leader's logits alone (share scores,
+    # no estimated mass) reads V and the logits, no distant keys: it gains from a deeper
+    # copy pipeline, the estimated mass's extra scans lose (two H200 sweeps agree).
+    scores_decode_stages: int = 3
     # Context positions per decode program; None: cut the context so that there are
     # about programs_per_sm programs per multiprocessor, each >= min_split_len positions.
     split_len: int | None = None
@@ -819,6 +830,7 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
                    shared.sink, shared.recent)
     else:
         sc_args = (output, 0, 0, kp.block_table, 0, 1, 0, 0)
+    stages = config.scores_decode_stages if read and not summary_tokens else config.decode_stages
     both = dict(NUM_HEADS=heads, BLOCK_N=config.decode_block_n, SUMMARY=summary_tokens,
                 num_warps=config.decode_warps)
     _decode_split_kernel[(num_reqs, kv_heads, num_splits)](
@@ -827,7 +839,7 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
         *_paged_args(kp), *_paged_args(v), *kd_args,
         inputs.scale, inputs.sink, recent, *sc_args, *s_args, log_w,
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), WRITE_SCORES=write,
-        READ_SCORES=read, num_stages=config.decode_stages, **both, **common)
+        READ_SCORES=read, num_stages=stages, **both, **common)
     _decode_merge_kernel[(num_reqs, heads)](
         output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
         starts, lens, inputs.sink, recent, tau, D=dim, BLOCK_D=common["BLOCK_D"],
@@ -874,8 +886,8 @@ def _write_summaries_kernel(query_start_loc, seq_lens,
     token this step wrote: b in [first // S, seq_len // S), first = seq_len - q_len."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq_len = tl.load(seq_lens + row)
-    first = seq_len - (tl.load(query_start_loc + row + 1) - tl.load(query_start_loc + row))
+    seq_len = _index(seq_lens, row)
+    first = seq_len - (_index(query_start_loc, row + 1) - _index(query_start_loc, row))
     j = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     in_block = j < SUMMARY
