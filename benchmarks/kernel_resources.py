@@ -207,14 +207,21 @@ def launches(heads, kv_heads, dim, dtype, config: TritonConfig, index: torch.dty
         layer.keys, layer.summary, layer.query_start_loc, layer.seq_lens)
 
 
-def resources(cubin: bytes) -> dict[str, int]:
-    """ptxas's resource use of a cubin (cuobjdump -res-usage, shipped with Triton)."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"  # shipped with Triton
+
+
+def tool_output(tool: str, args: list[str], cubin: bytes) -> str:
+    """What one of Triton's CUDA tools prints about a cubin (it reads a file)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True,
+        return subprocess.run([str(TOOLS / tool), *args, f.name], capture_output=True,
                               text=True, check=True).stdout
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """ptxas's resource use of a cubin (cuobjdump -res-usage)."""
+    text = tool_output("cuobjdump", ["-res-usage"], cubin)
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
     if found is None:
         raise RuntimeError(f"no resource line in cuobjdump's output:\n{text}")
@@ -222,19 +229,14 @@ def resources(cubin: bytes) -> dict[str, int]:
     return dict(registers=registers, spilled=stack + local, static_shared=shared)
 
 
-NVDISASM = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
 SASS_LABEL = re.compile(r"^\s*\.(L_x_\d+):")
 SASS_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
 def sass(cubin: bytes) -> tuple[list[tuple[bool, str, str]], dict[str, int]]:
     """A cubin's instructions as (predicated, opcode, operands), and its labels'
-    positions among them (nvdisasm, shipped with Triton)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([str(NVDISASM), "-c", f.name], capture_output=True, text=True,
-                              check=True).stdout
+    positions among them (nvdisasm -c)."""
+    text = tool_output("nvdisasm", ["-c"], cubin)
     instructions, labels = [], {}
     for line in text.splitlines():
         if label := SASS_LABEL.match(line):
