@@ -850,6 +850,20 @@ def test_decode_step_replays_on_static_tensors():
         torch.testing.assert_close(summary.cache, means, equal_nan=True)
 
 
+def test_host_integer_helpers_match_tritons():
+    """The launcher's host arithmetic avoids triton.cdiv / next_power_of_2 (constexpr
+    functions, microseconds a call on the host) and must agree with them."""
+    import triton
+
+    from vllm_layershare.attention import triton_paged
+
+    for a in range(300):
+        for b in (1, 2, 3, 7, 16, 256):
+            assert triton_paged._cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    for n in range(1, 1100):
+        assert triton_paged._pow2(n) == triton.next_power_of_2(n), n
+
+
 def test_triton_steps_without_decode_rows_launch_no_decode_kernels(monkeypatch):
     """Only steps with a one-query row launch the decode kernels (two launches per layer
     saved in a prefill step): seen in the host lists, or as the backend says it

@@ -89,3 +89,14 @@ def test_sweep_gives_followers_reading_shared_scores_their_own_stages():
     prefill = {json.dumps(dict(prefill_stages=n)): dict.fromkeys(kernels.SWEEP_ROLES, 3.0 - n)
                for n in (2, 3)}
     assert kernels.fastest(prefill) == {"prefill_stages": 3}
+
+
+def test_host_overhead_benchmark_runs_with_stubbed_launches():
+    """benchmarks/host_overhead.py --stub: the backend's Python per decode call, each role."""
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "host_overhead.py"), "--stub",
+                           "--calls", "20"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]]
+            for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row[0] for row in rows[1:]] == ["full", "writing", "follower", "estimated"], rows
+    assert all(float(row[1]) > 0 for row in rows[1:]), rows

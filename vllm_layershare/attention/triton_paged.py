@@ -616,6 +616,16 @@ def _estimated_mass(q, row, kv_head, first, last, q_pos, lo, hi, sink, recent, s
     return m_i, l_i
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host: triton.cdiv is a constexpr function, microseconds a call."""
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The least power of two >= n, on the host (as triton.next_power_of_2)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _paged_args(part: PagedPart) -> tuple:
     """Pointer at channel `lo`, strides (block, head, slot), table, its row stride, size."""
     view = part.cache[..., part.lo : part.hi]
@@ -685,10 +695,10 @@ def decode_splits(num_reqs: int, kv_heads: int, max_seq_len: int, device: torch.
     grid depends on no request's actual length: with a static bound for max_seq_len (the
     model's limit) it can be captured in a CUDA graph."""
     if config.split_len is not None:
-        return triton.cdiv(max_seq_len, config.split_len)
+        return _cdiv(max_seq_len, config.split_len)
     programs = config.programs_per_sm * _multiprocessors(device)
-    wanted = triton.cdiv(programs, max(1, num_reqs * kv_heads))
-    return max(1, min(wanted, triton.cdiv(max_seq_len, config.min_split_len)))
+    wanted = _cdiv(programs, max(1, num_reqs * kv_heads))
+    return max(1, min(wanted, _cdiv(max_seq_len, config.min_split_len)))
 
 
 def chunk_len(seq_len: int, num_splits: int, config: TritonConfig = DEFAULT_CONFIG) -> int:
@@ -696,8 +706,8 @@ def chunk_len(seq_len: int, num_splits: int, config: TritonConfig = DEFAULT_CONF
     kernels' _chunk_len, for the host: tests, benchmarks)."""
     if config.split_len is not None:
         return config.split_len
-    length = max(triton.cdiv(seq_len, num_splits), config.min_split_len)
-    return triton.cdiv(length, config.decode_block_n) * config.decode_block_n
+    length = max(_cdiv(seq_len, num_splits), config.min_split_len)
+    return _cdiv(length, config.decode_block_n) * config.decode_block_n
 
 
 def decode_workspace(max_reqs: int, heads: int, kv_heads: int, head_size: int,
@@ -789,15 +799,15 @@ def triton_pod_attention(
         log_w = output
     recent = min(inputs.recent, UNBOUNDED_RECENT)
     tau = -1.0 if inputs.gate_skip_threshold is None else inputs.gate_skip_threshold
-    common = dict(D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), HAS_DISTANT=distant,
+    common = dict(D=dim, BLOCK_D=max(16, _pow2(dim)), HAS_DISTANT=distant,
                   UPCAST=interpreted(),
                   # fp32 caches (tests, fp32 models) get exact fp32 products, not TF32.
                   PRECISION="ieee" if kp.cache.dtype == torch.float32 else "tf32")
     summary_tokens = summary.summary_tokens if estimated else 0
     if max_query_len > 1:
-        block_m = max(config.prefill_block_m, triton.next_power_of_2(group))
+        block_m = max(config.prefill_block_m, _pow2(group))
         tokens = block_m // group
-        _prefill_kernel[(num_reqs, triton.cdiv(max_query_len, tokens), kv_heads)](
+        _prefill_kernel[(num_reqs, _cdiv(max_query_len, tokens), kv_heads)](
             output, output.stride(0), output.stride(1),
             q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
             *_paged_args(kp), *_paged_args(v), *kd_args, *s_args,
@@ -838,7 +848,7 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
         q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
         *_paged_args(kp), *_paged_args(v), *kd_args,
         inputs.scale, inputs.sink, recent, *sc_args, *s_args, log_w,
-        GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), WRITE_SCORES=write,
+        GROUP=group, BLOCK_M=max(16, _pow2(group)), WRITE_SCORES=write,
         READ_SCORES=read, num_stages=stages, **both, **common)
     _decode_merge_kernel[(num_reqs, heads)](
         output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
@@ -872,7 +882,7 @@ def triton_write_slots(cache: torch.Tensor, slots: torch.Tensor, block_size: int
     _write_slots_kernel[(tokens, cache.shape[1])](
         cache, cache.stride(0), cache.stride(1), cache.stride(2), slots, data,
         data.stride(0), data.stride(1), block_size,
-        C=channels, BLOCK_C=triton.next_power_of_2(channels))
+        C=channels, BLOCK_C=_pow2(channels))
 
 
 @triton.jit
@@ -918,5 +928,5 @@ def triton_write_summaries(keys: PagedPart, summary: SummaryPart,
         query_start_loc, seq_lens, *_paged_args(keys),
         summary.cache, *summary.cache.stride()[:3], summary.block_table,
         summary.block_table.stride(0), summary.tokens_per_page,
-        SUMMARY=size, BLOCK_S=triton.next_power_of_2(size), D=dim,
-        BLOCK_D=max(16, triton.next_power_of_2(dim)))
+        SUMMARY=size, BLOCK_S=_pow2(size), D=dim,
+        BLOCK_D=max(16, _pow2(dim)))
