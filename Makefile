@@ -51,7 +51,7 @@ bench: install
 # GPU; the kernels' resources as this Triton compiles them; the launch shapes swept (the
 # fastest written to $(SWEPT)); then the kernel benchmark
 # and whole decode steps, eager and in CUDA graphs, with the defaults and with the fastest
-# shapes (docs/benchmarks.md).
+# shapes, and the host time of one decode call (docs/benchmarks.md).
 SWEPT ?= /tmp/layershare-swept.json
 BENCH := PYTHONPATH=. PYTHONUNBUFFERED=1 $(PY) benchmarks/kernels.py
 gpu-check:
@@ -65,6 +65,8 @@ gpu-check:
 	$(BENCH) --contexts 4096 32768 --config $(SWEPT)
 	$(BENCH) --steps
 	$(BENCH) --steps --config $(SWEPT)
+	# the host's share of an eager decode call (vLLM's piecewise graphs run attention eagerly)
+	PYTHONPATH=. $(PY) benchmarks/host_overhead.py
 
 # docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock
 # attention through vLLM (about 3 h on a 2-core CPU machine).
