@@ -108,6 +108,13 @@ def paged_layer(batch: int, context: int, queries: int, device: torch.device, dt
     return leader, values, table, q, starts, lens
 
 
+def scores_cache(leader: torch.Tensor) -> torch.Tensor:
+    """The leader's shared decode logits (float32), a page per page of its cache, laid out
+    per page as [KV head][query head of the group x token]."""
+    return torch.empty(leader.shape[0], KV_HEADS, HEADS // KV_HEADS * BLOCK,
+                       device=leader.device)
+
+
 def summaries(batch: int, context: int, device: torch.device, dtype) -> SummaryPart:
     """A follower's mean keys (random: only the bytes read matter here), paged as the
     backend plans them, with a shuffled table of their own."""
@@ -261,7 +268,7 @@ def sweep(cases, device: torch.device, dtype, repeats: int, recent: int,
         leader, values, table, q, starts, lens = paged_layer(batch, context, queries, device,
                                                              dtype)
         out = torch.empty_like(q)
-        scores = torch.empty(leader.shape[0], KV_HEADS, HEADS // KV_HEADS * BLOCK, device=device)
+        scores = scores_cache(leader)
         summary = summaries(batch, context, device, dtype)
         shapes = decode_shapes if case == "decode" else SWEEP_PREFILL
         times = {json.dumps(shape): {role: [] for role in SWEEP_ROLES} for shape in shapes}
@@ -305,7 +312,7 @@ def decode_step(batch: int, context: int, followers: int, device: torch.device, 
     slots = (table[:, pos // BLOCK].long() * BLOCK + pos % BLOCK).contiguous()
     new_k, new_v = (torch.randn(batch, KV_HEADS, DIM, device=device, dtype=dtype)
                     for _ in range(2))
-    scores = torch.empty(leader.shape[0], KV_HEADS, HEADS // KV_HEADS * BLOCK, device=device)
+    scores = scores_cache(leader)
     kept = torch.empty_like(q)
     out = torch.empty_like(q)
     workspace = decode_workspace(batch, HEADS, KV_HEADS, DIM, context, device, config)
@@ -446,7 +453,7 @@ def main() -> None:
         leader, values, table, q, starts, lens = paged_layer(batch, context, queries, device,
                                                              dtype)
         out = torch.empty_like(q)
-        scores = torch.empty(leader.shape[0], KV_HEADS, HEADS // KV_HEADS * BLOCK, device=device)
+        scores = scores_cache(leader)
         summary = summaries(batch, context, device, dtype)
         inputs = {role: layer_inputs(leader, values, table, q, role, recent, scores, summary)
                   for role in ("full", "writing", "follower", "estimated")}
