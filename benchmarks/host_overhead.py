@@ -44,7 +44,7 @@ def host_us(role: str, device: torch.device, calls: int) -> float:
     so that no call waits behind a full launch queue)."""
     dtype = torch.bfloat16
     leader, values, table, q, starts, lens = bench.paged_layer(1, CONTEXT, 1, device, dtype)
-    scores = bench.scores_cache(leader)
+    scores = bench.scores_cache(table, dtype)
     summary = bench.summaries(1, CONTEXT, device, dtype)
     inputs = bench.layer_inputs(leader, values, table, q, role, bench.RECENT, scores, summary)
     out = torch.empty_like(q)

@@ -36,7 +36,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -141,7 +141,7 @@ class Layer:
     keys: PagedPart  # the leader's K of its K | V cache
     values: PagedPart  # the leader's V
     own_values: PagedPart  # a follower's V cache
-    scores: torch.Tensor  # the leader's shared decode logits
+    scores: SharedScores  # the leader's shared decode scores (write=True)
     summary: SummaryPart
     q: torch.Tensor
     query_start_loc: torch.Tensor
@@ -155,11 +155,19 @@ class Layer:
         table = torch.arange(blocks, dtype=torch.int32).view(batch, -1)
         leader = torch.zeros(blocks, kv_heads, BLOCK, 2 * dim, dtype=dtype)
         summaries = torch.zeros(blocks, kv_heads, 1, dim, dtype=dtype)
+        # Scores pages as vLLM plans them (layout.scores_spec): a leader page's bytes.
+        group = heads // kv_heads
+        score_page = BLOCK * dim // group if BLOCK * dim % group == 0 else BLOCK
+        score_pages = batch * -(-context // score_page)
+        scores = SharedScores(
+            torch.zeros(score_pages, kv_heads, SharedScores.cell_floats(group, score_page, dtype)),
+            torch.arange(score_pages, dtype=torch.int32).view(batch, -1), score_page, SINK,
+            RECENT, write=True)
         return Layer(
             PagedPart(leader, 0, dim, table, BLOCK), PagedPart(leader, dim, 2 * dim, table, BLOCK),
             PagedPart(torch.zeros(blocks, kv_heads, BLOCK, dim, dtype=dtype), 0, dim, table,
                       BLOCK),
-            torch.zeros(blocks, kv_heads, heads // kv_heads * BLOCK),
+            scores,
             SummaryPart(summaries, table, SUMMARY_TOKENS, SUMMARY_TOKENS,
                         SummaryPart.log_weights(SUMMARY_TOKENS, heads)),
             torch.zeros(batch * queries, heads, dim, dtype=dtype),
@@ -171,7 +179,7 @@ class Layer:
         scale = self.q.shape[-1] ** -0.5
 
         def shared(write: bool) -> SharedScores:
-            return SharedScores(self.scores, self.keys.block_table, BLOCK, SINK, RECENT, write)
+            return replace(self.scores, write=write)
 
         def follower(**extra) -> LayerInputs:
             return LayerInputs(q=self.q, k_prox=self.keys, v=self.own_values, scale=scale,

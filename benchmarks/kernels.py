@@ -108,11 +108,17 @@ def paged_layer(batch: int, context: int, queries: int, device: torch.device, dt
     return leader, values, table, q, starts, lens
 
 
-def scores_cache(leader: torch.Tensor) -> torch.Tensor:
-    """The leader's shared decode logits (float32), a page per page of its cache, laid out
-    per page as [KV head][query head of the group x token]."""
-    return torch.empty(leader.shape[0], KV_HEADS, HEADS // KV_HEADS * BLOCK,
-                       device=leader.device)
+def scores_cache(table: torch.Tensor, dtype: torch.dtype) -> SharedScores:
+    """A leader's shared decode scores for the requests of `table` (write=True), laid out
+    as vLLM plans the scores companion (layout.scores_spec): pages of a K+V page's bytes
+    (BLOCK * DIM / group tokens), a shuffled table of their own."""
+    page = BLOCK * DIM // (HEADS // KV_HEADS)
+    batch, per_seq = table.shape[0], -(-table.shape[1] * BLOCK // page)
+    pages = torch.randperm(batch * per_seq, device=table.device, dtype=torch.int32)
+    cells = torch.empty(batch * per_seq, KV_HEADS,
+                        SharedScores.cell_floats(HEADS // KV_HEADS, page, dtype),
+                        device=table.device)
+    return SharedScores(cells, pages.view(batch, -1), page, SINK, RECENT, write=True)
 
 
 def summaries(batch: int, context: int, device: torch.device, dtype) -> SummaryPart:
@@ -127,13 +133,12 @@ def summaries(batch: int, context: int, device: torch.device, dtype) -> SummaryP
 
 
 def layer_inputs(leader, values, table, q, role: str, recent: int,
-                 scores: torch.Tensor, summary: SummaryPart | None = None) -> LayerInputs:
+                 scores: SharedScores, summary: SummaryPart | None = None) -> LayerInputs:
     """role: full (a leader alone), writing (a leader sharing its decode scores),
     follower (reading them), estimated (a follower reading them whose distant branch
     weighs by its own estimated mass: `summary`, the default mode)."""
     keys = PagedPart(leader, 0, DIM, table, BLOCK)
-    # The scores companion over the leader's own pages (its table, its block size).
-    shared = SharedScores(scores, table, BLOCK, SINK, recent, write=role == "writing")
+    shared = dataclasses.replace(scores, recent=recent, write=role == "writing")
     if role not in ("follower", "estimated"):
         return LayerInputs(q=q, k_prox=keys, v=PagedPart(leader, DIM, 2 * DIM, table, BLOCK),
                            scale=DIM ** -0.5, shared_scores=shared if role == "writing" else None)
@@ -187,15 +192,17 @@ def cuda_library(device: torch.device):
 
 def bytes_read(batch: int, context: int, queries: int, role: str, recent: int) -> int:
     """Bytes a kernel must read once: K and V of every token (bf16); a decoding
-    follower reads V, its own window's keys, and the leader's fp32 scores (per query
-    head) instead of the leader's distant keys; with estimated mass also its mean keys."""
+    follower reads V, its own window's keys, and the leader's shared scores (a bf16 term
+    per query head and token, a float per query head and key tile) instead of the
+    leader's distant keys; with estimated mass also its mean keys."""
     full = context * KV_HEADS * DIM * 2 * 2
     if role not in ("follower", "estimated") or queries > 1:
         return batch * full
     near = min(context, SINK + recent)
     mean_keys = context // SUMMARY * KV_HEADS * DIM * 2 if role == "estimated" else 0
-    return batch * (full // 2 + near * KV_HEADS * DIM * 2 + (context - near) * HEADS * 4
-                    + mean_keys)
+    distant = context - near
+    shared = distant * HEADS * 2 + -(-distant // DEFAULT_CONFIG.decode_block_n) * HEADS * 4
+    return batch * (full // 2 + near * KV_HEADS * DIM * 2 + shared + mean_keys)
 
 
 def sdpa_ms(batch, context, queries, device, dtype, repeats) -> float:
@@ -268,7 +275,7 @@ def sweep(cases, device: torch.device, dtype, repeats: int, recent: int,
         leader, values, table, q, starts, lens = paged_layer(batch, context, queries, device,
                                                              dtype)
         out = torch.empty_like(q)
-        scores = scores_cache(leader)
+        scores = scores_cache(table, dtype)
         summary = summaries(batch, context, device, dtype)
         shapes = decode_shapes if case == "decode" else SWEEP_PREFILL
         times = {json.dumps(shape): {role: [] for role in SWEEP_ROLES} for shape in shapes}
@@ -312,7 +319,7 @@ def decode_step(batch: int, context: int, followers: int, device: torch.device, 
     slots = (table[:, pos // BLOCK].long() * BLOCK + pos % BLOCK).contiguous()
     new_k, new_v = (torch.randn(batch, KV_HEADS, DIM, device=device, dtype=dtype)
                     for _ in range(2))
-    scores = scores_cache(leader)
+    scores = scores_cache(table, dtype)
     kept = torch.empty_like(q)
     out = torch.empty_like(q)
     workspace = decode_workspace(batch, HEADS, KV_HEADS, DIM, context, device, config)
@@ -453,7 +460,7 @@ def main() -> None:
         leader, values, table, q, starts, lens = paged_layer(batch, context, queries, device,
                                                              dtype)
         out = torch.empty_like(q)
-        scores = scores_cache(leader)
+        scores = scores_cache(table, dtype)
         summary = summaries(batch, context, device, dtype)
         inputs = {role: layer_inputs(leader, values, table, q, role, recent, scores, summary)
                   for role in ("full", "writing", "follower", "estimated")}

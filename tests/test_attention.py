@@ -22,7 +22,7 @@ SCALE = 1.0 / math.sqrt(DIM)
 def triton_impl(bound: int | None = None, **config):
     """The Triton kernels: compiled on a GPU where there is one, else run by Triton's
     interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET then). Small tiles and
-    decode chunks of 13 positions (unless `config` says otherwise), so that the short
+    decode chunks of 16 positions (unless `config` says otherwise), so that the short
     test sequences cross tile, chunk and page boundaries. With `bound`, the calls get
     that bound on the context lengths instead of each step's longest, and one decode
     workspace sized for it, reused by every step: the conditions of a CUDA graph. Block
@@ -35,7 +35,7 @@ def triton_impl(bound: int | None = None, **config):
         triton_write_summaries,
     )
 
-    config = TritonConfig(**{"split_len": 13, "decode_block_n": 16, "prefill_block_m": 32,
+    config = TritonConfig(**{"split_len": 16, "decode_block_n": 16, "prefill_block_m": 32,
                              "prefill_block_n": 16, **config})
     workspaces: dict[torch.device, torch.Tensor] = {}
 
@@ -226,12 +226,12 @@ def test_paged_equals_dense_reference(impl, share, feed, block_size):
 
 
 @pytest.mark.parametrize("bound", [None, 200], ids=["step_longest", "static_bound"])
-@pytest.mark.parametrize("split_len", [3, 64, None])
+@pytest.mark.parametrize("split_len", [16, 48, None])
 def test_triton_decode_any_split_length(split_len, bound):
-    """Decode cut into chunks of any length (None: each request's context into as many
-    chunks of >= 16 positions as fill the device), merged by log-sum-exp, equals the
-    dense reference; prefill rows in the same steps too. Also with the grid from a
-    static bound and one workspace for every step, as a CUDA graph would run it."""
+    """Decode cut into chunks of any number of whole tiles (None: each request's context
+    into as many chunks of >= 16 positions as fill the device), merged by log-sum-exp,
+    equals the dense reference; prefill rows in the same steps too. Also with the grid
+    from a static bound and one workspace for every step, as a CUDA graph would run it."""
     gen = torch.Generator().manual_seed(5)
     lengths = [37, 20, 51]
     seqs = [random_sequence(n, gen) for n in lengths]
@@ -277,9 +277,11 @@ def test_decode_split_lengths_fill_the_gpu_and_no_more(monkeypatch):
     for context in range(1, 3000, 37):  # any context within the bound fits the grid
         for batch in (1, 3, 40):
             chunks(context, batch, 3000)
-    fixed = TritonConfig(split_len=7)
-    assert chunk_len(100, decode_splits(1, kv_heads, 100, gpu, fixed), fixed) == 7
-    assert decode_splits(1, kv_heads, 100, gpu, fixed) == 15
+    fixed = TritonConfig(split_len=64, decode_block_n=32)
+    assert chunk_len(100, decode_splits(1, kv_heads, 100, gpu, fixed), fixed) == 64
+    assert decode_splits(1, kv_heads, 100, gpu, fixed) == 2
+    with pytest.raises(ValueError, match="multiple of decode_block_n"):
+        TritonConfig(split_len=48, decode_block_n=32)  # a leader's shared scores are per tile
     with pytest.raises(ValueError, match="power of two"):
         TritonConfig(decode_block_n=24)
     with pytest.raises(ValueError, match="split_len"):
@@ -683,21 +685,27 @@ def test_one_token_summaries_give_the_oracle_gate():
 
 
 @pytest.mark.parametrize("bound", [None, 64], ids=["step_longest", "static_bound"])
-def test_decode_followers_read_the_leaders_scores(bound):
-    """Share `scores` on the GPU kernels: in one-query rows the leader writes the logits
-    of the distant tokens and the follower reads them instead of the leader's keys,
-    which are NaN for it there; rows with several queries still read keys. Leader and
-    follower equal the dense references, prefill, chunks and decode mixed in steps."""
-    impl = triton_impl(bound=bound)
+@pytest.mark.parametrize("score_page, split_len", [(5, 16), (32, 48)],
+                         ids=["pages_across_tiles", "tiles_within_pages"])
+def test_decode_followers_read_the_leaders_scores(bound, score_page, split_len):
+    """Share `scores` on the GPU kernels: in one-query rows the leader writes the
+    softmax terms of the distant tokens per key tile and the follower reads them
+    instead of the leader's keys, which are NaN for it there; rows with several queries
+    still read keys. Leader and follower equal the dense references, prefill, chunks
+    and decode mixed in steps. Scores pages of 5 tokens (a 16-position tile spans
+    several) and of 32 (two tiles per page, decode chunks of three tiles); the cache
+    starts as NaN, so any value the follower reads and the leader did not write shows."""
+    impl = triton_impl(bound=bound, split_len=split_len)
     gen = torch.Generator().manual_seed(41)
     sink, recent, block_size = 3, 7, 8
     lengths = [40, 29, 52]
     seqs = [random_sequence(n, gen) for n in lengths]
     feed = [[30] + [1] * 10, [20, 9], [20, 20] + [1] * 12]
     batch = PagedBatch(lengths, block_size, gen)
-    # The scores companion: its own pages (5 tokens each) and block table.
-    score_pages = PagedBatch(lengths, 5, gen)
-    scores = torch.full((score_pages.num_blocks, KV_HEADS, HEADS // KV_HEADS * 5), float("nan"))
+    # The scores companion: its own pages and block table.
+    score_pages = PagedBatch(lengths, score_page, gen)
+    cell = SharedScores.cell_floats(HEADS // KV_HEADS, score_page, torch.float32)
+    scores = torch.full((score_pages.num_blocks, KV_HEADS, cell), float("nan"))
     lead_outs = [torch.zeros(n, HEADS, DIM) for n in lengths]
     outs = [torch.zeros(n, HEADS, DIM) for n in lengths]
     done = [0] * len(seqs)
@@ -719,8 +727,8 @@ def test_decode_followers_read_the_leaders_scores(bound):
             q=torch.cat([seqs[r]["qa"][a:b] for r, a, b in spans]), scale=SCALE,
             k_prox=batch.part(rows, lead_keys),
             v=batch.part(rows, [seqs[r]["v"][:b] for r, _, b in spans]),
-            shared_scores=SharedScores(scores, score_pages.block_table[rows], 5, sink, recent,
-                                       write=True))
+            shared_scores=SharedScores(scores, score_pages.block_table[rows], score_page, sink,
+                                       recent, write=True))
         lead_out = torch.zeros(loc[-1], HEADS, DIM)
         impl(leader, loc, seq_lens, lead_out)
         own_keys = []
@@ -732,8 +740,8 @@ def test_decode_followers_read_the_leaders_scores(bound):
             q=torch.cat([seqs[r]["q"][a:b] for r, a, b in spans]), scale=SCALE,
             k_prox=batch.part(rows, own_keys), v=leader.v, sink=sink, recent=recent,
             q_distant=leader.q, k_distant=batch.part(rows, follower_view),
-            shared_scores=SharedScores(scores, score_pages.block_table[rows], 5, sink, recent,
-                                       write=False))
+            shared_scores=SharedScores(scores, score_pages.block_table[rows], score_page, sink,
+                                       recent, write=False))
         out = torch.zeros(loc[-1], HEADS, DIM)
         impl(follower, loc, seq_lens, out)
         for i, (r, a, b) in enumerate(spans):
@@ -787,7 +795,8 @@ def test_decode_step_replays_on_static_tensors():
     q_lead, q_own, lead_out, out = (zeros(4, HEADS, DIM) for _ in range(4))
     starts, lens = zeros(5, dtype=torch.int64), zeros(4, dtype=torch.int64)
     scores = SharedScores(
-        torch.full((score_pages.num_blocks, KV_HEADS, HEADS // KV_HEADS * 5), float("nan"),
+        torch.full((score_pages.num_blocks, KV_HEADS,
+                    SharedScores.cell_floats(HEADS // KV_HEADS, 5, torch.float32)), float("nan"),
                    device=device), padded(score_pages.block_table), 5, sink, recent,
         write=True)
     values = cached("v")

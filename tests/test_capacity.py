@@ -58,7 +58,7 @@ def test_group_sizes_avoid_padding():
 
 def test_scores_pages_match_the_others():
     """A scores page has the size of every other page (vLLM pools them), holding whole
-    tokens of G floats per KV head; no spec where no whole number of tokens fits."""
+    tokens of 2G values per KV head; no spec where no whole number of tokens fits."""
     import torch
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -67,7 +67,7 @@ def test_scores_pages_match_the_others():
     llama = FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
     spec = scores_spec(llama, 4)
     assert spec.page_size_bytes == llama.page_size_bytes
-    assert spec.block_size == 512  # 64 KiB / (8 KV heads x 4 floats x 4 bytes)
+    assert spec.block_size == 512  # 64 KiB / (8 KV heads x 2 x 4 query heads x 2 bytes)
     odd = FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=120, dtype=torch.bfloat16)
     assert scores_spec(odd, 7) is None  # 61,440 bytes / (8 x 28) is no whole number
 
@@ -87,7 +87,8 @@ def test_uneven_grouping_keeps_its_saving(tmp_path):
 
 def test_gpu_path_plans_the_shared_scores(tiny_model, tmp_path, monkeypatch):
     """On the GPU kernels (forced here) each leader with followers gets a scores
-    companion in vLLM's plan: one float per token and query head, in the capacity."""
+    companion in vLLM's plan: per token and query head a term in the model's dtype and
+    as many bytes again (SharedScores), in the capacity."""
     groups = [[0, 1], [2, 3], [4, 5]]
     grouping = write_grouping(tmp_path / "g.yaml", recent_tokens=252, groups=groups,
                               distant_mass="leader")
@@ -95,7 +96,7 @@ def test_gpu_path_plans_the_shared_scores(tiny_model, tmp_path, monkeypatch):
     (stock_tokens, _), (plain_tokens, _) = plans(tiny_model, grouping)
     monkeypatch.setenv("VLLM_LAYERSHARE_KERNELS", "triton")
     (_, _), (tokens, _) = plans(tiny_model, grouping)
-    fraction = 2 * 4 / (2 * 32 * 4)  # 2 query heads per KV head; fp32 K and V, head dim 32
+    fraction = 2 * 2 * 4 / (2 * 32 * 4)  # 2 query heads per KV head; fp32, head dim 32
     with_scores = tokens / stock_tokens
     without = plain_tokens / stock_tokens
     print(f"planned {with_scores:.4f}x with scores, {without:.4f}x without")

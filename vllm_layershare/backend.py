@@ -437,9 +437,9 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
                                 scores_meta.block_size, *window, write=True)
         if self.score_buffer is None:
             group = self.num_heads // self.num_kv_heads
-            self.score_buffer = torch.empty(kv_cache.shape[0], self.num_kv_heads,
-                                            group * meta.block_size, dtype=torch.float32,
-                                            device=query.device)
+            floats = SharedScores.cell_floats(group, meta.block_size, kv_cache.dtype)
+            self.score_buffer = torch.empty(kv_cache.shape[0], self.num_kv_heads, floats,
+                                            dtype=torch.float32, device=query.device)
             logger.info_once("layershare: leaders share decode scores with their followers "
                              "(%.1f MiB per leader, outside vLLM's KV plan)",
                              self.score_buffer.numel() * 4 / 2**20)

@@ -6,8 +6,8 @@
 | follower           | FullAttentionSpec, V channels only        | V of every token      |
 | follower companion | FollowerKeySpec (a sink-keeping window)   | K of sinks and window |
 | summary companion  | FullAttentionSpec, one state per S tokens | mean K of each block  |
-| scores companion   | FullAttentionSpec, G floats per KV head   | a leader's decode     |
-|                    |   and token (GPU kernels, share `scores`) | logits, per query head|
+| scores companion   | FullAttentionSpec, 2G values per KV head  | a leader's decode     |
+|                    |   and token (GPU kernels, share `scores`) | softmax terms         |
 
 A follower's companion is a weightless layer object named `<layer>.layershare_k`
 that lives only in vLLM's static forward context, so vLLM gives it its own
@@ -17,8 +17,9 @@ all of its tokens are distant, and keeps the blocks of the sink tokens. With
 mean key per `summary_tokens` tokens (vLLM's compressed-state spec,
 `tokens_per_state`), so the summaries are in vLLM's plan too. On the GPU kernels with
 share `scores`, a leader with followers gets `<layer>.layershare_scores`: its decode
-pass writes there the logits of its followers' distant tokens (one float per token
-and query head), which its followers read instead of the leader's keys.
+pass writes there the softmax terms of its followers' distant tokens (one value per
+token and query head, and per key tile their maximum and sum), which its followers
+read instead of the leader's keys.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from vllm_layershare.config import LayershareConfig
 COMPANION_SUFFIX = ".layershare_k"
 SUMMARY_SUFFIX = ".layershare_ksum"
 SCORES_SUFFIX = ".layershare_scores"
-SCORE_BYTES = 4  # float32 logits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,10 +128,11 @@ def summary_spec(full: FullAttentionSpec, config: LayershareConfig) -> FullAtten
 
 
 def scores_spec(full: FullAttentionSpec, group: int) -> FullAttentionSpec | None:
-    """A leader's shared decode logits: `group` float32 per KV head and token, pages of
-    the full spec's size (so vLLM pools them with the rest); None when no whole number
-    of tokens fills such a page."""
-    cell = group * SCORE_BYTES
+    """A leader's shared decode scores (SharedScores): per KV head and token, `group`
+    softmax terms in the model's dtype and as many bytes again for each key tile's
+    (max, sum); pages of the full spec's size (so vLLM pools them with the rest); None
+    when no whole number of tokens fills such a page."""
+    cell = 2 * group * full.dtype.itemsize
     if full.page_size_bytes % (full.num_kv_heads * cell):
         return None
     tokens = full.page_size_bytes // (full.num_kv_heads * cell)

@@ -84,12 +84,12 @@ def _scores_spec(full: FullAttentionSpec, heads: int) -> KVCacheSpec | None:
     outside vLLM's plan) when the page size does not allow one."""
     group = heads // full.num_kv_heads
     spec = scores_spec(full, group)
-    cost = group * 4 / full.state_content_size_bytes
     if spec is None:
         logger.warning_once("layershare: a page of %d bytes holds no whole number of tokens' "
-                            "decode scores (%d floats per KV head): leaders keep them outside "
+                            "decode scores (%d terms per KV head): leaders keep them outside "
                             "vLLM's KV plan", full.page_size_bytes, group)
     else:
         logger.info_once("layershare: leaders' shared decode scores are in vLLM's KV plan: "
-                         "%.1f%% of a leader's K+V bytes", 100 * cost)
+                         "%.1f%% of a leader's K+V bytes",
+                         100 * spec.state_content_bytes / full.state_content_size_bytes)
     return spec

@@ -66,13 +66,14 @@ class SummaryPart:
 
 @dataclass
 class SharedScores:
-    """A leader's logits of its followers' distant tokens, for one-query rows (decode),
-    share `scores`, GPU kernels: the leader's pass writes them, its followers read them
-    instead of the leader's keys. A paged float32 cache [pages, Hkv, group * block_size]:
-    the logit of query head kv * group + g at position t sits in page
-    block_table[row, t // block_size], cell kv, at g * block_size + t % block_size (a
-    query head's positions are adjacent). Normally vLLM's planned scores companion
-    (layout.py), else a buffer over the leader's own pages."""
+    """What a leader's decode pass leaves its followers about their distant tokens (share
+    `scores`, GPU kernels), so that they read no leader keys: per query head and key tile
+    of the kernels, the softmax of the tile's distant logits, e^(scale s_n - t) with t
+    their log-sum-exp, and t. A paged cache of float32 cells [pages, Hkv, cell_floats]:
+    for query head kv * group + g, the term of position n sits in page block_table[row,
+    n // block_size], cell kv, at g * block_size + n % block_size in the values' dtype,
+    and the tiles' t after the terms (triton_paged._shared_at). Normally vLLM's planned
+    scores companion (layout.py), else a buffer over the leader's own pages."""
 
     cache: torch.Tensor
     block_table: torch.Tensor
@@ -82,10 +83,16 @@ class SharedScores:
     write: bool  # True in the leader's pass
 
     @staticmethod
+    def cell_floats(group: int, block_size: int, dtype: torch.dtype) -> int:
+        """float32 per (page, KV head): a term per query head and token in `dtype`, and
+        as many bytes again, of which each tile's log-sum-exps take a few."""
+        return group * block_size * dtype.itemsize // 2
+
+    @staticmethod
     def cells(cache: torch.Tensor) -> torch.Tensor:
         """A scores companion's cache as vLLM shapes it ([pages, Hkv, tokens, C] in the
-        model's dtype, in vLLM's stride order) seen as our float32 pages [pages, Hkv,
-        group * tokens]: only the kernels touch this memory, so the layout inside a
+        model's dtype, in vLLM's stride order) seen as our float32 cells [pages, Hkv,
+        cell_floats]: only the kernels touch this memory, so the layout inside a
         page is theirs."""
         floats = cache.view(torch.float32)
         pages, kv_heads = floats.shape[:2]

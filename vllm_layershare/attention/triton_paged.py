@@ -25,11 +25,14 @@ multiply-add, and page sizes are compile-time constants: a prefill tile issues a
 half the instructions it did (benchmarks/kernel_resources.py, docs/benchmarks.md).
 
 Share `scores`, rows with one query (decode): the distant logits of a follower are
-the leader's own. The leader's pass stores them per query head and slot of its cache
-(`SharedScores`), and its followers read those floats instead of the leader's keys,
-so a decoding follower reads its V, its key window and one float per distant token
-and query head: about half the bytes of a full layer (0.60-0.70x the time on an
-H200 at 32K-128K context and batch >= 16, docs/benchmarks.md).
+the leader's own, and so is their softmax within a key tile. The leader's pass stores,
+per query head and tile, e^(scale s_n - t) of the tile's distant positions (t their
+log-sum-exp) and t (`SharedScores`, _share_tile); a follower weighs each tile of its V
+by those terms times one factor per row, e^(t - m): it reads no distant key, takes no
+exponential per key and reduces nothing across a tile (_shared_scan), and reads its V,
+its key window and one bf16 per distant token and query head: about half the bytes
+of a full layer (0.60-0.70x the time on an H200 at 32K-128K context and batch >= 16,
+before the follower stopped reducing: docs/benchmarks.md).
 
 On a machine without a GPU the same kernels run under TRITON_INTERPRET=1 on CPU
 tensors (the tests do); the interpreter keeps bf16 as raw integers, so loads are
@@ -46,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_layershare.attention.paged import LayerInputs, PagedPart, SummaryPart
+from vllm_layershare.attention.paged import LayerInputs, PagedPart, SharedScores, SummaryPart
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NEG_BIG = tl.constexpr(-1.0e30)  # finite start for running maxima: exp(-inf - NEG_BIG) = 0
@@ -86,6 +89,26 @@ def _index(ptr, i):
 
 
 @triton.jit
+def _tile_pages(table, row, table_stride, start, hi, bs: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(page [N] or one page, slot [N]) of the positions of the key tile [start, start +
+    BLOCK_N) with start a multiple of BLOCK_N, in pages of bs positions: pages and tiles
+    nest (powers of two), so a slot is the tile's own offset or a constant pattern, which
+    the compiler sees as contiguous (vector loads) or hoists out of the scan."""
+    if bs % BLOCK_N == 0:  # the tile in one page
+        page = _pages(table, row, table_stride, start // bs, start < hi)
+        slot = tl.multiple_of(start % bs, BLOCK_N) + tl.arange(0, BLOCK_N)
+    elif BLOCK_N % bs == 0:  # whole pages in the tile
+        r = tl.arange(0, BLOCK_N)
+        page = _pages(table, row, table_stride, start // bs + r // bs, start + r < hi)
+        slot = r % bs
+    else:
+        n = start + tl.arange(0, BLOCK_N)
+        index, slot = _page_slot(n, bs)
+        page = _pages(table, row, table_stride, index, n < hi)
+    return page, slot
+
+
+@triton.jit
 def _page_slot(n, bs):
     """(page index, slot) of positions n >= 0 in pages of bs positions (a constexpr):
     unsigned, so that a power of two divides by a shift, not a signed division."""
@@ -98,29 +121,24 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_end, q_pos, sink, recent,
           exact_lo, exact_hi,
           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-          sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs, sc_sink, sc_recent, sc_g,
+          sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table, sc_table_stride,
+          sc_bs: tl.constexpr, sc_sink, sc_end, sc_g,
           row_ok, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
           MODE: tl.constexpr, WITH_V: tl.constexpr, UPCAST: tl.constexpr,
-          PRECISION: tl.constexpr, WRITE_SCORES: tl.constexpr, READ_SCORES: tl.constexpr):
+          PRECISION: tl.constexpr, WRITE_SCORES: tl.constexpr, GROUP: tl.constexpr,
+          SC_STATS: tl.constexpr):
     """One online-softmax pass over key positions [lo, hi): returns (m, l, acc).
 
     The caller vouches that every row keeps every position below safe_end: tiles that
     end there skip _keep's [M, N] compares (in a long prefill, all but the last few).
-    Shared scores, decode rows only: WRITE_SCORES stores the logits of the followers'
-    distant positions [sc_sink, q_pos - sc_recent] in the paged scores cache (row m is
-    query head sc_g[m] of kv_head's group); READ_SCORES takes the logits from there and
-    loads no keys.
+    WRITE_SCORES (a leader's decode rows, share `scores`; lo a multiple of BLOCK_N)
+    leaves its followers the softmax terms of their distant positions [sc_sink, sc_end)
+    in the shared-scores cache (_share_tile).
     """
     d = tl.arange(0, BLOCK_D)
-    # Logits s are q.k (the leader's shared ones: already scaled); the softmax takes
-    # exp(scale s - m) as exp2(s * unit - m * log2 e), one multiply-add per element.
-    if READ_SCORES:  # one tile ahead: Triton pipelines only the loads that feed tl.dot
-        s_next = _shared_logits(lo, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table,
-                                sc_table_stride, sc_bs, sc_g, row_ok, BLOCK_N)
-        s_scale = 1.0
-    else:
-        s_scale = scale
-    unit = s_scale * LOG2E
+    # The softmax takes exp(scale s - m) as exp2(s * unit - m * log2 e), one multiply-add
+    # per element.
+    unit = scale * LOG2E
     safe_end = tl.minimum(safe_end, hi)
     # Block-table entries one tile ahead: the K and V copies that Triton's pipeliner
     # issues early then wait on no load of their own iteration, and with 3 stages it
@@ -137,29 +155,27 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_end, q_pos, sink, recent,
                             ahead < hi)
         vpage_next = _pages(v_table, row, v_table_stride, _page_slot(ahead, v_bs)[0],
                             ahead < hi)
-        if READ_SCORES:
-            s = s_next
-            s_next = _shared_logits(start + BLOCK_N, hi, row, kv_head, sc_ptr, sc_sb, sc_sh,
-                                    sc_table, sc_table_stride, sc_bs, sc_g, row_ok, BLOCK_N)
-        else:
-            k = tl.load(k_ptr + kpage[:, None] * k_sb + kv_head * k_sh
-                        + _page_slot(n, k_bs)[1][:, None] * k_ss + d[None, :],
-                        mask=in_range[:, None] & (d[None, :] < D), other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            if WRITE_SCORES:
-                at = _score_slots(n, in_range, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table,
-                                  sc_table_stride, sc_bs, sc_g)
-                tl.store(at, s * scale, mask=row_ok[:, None] & in_range[None, :]
-                         & _keep(n, q_pos, sc_sink, sc_recent, 0, 0, DISTANT))
+        k = tl.load(k_ptr + kpage[:, None] * k_sb + kv_head * k_sh
+                    + _page_slot(n, k_bs)[1][:, None] * k_ss + d[None, :],
+                    mask=in_range[:, None] & (d[None, :] < D), other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if start + BLOCK_N > safe_end:
             keep = _keep(n, q_pos, sink, recent, exact_lo, exact_hi, MODE) & in_range[None, :]
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * s_scale)
+        row_max = tl.max(s, 1)
+        m_new = tl.maximum(m_i, row_max * scale)
         alpha = tl.exp2((m_i - m_new) * LOG2E)
-        p = tl.exp2(s * unit - (m_new * LOG2E)[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if WRITE_SCORES:
+            p, p_sum = _share_tile(s, row_max, m_new, unit, scale, start, hi, row, kv_head,
+                                   sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table,
+                                   sc_table_stride, sc_bs, sc_sink, sc_end, sc_g, row_ok,
+                                   GROUP, SC_STATS, BLOCK_N)
+        else:
+            p = tl.exp2(s * unit - (m_new * LOG2E)[:, None])
+            p_sum = tl.sum(p, 1)
+        l_i = l_i * alpha + p_sum
         if WITH_V:
             v = tl.load(v_ptr + vpage[:, None] * v_sb + kv_head * v_sh
                         + _page_slot(n, v_bs)[1][:, None] * v_ss + d[None, :],
@@ -172,26 +188,131 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_end, q_pos, sink, recent,
 
 
 @triton.jit
-def _score_slots(n, in_range, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride,
-                 sc_bs, sc_g):
-    """[M, N] pointers to the shared logits of positions n for query heads sc_g [M] of
-    kv_head: page table[n // bs], cell (page, kv_head), then head-major within the cell
-    (a row's positions are adjacent)."""
-    index, slot = _page_slot(n, sc_bs)
-    page = _pages(sc_table, row, sc_table_stride, index, in_range)
-    return (sc_ptr + (page * sc_sb + kv_head * sc_sh + slot)[None, :]
-            + sc_g[:, None] * sc_bs)
+def _shared_at(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table,
+               sc_table_stride, sc_bs: tl.constexpr, sc_g, GROUP: tl.constexpr,
+               SC_STATS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where the key tile [start, start + BLOCK_N) (start a multiple of BLOCK_N) sits in
+    the shared-scores cache (SharedScores), for query heads sc_g [M] of kv_head: its
+    terms [M, BLOCK_N], position n in page table[n // bs], cell kv_head, at g * bs + n %
+    bs (the values' dtype), and its log-sum-exp [M], a float32 at SC_STATS + tile *
+    GROUP + g of the page of the tile's first position, tile = (start % bs) // BLOCK_N
+    (tiles starting in one page differ there)."""
+    page, slot = _tile_pages(sc_table, row, sc_table_stride, start, hi, sc_bs, BLOCK_N)
+    if sc_bs % BLOCK_N == 0:
+        first_page = page
+    else:
+        first_page = _pages(sc_table, row, sc_table_stride, start // sc_bs, start < hi)
+    terms = sc_ptr + (page * sc_sb + kv_head * sc_sh + slot)[None, :] + sc_g[:, None] * sc_bs
+    stats = (st_ptr + first_page * st_sb + kv_head * st_sh + SC_STATS
+             + (start % sc_bs) // BLOCK_N * GROUP + sc_g)
+    return terms, stats
 
 
 @triton.jit
-def _shared_logits(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride,
-                   sc_bs, sc_g, row_ok, BLOCK_N: tl.constexpr):
-    """[M, BLOCK_N] logits the leader left for positions start.. (< hi)."""
+def _share_tile(s, row_max, m_new, unit, scale, start, hi, row, kv_head,
+                sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table, sc_table_stride,
+                sc_bs: tl.constexpr, sc_sink, sc_end, sc_g, row_ok, GROUP: tl.constexpr,
+                SC_STATS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A leader's decode tile of logits s [M, BLOCK_N] (its own mask applied, row maxima
+    row_max, running maximum m_new): stores for its followers the softmax of the tile's
+    distant positions [sc_sink, sc_end), e^(scale s_n - lse) with lse their log-sum-exp
+    (zero at the tile's other positions), and lse per row: a follower then weighs a tile
+    by one factor per row and reduces nothing (_shared_scan). Returns the leader's own
+    terms e^(scale s - m_new) and their row sums; in a tile of distant positions only
+    (all but a few) those come from the followers' terms, no second exponential."""
     n = start + tl.arange(0, BLOCK_N)
-    in_range = n < hi
-    at = _score_slots(n, in_range, row, kv_head, sc_ptr, sc_sb, sc_sh, sc_table,
-                      sc_table_stride, sc_bs, sc_g)
-    return tl.load(at, mask=row_ok[:, None] & in_range[None, :], other=0.0)
+    end = tl.minimum(sc_end, hi)
+    if (start >= sc_sink) & (start + BLOCK_N <= end):
+        terms = tl.exp2(s * unit - (row_max * unit)[:, None])
+        t_max = row_max
+        t_sum = tl.sum(terms, 1)
+        own = tl.exp2(row_max * unit - m_new * LOG2E)
+        p = terms * own[:, None]
+        p_sum = t_sum * own
+    else:
+        distant = (n >= sc_sink) & (n < end)
+        t_max = tl.max(tl.where(distant[None, :], s, float("-inf")), 1)
+        t_max = tl.where(t_max > float("-inf"), t_max, 0.0)  # no -inf - -inf: no tile here
+        terms = tl.where(distant[None, :], tl.exp2(s * unit - (t_max * unit)[:, None]), 0.0)
+        t_sum = tl.sum(terms, 1)
+        p = tl.exp2(s * unit - (m_new * LOG2E)[:, None])
+        p_sum = tl.sum(p, 1)
+    if (start + BLOCK_N > sc_sink) & (start < end):  # a tile its followers read
+        terms_at, lse_at = _shared_at(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, st_ptr,
+                                      st_sb, st_sh, sc_table, sc_table_stride, sc_bs, sc_g,
+                                      GROUP, SC_STATS, BLOCK_N)
+        t_sum = tl.where(t_sum > 0, t_sum, 1.0)
+        stored = (terms * (1.0 / t_sum)[:, None]).to(sc_ptr.dtype.element_ty)
+        if sc_bs % BLOCK_N == 0:  # past hi, still the request's page: a vector store
+            tl.store(terms_at, stored, mask=row_ok[:, None])
+        else:
+            tl.store(terms_at, stored, mask=row_ok[:, None] & (n < hi)[None, :])
+        tl.store(lse_at, t_max * scale + tl.log(t_sum), mask=row_ok)
+    return p, p_sum
+
+
+@triton.jit
+def _shared_tile(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh,
+                 sc_table, sc_table_stride, sc_bs: tl.constexpr, sc_g, row_ok, GROUP: tl.constexpr,
+                 SC_STATS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """A follower's read of what its leader left for the key tile at start (_share_tile):
+    terms [M, BLOCK_N] (zero past hi) and their log-sum-exp [M]."""
+    terms_at, lse_at = _shared_at(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, st_ptr,
+                                  st_sb, st_sh, sc_table, sc_table_stride, sc_bs, sc_g,
+                                  GROUP, SC_STATS, BLOCK_N)
+    n = start + tl.arange(0, BLOCK_N)
+    if sc_bs % BLOCK_N == 0:  # past hi, still the request's page: a vector load
+        terms = tl.load(terms_at, mask=row_ok[:, None], other=0.0)
+    else:
+        terms = tl.load(terms_at, mask=row_ok[:, None] & (n < hi)[None, :], other=0.0)
+    terms = tl.where((n < hi)[None, :], terms.to(tl.float32), 0.0)
+    ok = row_ok & (sc_g * 0 + start < hi)  # [M]-shaped: the interpreter's masks
+    return terms, tl.load(lse_at, mask=ok, other=0.0)
+
+
+@triton.jit
+def _shared_scan(row, kv_head, lo, hi, v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride,
+                 v_bs: tl.constexpr,
+                 sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table, sc_table_stride, sc_bs,
+                 sc_g, row_ok, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, GROUP: tl.constexpr, SC_STATS: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """A follower's distant branch in decode, share `scores`: (m, l, acc) over tiles
+    [lo, hi) (lo a multiple of BLOCK_N) of its own V, weighted by the softmax its leader
+    left per tile (_share_tile). No keys, no exponential per position, no reduction
+    across a tile: a tile of log-sum-exp t adds e^(t - m) to l and its terms times that
+    to acc."""
+    d = tl.arange(0, BLOCK_D)
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # One tile ahead: Triton pipelines only the loads that feed tl.dot (V), not these.
+    terms_next, lse_next = _shared_tile(
+        lo, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table,
+        sc_table_stride, sc_bs, sc_g, row_ok, GROUP, SC_STATS, BLOCK_N, UPCAST)
+    v_base = v_ptr + kv_head * v_sh + d[None, :]
+    vpage_next, vslot_next = _tile_pages(v_table, row, v_table_stride, lo, hi, v_bs, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        in_range = n < hi
+        terms, lse, vpage, vslot = terms_next, lse_next, vpage_next, vslot_next
+        vpage_next, vslot_next = _tile_pages(v_table, row, v_table_stride, start + BLOCK_N, hi,
+                                             v_bs, BLOCK_N)
+        terms_next, lse_next = _shared_tile(
+            start + BLOCK_N, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh,
+            sc_table, sc_table_stride, sc_bs, sc_g, row_ok, GROUP, SC_STATS, BLOCK_N, UPCAST)
+        m_new = tl.maximum(m_i, lse)
+        alpha = tl.exp2((m_i - m_new) * LOG2E)
+        weight = tl.exp2((lse - m_new) * LOG2E)
+        l_i = l_i * alpha + weight
+        v = tl.load(v_base + (vpage * v_sb + vslot * v_ss)[:, None],
+                    mask=in_range[:, None] & (d[None, :] < D), other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        p = terms * weight[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -323,9 +444,9 @@ def _prefill_kernel(
                                     first - recent + 1, q_pos, sink, recent, scale, 0, q_pos,
                                     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride,
                                     kd_bs, v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride,
-                                    v_bs, out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
-                                    D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST, PRECISION,
-                                    False, False)
+                                    v_bs, out_ptr, 0, 0, out_ptr, 0, 0, kp_table, 0, 1, 0, 0,
+                                    head, row_ok, D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST,
+                                    PRECISION, False, GROUP, 0)
             if SUMMARY == 0:
                 lse_d = _log_sum(m_d, l_d)
             if not GATE:
@@ -339,17 +460,17 @@ def _prefill_kernel(
                           recent, scale, 0, q_pos,
                           kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                          out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
+                          out_ptr, 0, 0, out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
                           D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
-                          False, False)
+                          False, GROUP, 0)
     m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, window, last + 1,
                           tl.where(window > last - recent, first + 1, window), q_pos, sink,
                           recent, scale, 0, q_pos,
                           kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                          out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
+                          out_ptr, 0, 0, out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
                           D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
-                          False, False)
+                          False, GROUP, 0)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if GATE:  # here (m_i, l_i, acc) is the proximal branch alone
         out = _merge(out, m_i, l_i, acc_d, l_d, lse_d, gate_tau)
@@ -414,12 +535,13 @@ def _decode_split_kernel(
     v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs: tl.constexpr,
     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs: tl.constexpr,
     scale, sink, recent,
-    sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs: tl.constexpr, sc_sink, sc_recent,
+    sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table, sc_table_stride, sc_bs: tl.constexpr,
+    sc_sink, sc_recent,
     s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page: tl.constexpr, log_w_ptr,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr,
     SUMMARY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    WRITE_SCORES: tl.constexpr, READ_SCORES: tl.constexpr,
+    WRITE_SCORES: tl.constexpr, READ_SCORES: tl.constexpr, SC_STATS: tl.constexpr,
 ):
     """Both branches of one decode query over context chunk [lo, hi): unnormalised
     (m, l, acc) per branch and head into the partials; with SUMMARY, the (m, l) of the
@@ -445,19 +567,21 @@ def _decode_split_kernel(
                             q_pos, sink, recent, scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                            sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs, sc_sink,
-                            sc_recent, head - kv_head * GROUP, row_ok,
+                            sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table,
+                            sc_table_stride, sc_bs, sc_sink, i - sc_recent + 1,
+                            head - kv_head * GROUP, row_ok,
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
-                            WRITE_SCORES, False)
+                            WRITE_SCORES, GROUP, SC_STATS)
     window = tl.maximum(lo, tl.maximum(sink, i - recent + 1))
     m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, window, hi, hi, q_pos,
                             sink, recent, scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                            sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs, sc_sink,
-                            sc_recent, head - kv_head * GROUP, row_ok,
+                            sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table,
+                            sc_table_stride, sc_bs, sc_sink, i - sc_recent + 1,
+                            head - kv_head * GROUP, row_ok,
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
-                            WRITE_SCORES, False)
+                            WRITE_SCORES, GROUP, SC_STATS)
     _store_partial(acc_ptr, ml_ptr, m_p, l_p, acc_p, row, split, 0, num_splits, head,
                    row_ok, d, q_mask, NUM_HEADS, D, True)
     if HAS_DISTANT and SUMMARY > 0:  # q still live; the proximal state stored
@@ -469,19 +593,26 @@ def _decode_split_kernel(
         _store_partial(acc_ptr, ml_ptr, m_s, l_s, 0.0, row, split, MASS, num_splits, head,
                        row_ok, d, q_mask, NUM_HEADS, D, False)
     if HAS_DISTANT:  # [n_s, i - n_r] cut to the chunk
-        qd = _load_rows(qd_ptr, qd_st, qd_sh, tok, head, d, q_mask, UPCAST)
-        m_d = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-        l_d = tl.zeros([BLOCK_M], tl.float32)
-        acc_d = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        m_d, l_d, acc_d = _scan(m_d, l_d, acc_d, qd, row, kv_head, tl.maximum(lo, sink),
-                                tl.minimum(hi, i - recent + 1), hi, q_pos, sink, recent,
-                                scale, 0, q_pos,
-                                kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs,
-                                v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                                sc_ptr, sc_sb, sc_sh, sc_table, sc_table_stride, sc_bs, sc_sink,
-                                sc_recent, head - kv_head * GROUP, row_ok,
-                                D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST, PRECISION,
-                                False, READ_SCORES)
+        distant_end = tl.minimum(hi, i - recent + 1)
+        if READ_SCORES:  # from the tile holding n_s on: the leader's tiles
+            m_d, l_d, acc_d = _shared_scan(
+                row, kv_head, tl.maximum(lo, sink // BLOCK_N * BLOCK_N), distant_end,
+                v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
+                sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table, sc_table_stride, sc_bs,
+                head - kv_head * GROUP, row_ok, D, BLOCK_M, BLOCK_N, BLOCK_D, GROUP, SC_STATS,
+                UPCAST, PRECISION)
+        else:
+            qd = _load_rows(qd_ptr, qd_st, qd_sh, tok, head, d, q_mask, UPCAST)
+            m_d = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+            l_d = tl.zeros([BLOCK_M], tl.float32)
+            acc_d = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            m_d, l_d, acc_d = _scan(m_d, l_d, acc_d, qd, row, kv_head, tl.maximum(lo, sink),
+                                    distant_end, hi, q_pos, sink, recent, scale, 0, q_pos,
+                                    kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride,
+                                    kd_bs, v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride,
+                                    v_bs, sc_ptr, 0, 0, st_ptr, 0, 0, sc_table, 0, 1, 0, 0,
+                                    head, row_ok, D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST,
+                                    PRECISION, False, GROUP, 0)
         _store_partial(acc_ptr, ml_ptr, m_d, l_d, acc_d, row, split, 1, num_splits, head,
                        row_ok, d, q_mask, NUM_HEADS, D, True)
 
@@ -602,17 +733,17 @@ def _estimated_mass(q, row, kv_head, first, last, q_pos, lo, hi, sink, recent, s
                           recent, scale, low * SUMMARY, exact_hi,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
-                          k_ptr, 0, 0, k_table, 0, 1, 0, 0, q_pos, q_pos >= 0,
+                          k_ptr, 0, 0, k_ptr, 0, 0, k_table, 0, 1, 0, 0, q_pos, q_pos >= 0,
                           D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
-                          False, False)
+                          False, 1, 0)
     m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head,
                           tl.maximum(high_first * SUMMARY, lo), distant_end, lo,
                           q_pos, sink, recent, scale, low * SUMMARY, exact_hi,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
-                          k_ptr, 0, 0, k_table, 0, 1, 0, 0, q_pos, q_pos >= 0,
+                          k_ptr, 0, 0, k_ptr, 0, 0, k_table, 0, 1, 0, 0, q_pos, q_pos >= 0,
                           D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
-                          False, False)
+                          False, 1, 0)
     return m_i, l_i
 
 
@@ -649,8 +780,13 @@ class TritonConfig:
     # no estimated mass) reads V and the logits, no distant keys: it gains from a deeper
     # copy pipeline, the estimated mass's extra scans lose (two H200 sweeps agree).
     scores_decode_stages: int = 3
-    # Context positions per decode program; None: cut the context so that there are
-    # about programs_per_sm programs per multiprocessor, each >= min_split_len positions.
+    # A leader writing its followers' shared scores: a register cap for its decode
+    # program, so that four fit on an sm_90 multiprocessor (142 registers: three) without
+    # spilling (benchmarks/kernel_resources.py); None: ptxas's choice. Not yet timed.
+    scores_write_registers: int | None = 128
+    # Context positions per decode program, whole tiles (a leader's shared scores are
+    # per tile); None: cut the context so that there are about programs_per_sm programs
+    # per multiprocessor, each >= min_split_len positions.
     split_len: int | None = None
     programs_per_sm: int = 32
     min_split_len: int = 256
@@ -660,8 +796,10 @@ class TritonConfig:
             size = getattr(self, name)
             if size < 16 or size & (size - 1):  # tl.dot's smallest side; power of two
                 raise ValueError(f"TritonConfig.{name} must be a power of two >= 16, not {size}")
-        if self.split_len is not None and self.split_len < 1:
-            raise ValueError(f"TritonConfig.split_len must be >= 1, not {self.split_len}")
+        if self.split_len is not None and (self.split_len < 1
+                                           or self.split_len % self.decode_block_n):
+            raise ValueError(f"TritonConfig.split_len must be a positive multiple of "
+                             f"decode_block_n ({self.decode_block_n}), not {self.split_len}")
 
 
 DEFAULT_CONFIG = TritonConfig()
@@ -820,6 +958,24 @@ def triton_pod_attention(
                 recent, tau, summary_tokens, config, common, workspace)
 
 
+def _shared_args(shared: SharedScores, group: int, dtype: torch.dtype, block_n: int
+                 ) -> tuple[tuple, int]:
+    """The kernels' view of a shared-scores cache (_shared_at): the softmax terms in
+    `dtype` (the values', for tl.dot), each tile's log-sum-exp in float32 after them; and
+    the float where those begin in a cell."""
+    cells, size = shared.cache, shared.block_size
+    stats_at = _cdiv(group * size * dtype.itemsize, 4)
+    need = stats_at + _cdiv(size, block_n) * group
+    if cells.dtype != torch.float32 or cells.shape[-1] < need:
+        raise ValueError(f"layershare: shared-scores cells of {cells.shape[-1]} {cells.dtype} "
+                         f"for pages of {size} tokens; {need} float32 needed "
+                         "(SharedScores.cell_floats)")
+    terms = cells.view(dtype)
+    return (terms, terms.stride(0), terms.stride(1), cells, cells.stride(0), cells.stride(1),
+            shared.block_table, shared.block_table.stride(0), size, shared.sink,
+            shared.recent), stats_at
+
+
 def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_args, s_args,
             log_w, recent, tau, summary_tokens, config: TritonConfig, common: dict,
             workspace: torch.Tensor | None) -> None:
@@ -835,11 +991,9 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
     write = shared is not None and shared.write
     read = shared is not None and not shared.write and inputs.k_distant is not None
     if shared is not None:
-        sc_args = (shared.cache, shared.cache.stride(0), shared.cache.stride(1),
-                   shared.block_table, shared.block_table.stride(0), shared.block_size,
-                   shared.sink, shared.recent)
+        sc_args, stats_at = _shared_args(shared, group, v.cache.dtype, config.decode_block_n)
     else:
-        sc_args = (output, 0, 0, kp.block_table, 0, 1, 0, 0)
+        sc_args, stats_at = (output, 0, 0, output, 0, 0, kp.block_table, 0, 1, 0, 0), 0
     stages = config.scores_decode_stages if read and not summary_tokens else config.decode_stages
     both = dict(NUM_HEADS=heads, BLOCK_N=config.decode_block_n, SUMMARY=summary_tokens,
                 num_warps=config.decode_warps)
@@ -849,7 +1003,8 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
         *_paged_args(kp), *_paged_args(v), *kd_args,
         inputs.scale, inputs.sink, recent, *sc_args, *s_args, log_w,
         GROUP=group, BLOCK_M=max(16, _pow2(group)), WRITE_SCORES=write,
-        READ_SCORES=read, num_stages=stages, **both, **common)
+        READ_SCORES=read, SC_STATS=stats_at, num_stages=stages,
+        maxnreg=config.scores_write_registers if write else None, **both, **common)
     _decode_merge_kernel[(num_reqs, heads)](
         output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
         starts, lens, inputs.sink, recent, tau, D=dim, BLOCK_D=common["BLOCK_D"],
