@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import fields, replace
 
@@ -754,6 +755,32 @@ def test_decode_followers_read_the_leaders_scores(bound, score_page, split_len):
         torch.testing.assert_close(lead_out.double(), plain, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(out.double(), reference(seq, sink=sink, recent=recent),
                                    atol=2e-5, rtol=1e-4)
+
+
+def test_shared_scores_cells_too_small_are_refused():
+    """A shared-scores cache whose cells cannot hold a page's terms and its tiles'
+    log-sum-exps (fewer floats than SharedScores.cell_floats asks) is refused with a
+    message that names the need, before any kernel writes past a cell."""
+    from vllm_layershare.attention.triton_paged import triton_pod_attention
+
+    gen = torch.Generator().manual_seed(2)
+    seq = random_sequence(20, gen)
+    batch = PagedBatch([20], 8, gen)
+    group = HEADS // KV_HEADS
+    cell = SharedScores.cell_floats(group, 8, torch.float32)
+    for floats, ok in ((cell, True), (group * 8, False)):
+        scores = SharedScores(torch.zeros(batch.num_blocks, KV_HEADS, floats),
+                              batch.block_table, 8, 3, 7, write=True)
+        leader = LayerInputs(q=seq["qa"][19:20], scale=SCALE,
+                             k_prox=batch.part([0], [seq["ka"]]),
+                             v=batch.part([0], [seq["v"]]), shared_scores=scores)
+        call = functools.partial(triton_pod_attention, int32_tables(leader), [0, 1], [20],
+                                 torch.zeros(1, HEADS, DIM))
+        if ok:
+            call()
+        else:
+            with pytest.raises(ValueError, match="cell_floats"):
+                call()
 
 
 def test_decode_step_replays_on_static_tensors():
