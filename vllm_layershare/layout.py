@@ -18,8 +18,8 @@ mean key per `summary_tokens` tokens (vLLM's compressed-state spec,
 `tokens_per_state`), so the summaries are in vLLM's plan too. On the GPU kernels with
 share `scores`, a leader with followers gets `<layer>.layershare_scores`: its decode
 pass writes there the softmax terms of its followers' distant tokens (one value per
-token and query head, and per key tile their maximum and sum), which its followers
-read instead of the leader's keys.
+token and query head, and per key tile their log-sum-exp), which its followers read
+instead of the leader's keys.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+from vllm_layershare.attention.paged import SharedScores
 from vllm_layershare.config import LayershareConfig
 
 COMPANION_SUFFIX = ".layershare_k"
@@ -129,10 +130,10 @@ def summary_spec(full: FullAttentionSpec, config: LayershareConfig) -> FullAtten
 
 def scores_spec(full: FullAttentionSpec, group: int) -> FullAttentionSpec | None:
     """A leader's shared decode scores (SharedScores): per KV head and token, `group`
-    softmax terms in the model's dtype and as many bytes again for each key tile's
-    (max, sum); pages of the full spec's size (so vLLM pools them with the rest); None
+    softmax terms in the model's dtype and as many bytes again for the key tiles'
+    log-sum-exps; pages of the full spec's size (so vLLM pools them with the rest); None
     when no whole number of tokens fills such a page."""
-    cell = 2 * group * full.dtype.itemsize
+    cell = 4 * SharedScores.cell_floats(group, 1, full.dtype)  # bytes per token
     if full.page_size_bytes % (full.num_kv_heads * cell):
         return None
     tokens = full.page_size_bytes // (full.num_kv_heads * cell)

@@ -121,12 +121,12 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_end, q_pos, sink, recent,
           exact_lo, exact_hi,
           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-          sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table, sc_table_stride,
+          sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh, sc_table, sc_table_stride,
           sc_bs: tl.constexpr, sc_sink, sc_end, sc_g,
           row_ok, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
           MODE: tl.constexpr, WITH_V: tl.constexpr, UPCAST: tl.constexpr,
           PRECISION: tl.constexpr, WRITE_SCORES: tl.constexpr, GROUP: tl.constexpr,
-          SC_STATS: tl.constexpr):
+          SC_LSE: tl.constexpr):
     """One online-softmax pass over key positions [lo, hi): returns (m, l, acc).
 
     The caller vouches that every row keeps every position below safe_end: tiles that
@@ -169,9 +169,9 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_end, q_pos, sink, recent,
         alpha = tl.exp2((m_i - m_new) * LOG2E)
         if WRITE_SCORES:
             p, p_sum = _share_tile(s, row_max, m_new, unit, scale, start, hi, row, kv_head,
-                                   sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table,
+                                   sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh, sc_table,
                                    sc_table_stride, sc_bs, sc_sink, sc_end, sc_g, row_ok,
-                                   GROUP, SC_STATS, BLOCK_N)
+                                   GROUP, SC_LSE, BLOCK_N)
         else:
             p = tl.exp2(s * unit - (m_new * LOG2E)[:, None])
             p_sum = tl.sum(p, 1)
@@ -188,13 +188,13 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_end, q_pos, sink, recent,
 
 
 @triton.jit
-def _shared_at(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table,
+def _shared_at(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh, sc_table,
                sc_table_stride, sc_bs: tl.constexpr, sc_g, GROUP: tl.constexpr,
-               SC_STATS: tl.constexpr, BLOCK_N: tl.constexpr):
+               SC_LSE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Where the key tile [start, start + BLOCK_N) (start a multiple of BLOCK_N) sits in
     the shared-scores cache (SharedScores), for query heads sc_g [M] of kv_head: its
     terms [M, BLOCK_N], position n in page table[n // bs], cell kv_head, at g * bs + n %
-    bs (the values' dtype), and its log-sum-exp [M], a float32 at SC_STATS + tile *
+    bs (the values' dtype), and its log-sum-exp [M], a float32 at SC_LSE + tile *
     GROUP + g of the page of the tile's first position, tile = (start % bs) // BLOCK_N
     (tiles starting in one page differ there)."""
     page, slot = _tile_pages(sc_table, row, sc_table_stride, start, hi, sc_bs, BLOCK_N)
@@ -203,16 +203,16 @@ def _shared_at(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_
     else:
         first_page = _pages(sc_table, row, sc_table_stride, start // sc_bs, start < hi)
     terms = sc_ptr + (page * sc_sb + kv_head * sc_sh + slot)[None, :] + sc_g[:, None] * sc_bs
-    stats = (st_ptr + first_page * st_sb + kv_head * st_sh + SC_STATS
-             + (start % sc_bs) // BLOCK_N * GROUP + sc_g)
-    return terms, stats
+    lse = (lse_ptr + first_page * lse_sb + kv_head * lse_sh + SC_LSE
+           + (start % sc_bs) // BLOCK_N * GROUP + sc_g)
+    return terms, lse
 
 
 @triton.jit
 def _share_tile(s, row_max, m_new, unit, scale, start, hi, row, kv_head,
-                sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table, sc_table_stride,
+                sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh, sc_table, sc_table_stride,
                 sc_bs: tl.constexpr, sc_sink, sc_end, sc_g, row_ok, GROUP: tl.constexpr,
-                SC_STATS: tl.constexpr, BLOCK_N: tl.constexpr):
+                SC_LSE: tl.constexpr, BLOCK_N: tl.constexpr):
     """A leader's decode tile of logits s [M, BLOCK_N] (its own mask applied, row maxima
     row_max, running maximum m_new): stores for its followers the softmax of the tile's
     distant positions [sc_sink, sc_end), e^(scale s_n - lse) with lse their log-sum-exp
@@ -238,9 +238,9 @@ def _share_tile(s, row_max, m_new, unit, scale, start, hi, row, kv_head,
         p = tl.exp2(s * unit - (m_new * LOG2E)[:, None])
         p_sum = tl.sum(p, 1)
     if (start + BLOCK_N > sc_sink) & (start < end):  # a tile its followers read
-        terms_at, lse_at = _shared_at(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, st_ptr,
-                                      st_sb, st_sh, sc_table, sc_table_stride, sc_bs, sc_g,
-                                      GROUP, SC_STATS, BLOCK_N)
+        terms_at, lse_at = _shared_at(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, lse_ptr,
+                                      lse_sb, lse_sh, sc_table, sc_table_stride, sc_bs, sc_g,
+                                      GROUP, SC_LSE, BLOCK_N)
         t_sum = tl.where(t_sum > 0, t_sum, 1.0)
         stored = (terms * (1.0 / t_sum)[:, None]).to(sc_ptr.dtype.element_ty)
         if sc_bs % BLOCK_N == 0:  # past hi, still the request's page: a vector store
@@ -252,14 +252,14 @@ def _share_tile(s, row_max, m_new, unit, scale, start, hi, row, kv_head,
 
 
 @triton.jit
-def _shared_tile(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh,
+def _shared_tile(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh,
                  sc_table, sc_table_stride, sc_bs: tl.constexpr, sc_g, row_ok, GROUP: tl.constexpr,
-                 SC_STATS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                 SC_LSE: tl.constexpr, BLOCK_N: tl.constexpr):
     """A follower's read of what its leader left for the key tile at start (_share_tile):
     terms [M, BLOCK_N] (zero past hi) and their log-sum-exp [M]."""
-    terms_at, lse_at = _shared_at(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, st_ptr,
-                                  st_sb, st_sh, sc_table, sc_table_stride, sc_bs, sc_g,
-                                  GROUP, SC_STATS, BLOCK_N)
+    terms_at, lse_at = _shared_at(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, lse_ptr,
+                                  lse_sb, lse_sh, sc_table, sc_table_stride, sc_bs, sc_g,
+                                  GROUP, SC_LSE, BLOCK_N)
     n = start + tl.arange(0, BLOCK_N)
     if sc_bs % BLOCK_N == 0:  # past hi, still the request's page: a vector load
         terms = tl.load(terms_at, mask=row_ok[:, None], other=0.0)
@@ -273,9 +273,9 @@ def _shared_tile(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, s
 @triton.jit
 def _shared_scan(row, kv_head, lo, hi, v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride,
                  v_bs: tl.constexpr,
-                 sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table, sc_table_stride, sc_bs,
+                 sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh, sc_table, sc_table_stride, sc_bs,
                  sc_g, row_ok, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, GROUP: tl.constexpr, SC_STATS: tl.constexpr,
+                 BLOCK_D: tl.constexpr, GROUP: tl.constexpr, SC_LSE: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """A follower's distant branch in decode, share `scores`: (m, l, acc) over tiles
     [lo, hi) (lo a multiple of BLOCK_N) of its own V, weighted by the softmax its leader
@@ -288,8 +288,8 @@ def _shared_scan(row, kv_head, lo, hi, v_ptr, v_sb, v_sh, v_ss, v_table, v_table
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # One tile ahead: Triton pipelines only the loads that feed tl.dot (V), not these.
     terms_next, lse_next = _shared_tile(
-        lo, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table,
-        sc_table_stride, sc_bs, sc_g, row_ok, GROUP, SC_STATS, BLOCK_N, UPCAST)
+        lo, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh, sc_table,
+        sc_table_stride, sc_bs, sc_g, row_ok, GROUP, SC_LSE, BLOCK_N)
     v_base = v_ptr + kv_head * v_sh + d[None, :]
     vpage_next, vslot_next = _tile_pages(v_table, row, v_table_stride, lo, hi, v_bs, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
@@ -299,8 +299,8 @@ def _shared_scan(row, kv_head, lo, hi, v_ptr, v_sb, v_sh, v_ss, v_table, v_table
         vpage_next, vslot_next = _tile_pages(v_table, row, v_table_stride, start + BLOCK_N, hi,
                                              v_bs, BLOCK_N)
         terms_next, lse_next = _shared_tile(
-            start + BLOCK_N, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh,
-            sc_table, sc_table_stride, sc_bs, sc_g, row_ok, GROUP, SC_STATS, BLOCK_N, UPCAST)
+            start + BLOCK_N, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh,
+            sc_table, sc_table_stride, sc_bs, sc_g, row_ok, GROUP, SC_LSE, BLOCK_N)
         m_new = tl.maximum(m_i, lse)
         alpha = tl.exp2((m_i - m_new) * LOG2E)
         weight = tl.exp2((lse - m_new) * LOG2E)
@@ -535,13 +535,13 @@ def _decode_split_kernel(
     v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs: tl.constexpr,
     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs: tl.constexpr,
     scale, sink, recent,
-    sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table, sc_table_stride, sc_bs: tl.constexpr,
+    sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh, sc_table, sc_table_stride, sc_bs: tl.constexpr,
     sc_sink, sc_recent,
     s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page: tl.constexpr, log_w_ptr,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr,
     SUMMARY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    WRITE_SCORES: tl.constexpr, READ_SCORES: tl.constexpr, SC_STATS: tl.constexpr,
+    WRITE_SCORES: tl.constexpr, READ_SCORES: tl.constexpr, SC_LSE: tl.constexpr,
 ):
     """Both branches of one decode query over context chunk [lo, hi): unnormalised
     (m, l, acc) per branch and head into the partials; with SUMMARY, the (m, l) of the
@@ -570,21 +570,21 @@ def _decode_split_kernel(
                             q_pos, sink, recent, scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                            sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table,
+                            sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh, sc_table,
                             sc_table_stride, sc_bs, sc_sink, i - sc_recent + 1,
                             head - kv_head * GROUP, row_ok,
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
-                            WRITE_SCORES, GROUP, SC_STATS)
+                            WRITE_SCORES, GROUP, SC_LSE)
     window = tl.maximum(lo, tl.maximum(sink, i - recent + 1))
     m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, window, hi, hi, q_pos,
                             sink, recent, scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                            sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table,
+                            sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh, sc_table,
                             sc_table_stride, sc_bs, sc_sink, i - sc_recent + 1,
                             head - kv_head * GROUP, row_ok,
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
-                            WRITE_SCORES, GROUP, SC_STATS)
+                            WRITE_SCORES, GROUP, SC_LSE)
     _store_partial(acc_ptr, ml_ptr, m_p, l_p, acc_p, row, split, 0, num_splits, head,
                    row_ok, d, q_mask, NUM_HEADS, D, True)
     if HAS_DISTANT and SUMMARY > 0:  # q still live; the proximal state stored
@@ -601,8 +601,8 @@ def _decode_split_kernel(
             m_d, l_d, acc_d = _shared_scan(
                 row, kv_head, tl.maximum(lo, sink // BLOCK_N * BLOCK_N), distant_end,
                 v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
-                sc_ptr, sc_sb, sc_sh, st_ptr, st_sb, st_sh, sc_table, sc_table_stride, sc_bs,
-                head - kv_head * GROUP, row_ok, D, BLOCK_M, BLOCK_N, BLOCK_D, GROUP, SC_STATS,
+                sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh, sc_table, sc_table_stride, sc_bs,
+                head - kv_head * GROUP, row_ok, D, BLOCK_M, BLOCK_N, BLOCK_D, GROUP, SC_LSE,
                 UPCAST, PRECISION)
         else:
             qd = _load_rows(qd_ptr, qd_st, qd_sh, tok, head, d, q_mask, UPCAST)
@@ -613,7 +613,7 @@ def _decode_split_kernel(
                                     distant_end, hi, q_pos, sink, recent, scale, 0, q_pos,
                                     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride,
                                     kd_bs, v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride,
-                                    v_bs, sc_ptr, 0, 0, st_ptr, 0, 0, sc_table, 0, 1, 0, 0,
+                                    v_bs, sc_ptr, 0, 0, lse_ptr, 0, 0, sc_table, 0, 1, 0, 0,
                                     head, row_ok, D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST,
                                     PRECISION, False, GROUP, 0)
         _store_partial(acc_ptr, ml_ptr, m_d, l_d, acc_d, row, split, 1, num_splits, head,
@@ -967,8 +967,8 @@ def _shared_args(shared: SharedScores, group: int, dtype: torch.dtype, block_n: 
     `dtype` (the values', for tl.dot), each tile's log-sum-exp in float32 after them; and
     the float where those begin in a cell."""
     cells, size = shared.cache, shared.block_size
-    stats_at = _cdiv(group * size * dtype.itemsize, 4)
-    need = stats_at + _cdiv(size, block_n) * group
+    lse_first = _cdiv(group * size * dtype.itemsize, 4)
+    need = lse_first + _cdiv(size, block_n) * group
     if cells.dtype != torch.float32 or cells.shape[-1] < need:
         raise ValueError(f"layershare: shared-scores cells of {cells.shape[-1]} {cells.dtype} "
                          f"for pages of {size} tokens; {need} float32 needed "
@@ -976,7 +976,7 @@ def _shared_args(shared: SharedScores, group: int, dtype: torch.dtype, block_n: 
     terms = cells.view(dtype)
     return (terms, terms.stride(0), terms.stride(1), cells, cells.stride(0), cells.stride(1),
             shared.block_table, shared.block_table.stride(0), size, shared.sink,
-            shared.recent), stats_at
+            shared.recent), lse_first
 
 
 def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_args, s_args,
@@ -994,9 +994,9 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
     write = shared is not None and shared.write
     read = shared is not None and not shared.write and inputs.k_distant is not None
     if shared is not None:
-        sc_args, stats_at = _shared_args(shared, group, v.cache.dtype, config.decode_block_n)
+        sc_args, lse_first = _shared_args(shared, group, v.cache.dtype, config.decode_block_n)
     else:
-        sc_args, stats_at = (output, 0, 0, output, 0, 0, kp.block_table, 0, 1, 0, 0), 0
+        sc_args, lse_first = (output, 0, 0, output, 0, 0, kp.block_table, 0, 1, 0, 0), 0
     stages = config.scores_decode_stages if read and not summary_tokens else config.decode_stages
     both = dict(NUM_HEADS=heads, BLOCK_N=config.decode_block_n, SUMMARY=summary_tokens,
                 num_warps=config.decode_warps)
@@ -1006,7 +1006,7 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
         *_paged_args(kp), *_paged_args(v), *kd_args,
         inputs.scale, inputs.sink, recent, *sc_args, *s_args, log_w,
         GROUP=group, BLOCK_M=max(16, _pow2(group)), WRITE_SCORES=write,
-        READ_SCORES=read, SC_STATS=stats_at, num_stages=stages,
+        READ_SCORES=read, SC_LSE=lse_first, num_stages=stages,
         maxnreg=config.scores_write_registers if write else None, **both, **common)
     _decode_merge_kernel[(num_reqs, heads)](
         output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
