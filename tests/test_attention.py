@@ -362,6 +362,24 @@ def test_triton_prefill_skips_masks_only_where_every_row_keeps_the_tile(leader):
         torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("block_size", [4, 5], ids=["pages_divide_tiles", "pages_straddle"])
+@pytest.mark.parametrize("leader", [True, False], ids=["leader", "follower_keys"])
+def test_triton_decode_with_fixed_slots(leader, block_size):
+    """TritonConfig.decode_fixed_slots: decode scans compute a key's page slot offset
+    once, before the loop, where pages divide a tile (4 into 16), and per tile where
+    they do not (5). Windows and chunks start off page boundaries (sink 3, recent 9,
+    chunks of 16), so an offset taken from the wrong position reads another key."""
+    gen = torch.Generator().manual_seed(29)
+    seqs = [random_sequence(n, gen) for n in (43, 26)]
+    feed = [[20] + [1] * 23, [17] + [1] * 9]
+    outs = run_paged(triton_impl(decode_fixed_slots=True), seqs, feed, block_size, gen,
+                     sink=3, recent=9, share="keys", leader=leader)
+    for seq, out in zip(seqs, outs, strict=True):
+        expected = (dense_attention(seq["q"], seq["k"], seq["v"], SCALE) if leader
+                    else reference(seq, sink=3, recent=9, share="keys"))
+        torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
+
+
 def test_follower_equal_to_leader_gives_leader_output(impl):
     """Invariant 5: share=scores, follower q, K, V equal to the leader's -> leader output."""
     gen = torch.Generator().manual_seed(13)

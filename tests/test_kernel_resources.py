@@ -86,5 +86,6 @@ def test_kernels_compile_when_query_starts_and_lengths_are_int64(tmp_path):
     check it)."""
     rows = compiled_rows(tmp_path, "--metadata", "int64",
                          "--only", "prefill, follower keys, estimated", "summary write")
-    assert {"_prefill_kernel", "_decode_split_kernel", "_write_summaries_kernel"} <= {
+    assert {"_prefill_kernel", "_prefill_mass_kernel", "_decode_split_kernel",
+            "_write_summaries_kernel"} <= {
         row["kernel"] for row in rows}

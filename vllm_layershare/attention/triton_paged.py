@@ -1,12 +1,14 @@
 """Paged PoD attention in Triton (the CUDA platform), same contract as portable.py.
 
 Two kernels. Rows with several queries (prefill, chunked prefill): one program per
-(request, tile of query tokens, KV head). Rows with one query (decode): split over
-the context, one program per (request, KV head, chunk of the context), each leaving
-partial softmax states that a second kernel merges by log-sum-exp, so that a small
-batch of long sequences still fills the GPU. Either way a tile packs every query head
-of a KV head into its rows, so each key and value loaded from the paged cache serves
-the whole GQA group. Per row it runs two online softmaxes:
+(request, tile of query tokens, KV head); a follower with the estimated mass runs a
+small kernel before it that leaves each row's log-mass (_prefill_mass_kernel). Rows
+with one query (decode): split over the context, one program per (request, KV head,
+chunk of the context), each leaving partial softmax states that a second kernel
+merges by log-sum-exp, so that a small batch of long sequences still fills the GPU.
+Either way a tile packs every query head of a KV head into its rows, so each key and
+value loaded from the paged cache serves the whole GQA group. Per row it runs two
+online softmaxes:
 
     distant   (m_D, l_D, acc_D)  over [n_s, i - n_r],  q_distant . k_distant, own V
     proximal  (m_P, l_P, acc_P)  over sinks U window, q . k_prox, own V
@@ -21,8 +23,10 @@ tau) keeps the branches apart. No score matrix is materialised; freed key blocks
 never read. In decode each split program also estimates its chunk's part of that mass.
 A key tile that every row of the program keeps whole (in a long prefill all but the
 last few) skips the masks; the softmax runs on exp2 with the scale folded into one
-multiply-add, and page sizes are compile-time constants: a prefill tile issues about
-half the instructions it did (benchmarks/kernel_resources.py, docs/benchmarks.md).
+multiply-add, page sizes are compile-time constants, and where pages divide a tile a
+key's offset in its page is computed once per scan (FIXED_SLOTS): a prefill tile
+issues about half the instructions it did (benchmarks/kernel_resources.py,
+docs/benchmarks.md).
 
 Share `scores`, rows with one query (decode): the distant logits of a follower are
 the leader's own, and so is their softmax within a key tile. The leader's pass stores,
@@ -119,14 +123,14 @@ def _page_slot(n, bs):
 @triton.jit
 def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_end, q_pos, sink, recent, scale,
           exact_lo, exact_hi,
-          k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
-          v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
+          k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs: tl.constexpr,
+          v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs: tl.constexpr,
           sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh, sc_table, sc_table_stride,
           sc_bs: tl.constexpr, sc_sink, sc_end, sc_g,
           row_ok, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
           MODE: tl.constexpr, WITH_V: tl.constexpr, UPCAST: tl.constexpr,
           PRECISION: tl.constexpr, WRITE_SCORES: tl.constexpr, GROUP: tl.constexpr,
-          SC_LSE: tl.constexpr):
+          SC_LSE: tl.constexpr, FIXED_SLOTS: tl.constexpr):
     """One online-softmax pass over key positions [lo, hi): returns (m, l, acc).
 
     The caller vouches that every row keeps every position below safe_end: tiles that
@@ -146,6 +150,13 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_end, q_pos, sink, recent,
     n = lo + tl.arange(0, BLOCK_N)
     kpage_next = _pages(k_table, row, k_table_stride, _page_slot(n, k_bs)[0], n < hi)
     vpage_next = _pages(v_table, row, v_table_stride, _page_slot(n, v_bs)[0], n < hi)
+    # FIXED_SLOTS: where pages divide a tile, a position's slot is the same in every
+    # tile, so its offset is computed once here (ptxas hoists it out of some compiles of
+    # the loop, not all), at the cost of registers that hold it through the loop.
+    fixed_k = FIXED_SLOTS and BLOCK_N % k_bs == 0
+    fixed_v = FIXED_SLOTS and BLOCK_N % v_bs == 0
+    k_slots = k_sh * kv_head + _page_slot(n, k_bs)[1] * k_ss
+    v_slots = v_sh * kv_head + _page_slot(n, v_bs)[1] * v_ss
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         in_range = n < hi
@@ -155,8 +166,12 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_end, q_pos, sink, recent,
                             ahead < hi)
         vpage_next = _pages(v_table, row, v_table_stride, _page_slot(ahead, v_bs)[0],
                             ahead < hi)
-        k = tl.load(k_ptr + kpage[:, None] * k_sb + kv_head * k_sh
-                    + _page_slot(n, k_bs)[1][:, None] * k_ss + d[None, :],
+        if fixed_k:
+            k_rows = k_ptr + kpage[:, None] * k_sb + k_slots[:, None]
+        else:
+            k_rows = (k_ptr + kpage[:, None] * k_sb + kv_head * k_sh
+                      + _page_slot(n, k_bs)[1][:, None] * k_ss)
+        k = tl.load(k_rows + d[None, :],
                     mask=in_range[:, None] & (d[None, :] < D), other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
@@ -177,8 +192,12 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_end, q_pos, sink, recent,
             p_sum = tl.sum(p, 1)
         l_i = l_i * alpha + p_sum
         if WITH_V:
-            v = tl.load(v_ptr + vpage[:, None] * v_sb + kv_head * v_sh
-                        + _page_slot(n, v_bs)[1][:, None] * v_ss + d[None, :],
+            if fixed_v:
+                v_rows = v_ptr + vpage[:, None] * v_sb + v_slots[:, None]
+            else:
+                v_rows = (v_ptr + vpage[:, None] * v_sb + kv_head * v_sh
+                          + _page_slot(n, v_bs)[1][:, None] * v_ss)
+            v = tl.load(v_rows + d[None, :],
                         mask=in_range[:, None] & (d[None, :] < D), other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
@@ -384,6 +403,60 @@ def _merge(out_p, m_p, l_p, acc_d, l_d, lse_d, gate_tau):
 
 
 @triton.jit
+def _prefill_rows(query_start_loc, seq_lens, row, tile, kv_head, GROUP: tl.constexpr,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A prefill program's rows: the GROUP query heads of kv_head for BLOCK_M // GROUP
+    query tokens of request row from the tile-th on. -> (active: whether the request has
+    several queries and the tile some of them, first and last query position, q_pos [M],
+    token [M], head [M], ok [M], d, mask)."""
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    q_begin = _index(query_start_loc, row)
+    q_len = _index(query_start_loc, row + 1) - q_begin
+    seq_len = _index(seq_lens, row)
+    first = seq_len - q_len + tile * TOKENS  # position of the tile's first query
+    last = tl.minimum(first + TOKENS, seq_len) - 1
+    r = tl.arange(0, BLOCK_M)
+    t = tile * TOKENS + r // GROUP
+    head = kv_head * GROUP + r % GROUP
+    row_ok = (r < TOKENS * GROUP) & (t < q_len)
+    d = tl.arange(0, BLOCK_D)
+    return ((q_len > 1) & (tile * TOKENS < q_len), first, last,
+            tl.minimum(seq_len - q_len + t, last), q_begin + t, head, row_ok, d,
+            row_ok[:, None] & (d[None, :] < D))
+
+
+@triton.jit
+def _prefill_mass_kernel(
+    mass_ptr, m_st,
+    q_ptr, q_st, q_sh, query_start_loc, seq_lens,
+    kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs: tl.constexpr,
+    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page: tl.constexpr,
+    scale, sink, recent, log_w_ptr,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, SUMMARY: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """log M, the follower's estimated distant mass (_estimated_mass), of the prefill
+    rows that have distant positions, into mass [T, H]: the prefill kernel's weight of
+    its distant branch. A kernel of its own: inside the prefill kernel these scans made
+    ptxas spend 8% more instructions per key tile on its distant scan (sm_90, Triton
+    3.6), the loop that takes most of a long prefill's time."""
+    row = tl.program_id(0)
+    kv_head = tl.program_id(2)
+    active, first, last, q_pos, tok, head, row_ok, d, q_mask = _prefill_rows(
+        query_start_loc, seq_lens, row, tl.program_id(1), kv_head, GROUP, D, BLOCK_M, BLOCK_D)
+    if not active or last - recent + 1 <= sink:  # no distant position: the mass is unread
+        return
+    q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
+    lse = _log_sum(*_estimated_mass(
+        q, row, kv_head, first, last, q_pos, 0, last + 1, sink, recent, scale, log_w_ptr,
+        head, row_ok, kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+        s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+        SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, True))
+    tl.store(mass_ptr + tok * m_st + head, lse, mask=row_ok)
+
+
+@triton.jit
 def _prefill_kernel(
     out_ptr, o_st, o_sh,
     q_ptr, q_st, q_sh, qd_ptr, qd_st, qd_sh,
@@ -391,33 +464,20 @@ def _prefill_kernel(
     kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs: tl.constexpr,
     v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs: tl.constexpr,
     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride, kd_bs: tl.constexpr,
-    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page: tl.constexpr,
-    scale, sink, recent, gate_tau, log_w_ptr,
+    scale, sink, recent, gate_tau, mass_ptr, m_st,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr, SUMMARY: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr, ESTIMATED: tl.constexpr,
     GATE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Rows of several queries; one-query rows are left to the decode kernels."""
+    """Rows of several queries; one-query rows are left to the decode kernels. ESTIMATED:
+    the distant branch weighs log M from mass [T, H] (_prefill_mass_kernel), not its
+    own log-sum-exp."""
     row = tl.program_id(0)
-    tile = tl.program_id(1)
     kv_head = tl.program_id(2)
-    TOKENS: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile
-    q_begin = _index(query_start_loc, row)
-    q_len = _index(query_start_loc, row + 1) - q_begin
-    if q_len <= 1 or tile * TOKENS >= q_len:
+    active, first, last, q_pos, tok, head, row_ok, d, q_mask = _prefill_rows(
+        query_start_loc, seq_lens, row, tl.program_id(1), kv_head, GROUP, D, BLOCK_M, BLOCK_D)
+    if not active:
         return
-    seq_len = _index(seq_lens, row)
-    first = seq_len - q_len + tile * TOKENS  # position of the tile's first query
-    last = tl.minimum(first + TOKENS, seq_len) - 1
-
-    r = tl.arange(0, BLOCK_M)
-    t = tile * TOKENS + r // GROUP
-    head = kv_head * GROUP + r % GROUP
-    row_ok = (r < TOKENS * GROUP) & (t < q_len)
-    q_pos = tl.minimum(seq_len - q_len + t, last)
-    d = tl.arange(0, BLOCK_D)
-    tok = q_begin + t
-    q_mask = row_ok[:, None] & (d[None, :] < D)
     # The distant branch first, while only its query is live. Without the gate skip its
     # result becomes the prior of the proximal scan (_as_prior), so, as in a full layer,
     # one [M, D] accumulator lives at a time; the gate skip keeps both branches apart.
@@ -431,14 +491,9 @@ def _prefill_kernel(
     if HAS_DISTANT:
         distant_end = last - recent + 1  # distant positions of the tile: [n_s, distant_end)
         if distant_end > sink:
-            if SUMMARY > 0:
-                q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
-                lse_d = _log_sum(*_estimated_mass(
-                    q, row, kv_head, first, last, q_pos, 0, last + 1, sink, recent, scale,
-                    log_w_ptr, head, row_ok,
-                    kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
-                    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
-                    SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION))
+            if ESTIMATED:
+                lse_d = tl.load(mass_ptr + tok * m_st + head, mask=row_ok,
+                                other=float("-inf"))
             qd = _load_rows(qd_ptr, qd_st, qd_sh, tok, head, d, q_mask, UPCAST)
             m_d, l_d, acc_d = _scan(m_d, l_d, acc_d, qd, row, kv_head, sink, distant_end,
                                     first - recent + 1, q_pos, sink, recent, scale, 0, q_pos,
@@ -446,8 +501,8 @@ def _prefill_kernel(
                                     kd_bs, v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride,
                                     v_bs, out_ptr, 0, 0, out_ptr, 0, 0, kp_table, 0, 1, 0, 0,
                                     head, row_ok, D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST,
-                                    PRECISION, False, GROUP, 0)
-            if SUMMARY == 0:
+                                    PRECISION, False, GROUP, 0, True)
+            if not ESTIMATED:
                 lse_d = _log_sum(m_d, l_d)
             if not GATE:
                 m_i, l_i, acc = _as_prior(m_d, l_d, acc_d, lse_d)
@@ -462,7 +517,7 @@ def _prefill_kernel(
                           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
                           out_ptr, 0, 0, out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
                           D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
-                          False, GROUP, 0)
+                          False, GROUP, 0, True)
     m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, window, last + 1,
                           tl.where(window > last - recent, first + 1, window), q_pos, sink,
                           recent, scale, 0, q_pos,
@@ -470,7 +525,7 @@ def _prefill_kernel(
                           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
                           out_ptr, 0, 0, out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
                           D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
-                          False, GROUP, 0)
+                          False, GROUP, 0, True)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if GATE:  # here (m_i, l_i, acc) is the proximal branch alone
         out = _merge(out, m_i, l_i, acc_d, l_d, lse_d, gate_tau)
@@ -542,6 +597,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr,
     SUMMARY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     WRITE_SCORES: tl.constexpr, READ_SCORES: tl.constexpr, SC_LSE: tl.constexpr,
+    FIXED_SLOTS: tl.constexpr,
 ):
     """Both branches of one decode query over context chunk [lo, hi): unnormalised
     (m, l, acc) per branch and head into the partials; with SUMMARY, the (m, l) of the
@@ -574,7 +630,7 @@ def _decode_split_kernel(
                             sc_table_stride, sc_bs, sc_sink, i - sc_recent + 1,
                             head - kv_head * GROUP, row_ok,
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
-                            WRITE_SCORES, GROUP, SC_LSE)
+                            WRITE_SCORES, GROUP, SC_LSE, FIXED_SLOTS)
     window = tl.maximum(lo, tl.maximum(sink, i - recent + 1))
     m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, window, hi, hi, q_pos,
                             sink, recent, scale, 0, q_pos,
@@ -584,7 +640,7 @@ def _decode_split_kernel(
                             sc_table_stride, sc_bs, sc_sink, i - sc_recent + 1,
                             head - kv_head * GROUP, row_ok,
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
-                            WRITE_SCORES, GROUP, SC_LSE)
+                            WRITE_SCORES, GROUP, SC_LSE, FIXED_SLOTS)
     _store_partial(acc_ptr, ml_ptr, m_p, l_p, acc_p, row, split, 0, num_splits, head,
                    row_ok, d, q_mask, NUM_HEADS, D, True)
     if HAS_DISTANT and SUMMARY > 0:  # q still live; the proximal state stored
@@ -592,7 +648,7 @@ def _decode_split_kernel(
             q, row, kv_head, i, i, q_pos, lo, hi, sink, recent, scale, log_w_ptr, head,
             row_ok, kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
             s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
-            SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+            SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, FIXED_SLOTS)
         _store_partial(acc_ptr, ml_ptr, m_s, l_s, 0.0, row, split, MASS, num_splits, head,
                        row_ok, d, q_mask, NUM_HEADS, D, False)
     if HAS_DISTANT:  # [n_s, i - n_r] cut to the chunk
@@ -615,7 +671,7 @@ def _decode_split_kernel(
                                     kd_bs, v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride,
                                     v_bs, sc_ptr, 0, 0, lse_ptr, 0, 0, sc_table, 0, 1, 0, 0,
                                     head, row_ok, D, BLOCK_N, BLOCK_D, DISTANT, True, UPCAST,
-                                    PRECISION, False, GROUP, 0)
+                                    PRECISION, False, GROUP, 0, FIXED_SLOTS)
         _store_partial(acc_ptr, ml_ptr, m_d, l_d, acc_d, row, split, 1, num_splits, head,
                        row_ok, d, q_mask, NUM_HEADS, D, True)
 
@@ -710,7 +766,7 @@ def _estimated_mass(q, row, kv_head, first, last, q_pos, lo, hi, sink, recent, s
                     s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
                     SUMMARY: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, FIXED_SLOTS: tl.constexpr):
     """Softmax state (m, l) of mass.py's estimate M of rows at q_pos in [first, last],
     over context [lo, hi) (decode: a split's chunk): the mean keys of the whole distant
     summary blocks that start there, a block weighing log_w (log S + the calibrated
@@ -738,7 +794,7 @@ def _estimated_mass(q, row, kv_head, first, last, q_pos, lo, hi, sink, recent, s
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, 0, 0, k_ptr, 0, 0, k_table, 0, 1, 0, 0, q_pos, q_pos >= 0,
                           D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
-                          False, 1, 0)
+                          False, 1, 0, FIXED_SLOTS)
     m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head,
                           tl.maximum(high_first * SUMMARY, lo), distant_end, lo,
                           q_pos, sink, recent, scale, low * SUMMARY, exact_hi,
@@ -746,7 +802,7 @@ def _estimated_mass(q, row, kv_head, first, last, q_pos, lo, hi, sink, recent, s
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, 0, 0, k_ptr, 0, 0, k_table, 0, 1, 0, 0, q_pos, q_pos >= 0,
                           D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
-                          False, 1, 0)
+                          False, 1, 0, FIXED_SLOTS)
     return m_i, l_i
 
 
@@ -787,6 +843,10 @@ class TritonConfig:
     # program, so that four fit on an sm_90 multiprocessor (142 registers: three) without
     # spilling (benchmarks/kernel_resources.py); None: ptxas's choice. Not yet timed.
     scores_write_registers: int | None = 128
+    # Decode scans compute a key's page slot offset once, not per tile (prefill always
+    # does): 12-15% fewer instructions per tile on sm_90, but a leader's program holds
+    # 96 registers, not 80 (5 programs per multiprocessor, not 6). Not yet timed.
+    decode_fixed_slots: bool = False
     # Context positions per decode program, whole tiles (a leader's shared scores are
     # per tile); None: cut the context so that there are about programs_per_sm programs
     # per multiprocessor, each >= min_split_len positions.
@@ -940,22 +1000,29 @@ def triton_pod_attention(
         log_w = output
     recent = min(inputs.recent, UNBOUNDED_RECENT)
     tau = -1.0 if inputs.gate_skip_threshold is None else inputs.gate_skip_threshold
-    common = dict(D=dim, BLOCK_D=max(16, _pow2(dim)), HAS_DISTANT=distant,
-                  UPCAST=interpreted(),
+    common = dict(D=dim, BLOCK_D=max(16, _pow2(dim)), UPCAST=interpreted(),
                   # fp32 caches (tests, fp32 models) get exact fp32 products, not TF32.
                   PRECISION="ieee" if kp.cache.dtype == torch.float32 else "tf32")
     summary_tokens = summary.summary_tokens if estimated else 0
     if max_query_len > 1:
         block_m = max(config.prefill_block_m, _pow2(group))
-        tokens = block_m // group
-        _prefill_kernel[(num_reqs, _cdiv(max_query_len, tokens), kv_heads)](
+        grid = (num_reqs, _cdiv(max_query_len, block_m // group), kv_heads)
+        shape = dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=config.prefill_block_n,
+                     num_warps=config.prefill_warps, num_stages=config.prefill_stages,
+                     **common)
+        mass = output  # unread without the estimated mass
+        if estimated:  # prefill is never in a CUDA graph (get_cudagraph_support)
+            mass = torch.empty(q.shape[:2], dtype=torch.float32, device=device)
+            _prefill_mass_kernel[grid](
+                mass, mass.stride(0), q, q.stride(0), q.stride(1), starts, lens,
+                *_paged_args(kp), *s_args, inputs.scale, inputs.sink, recent, log_w,
+                SUMMARY=summary_tokens, **shape)
+        _prefill_kernel[grid](
             output, output.stride(0), output.stride(1),
             q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
-            *_paged_args(kp), *_paged_args(v), *kd_args, *s_args,
-            inputs.scale, inputs.sink, recent, tau, log_w,
-            GROUP=group, BLOCK_M=block_m, BLOCK_N=config.prefill_block_n,
-            SUMMARY=summary_tokens, GATE=tau > 0, num_warps=config.prefill_warps,
-            num_stages=config.prefill_stages, **common)
+            *_paged_args(kp), *_paged_args(v), *kd_args,
+            inputs.scale, inputs.sink, recent, tau, mass, mass.stride(0),
+            HAS_DISTANT=distant, ESTIMATED=estimated, GATE=tau > 0, **shape)
     if decode_rows:
         _decode(inputs, q, qd, starts, lens, output, max_seq_len, kd_args, s_args, log_w,
                 recent, tau, summary_tokens, config, common, workspace)
@@ -999,19 +1066,20 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
         sc_args, lse_first = (output, 0, 0, output, 0, 0, kp.block_table, 0, 1, 0, 0), 0
     stages = config.scores_decode_stages if read and not summary_tokens else config.decode_stages
     both = dict(NUM_HEADS=heads, BLOCK_N=config.decode_block_n, SUMMARY=summary_tokens,
-                num_warps=config.decode_warps)
+                HAS_DISTANT=inputs.k_distant is not None, num_warps=config.decode_warps)
     _decode_split_kernel[(num_reqs, kv_heads, num_splits)](
         partial_acc, partial_ml, *chunks,
         q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
         *_paged_args(kp), *_paged_args(v), *kd_args,
         inputs.scale, inputs.sink, recent, *sc_args, *s_args, log_w,
         GROUP=group, BLOCK_M=max(16, _pow2(group)), WRITE_SCORES=write,
-        READ_SCORES=read, SC_LSE=lse_first, num_stages=stages,
+        READ_SCORES=read, SC_LSE=lse_first, FIXED_SLOTS=config.decode_fixed_slots,
+        num_stages=stages,
         maxnreg=config.scores_write_registers if write else None, **both, **common)
     _decode_merge_kernel[(num_reqs, heads)](
         output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
         starts, lens, inputs.sink, recent, tau, D=dim, BLOCK_D=common["BLOCK_D"],
-        HAS_DISTANT=common["HAS_DISTANT"], SPLITS=MERGE_SPLITS, GATE=tau > 0, **both)
+        SPLITS=MERGE_SPLITS, GATE=tau > 0, **both)
 
 
 @triton.jit
