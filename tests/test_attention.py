@@ -346,19 +346,25 @@ def test_leader_is_ordinary_attention(impl):
         torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("leader", [True, False], ids=["leader", "follower"])
-def test_triton_prefill_skips_masks_only_where_every_row_keeps_the_tile(leader):
+@pytest.mark.parametrize(("leader", "recent"), [(True, 9), (False, 9), (False, 40)],
+                         ids=["leader", "follower", "follower_long_window"])
+def test_triton_prefill_skips_masks_only_where_every_row_keeps_the_tile(leader, recent):
     """A prefill tile that ends at or before its rows' first query (less the window, in
-    a follower's distant branch) runs without masks. Chunks of 7 queries over key tiles
-    of 16 put that edge at every offset of a tile: a tile let through one position too
-    early shows a row a future key (or a window key twice) and fails."""
+    a follower's distant branch) and, in a follower's window, starts at or after the
+    last row's window start runs without masks. Chunks of 7 queries over key tiles of 16
+    put those edges at every offset of a tile: a tile let through one position too early
+    or too late shows a row a future key, a distant key in its window or a window key
+    twice, and fails. A window of 40 holds whole unmasked tiles; one of 9 none. Its
+    window tiles start at the first row's window start plus whole tiles, so only chunks
+    of 2 + 16k queries put one at the last row's window start less one: they are fed."""
     gen = torch.Generator().manual_seed(23)
     seqs = [random_sequence(n, gen) for n in (115, 30)]
-    feed = [[7] * 16 + [3], [7] * 4 + [2]]
-    outs = run_paged(triton_impl(), seqs, feed, 4, gen, sink=3, recent=9, leader=leader)
+    feed = ([[5] + [7, 2, 18] * 4 + [2], [7, 2, 18, 3]] if recent > 16
+            else [[7] * 16 + [3], [7] * 4 + [2]])
+    outs = run_paged(triton_impl(), seqs, feed, 4, gen, sink=3, recent=recent, leader=leader)
     for seq, out in zip(seqs, outs, strict=True):
         expected = (dense_attention(seq["q"], seq["k"], seq["v"], SCALE) if leader
-                    else reference(seq, sink=3, recent=9))
+                    else reference(seq, sink=3, recent=recent))
         torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
 
 

@@ -121,7 +121,7 @@ def _page_slot(n, bs):
 
 
 @triton.jit
-def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_end, q_pos, sink, recent, scale,
+def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_lo, safe_end, q_pos, sink, recent, scale,
           exact_lo, exact_hi,
           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs: tl.constexpr,
           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs: tl.constexpr,
@@ -133,8 +133,9 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_end, q_pos, sink, recent,
           SC_LSE: tl.constexpr, FIXED_SLOTS: tl.constexpr):
     """One online-softmax pass over key positions [lo, hi): returns (m, l, acc).
 
-    The caller vouches that every row keeps every position below safe_end: tiles that
-    end there skip _keep's [M, N] compares (in a long prefill, all but the last few).
+    The caller vouches that every row keeps every position in [safe_lo, safe_end): tiles
+    inside skip _keep's [M, N] compares (in a long prefill, all but the few at the edges
+    of the rows' causal range or window).
     WRITE_SCORES (a leader's decode rows, share `scores`; lo a multiple of BLOCK_N)
     leaves its followers the softmax terms of their distant positions [sc_sink, sc_end)
     in the shared-scores cache (_share_tile).
@@ -176,7 +177,7 @@ def _scan(m_i, l_i, acc, q, row, kv_head, lo, hi, safe_end, q_pos, sink, recent,
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if start + BLOCK_N > safe_end:
+        if (start < safe_lo) | (start + BLOCK_N > safe_end):
             keep = _keep(n, q_pos, sink, recent, exact_lo, exact_hi, MODE) & in_range[None, :]
             s = tl.where(keep, s, float("-inf"))
         row_max = tl.max(s, 1)
@@ -496,7 +497,7 @@ def _prefill_kernel(
                                 other=float("-inf"))
             qd = _load_rows(qd_ptr, qd_st, qd_sh, tok, head, d, q_mask, UPCAST)
             m_d, l_d, acc_d = _scan(m_d, l_d, acc_d, qd, row, kv_head, sink, distant_end,
-                                    first - recent + 1, q_pos, sink, recent, scale, 0, q_pos,
+                                    sink, first - recent + 1, q_pos, sink, recent, scale, 0, q_pos,
                                     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride,
                                     kd_bs, v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride,
                                     v_bs, out_ptr, 0, 0, out_ptr, 0, 0, kp_table, 0, 1, 0, 0,
@@ -511,16 +512,15 @@ def _prefill_kernel(
     q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
     sink_end = tl.minimum(sink, last + 1)
     window = tl.maximum(sink_end, first - recent + 1)
-    m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, 0, sink_end, first + 1, q_pos, sink,
-                          recent, scale, 0, q_pos,
+    m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, 0, sink_end, 0, first + 1, q_pos,
+                          sink, recent, scale, 0, q_pos,
                           kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
                           out_ptr, 0, 0, out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
                           D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
                           False, GROUP, 0, True)
     m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, window, last + 1,
-                          tl.where(window > last - recent, first + 1, window), q_pos, sink,
-                          recent, scale, 0, q_pos,
+                          last - recent + 1, first + 1, q_pos, sink, recent, scale, 0, q_pos,
                           kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                           v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
                           out_ptr, 0, 0, out_ptr, 0, 0, kp_table, 0, 1, 0, 0, head, row_ok,
@@ -622,8 +622,8 @@ def _decode_split_kernel(
     l_p = tl.zeros([BLOCK_M], tl.float32)
     acc_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Proximal: sinks, then the window, each cut to the chunk.
-    m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, lo, tl.minimum(hi, sink), hi,
-                            q_pos, sink, recent, scale, 0, q_pos,
+    m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, lo, tl.minimum(hi, sink), lo,
+                            hi, q_pos, sink, recent, scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
                             sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh, sc_table,
@@ -632,7 +632,7 @@ def _decode_split_kernel(
                             D, BLOCK_N, BLOCK_D, PROXIMAL, True, UPCAST, PRECISION,
                             WRITE_SCORES, GROUP, SC_LSE, FIXED_SLOTS)
     window = tl.maximum(lo, tl.maximum(sink, i - recent + 1))
-    m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, window, hi, hi, q_pos,
+    m_p, l_p, acc_p = _scan(m_p, l_p, acc_p, q, row, kv_head, window, hi, window, hi, q_pos,
                             sink, recent, scale, 0, q_pos,
                             kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
                             v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride, v_bs,
@@ -666,7 +666,7 @@ def _decode_split_kernel(
             l_d = tl.zeros([BLOCK_M], tl.float32)
             acc_d = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             m_d, l_d, acc_d = _scan(m_d, l_d, acc_d, qd, row, kv_head, tl.maximum(lo, sink),
-                                    distant_end, hi, q_pos, sink, recent, scale, 0, q_pos,
+                                    distant_end, lo, hi, q_pos, sink, recent, scale, 0, q_pos,
                                     kd_ptr, kd_sb, kd_sh, kd_ss, kd_table, kd_table_stride,
                                     kd_bs, v_ptr, v_sb, v_sh, v_ss, v_table, v_table_stride,
                                     v_bs, sc_ptr, 0, 0, lse_ptr, 0, 0, sc_table, 0, 1, 0, 0,
@@ -788,7 +788,7 @@ def _estimated_mass(q, row, kv_head, first, last, q_pos, lo, hi, sink, recent, s
     # Exact keys next to the sinks, then next to the window (still in the key cache).
     distant_end = tl.minimum(last - recent + 1, hi)
     m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head, tl.maximum(sink, lo),
-                          tl.minimum(low * SUMMARY, distant_end), lo, q_pos, sink,
+                          tl.minimum(low * SUMMARY, distant_end), lo, lo, q_pos, sink,
                           recent, scale, low * SUMMARY, exact_hi,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
@@ -796,7 +796,7 @@ def _estimated_mass(q, row, kv_head, first, last, q_pos, lo, hi, sink, recent, s
                           D, BLOCK_N, BLOCK_D, EXACT_MASS, False, UPCAST, PRECISION,
                           False, 1, 0, FIXED_SLOTS)
     m_i, l_i, acc = _scan(m_i, l_i, acc, q, row, kv_head,
-                          tl.maximum(high_first * SUMMARY, lo), distant_end, lo,
+                          tl.maximum(high_first * SUMMARY, lo), distant_end, lo, lo,
                           q_pos, sink, recent, scale, low * SUMMARY, exact_hi,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
                           k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
