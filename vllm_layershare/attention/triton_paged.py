@@ -440,7 +440,7 @@ def _prefill_mass_kernel(
     """log M, the follower's estimated distant mass (_estimated_mass), of the prefill
     rows that have distant positions, into mass [T, H]: the prefill kernel's weight of
     its distant branch. A kernel of its own: inside the prefill kernel these scans made
-    ptxas spend 8% more instructions per key tile on its distant scan (sm_90, Triton
+    ptxas spend 7% more instructions per key tile on its distant scan (sm_90, Triton
     3.6), the loop that takes most of a long prefill's time."""
     row = tl.program_id(0)
     kv_head = tl.program_id(2)
