@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 TARGET  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP   := $(VENV)/.installed-$(TARGET)
 
-.PHONY: install test lint model demo bench gpu-check quality clean
+.PHONY: install test lint model demo bench gpu-check gpu-loan quality clean
 
 install: $(STAMP)
 
@@ -67,6 +67,17 @@ gpu-check:
 	$(BENCH) --steps --config $(SWEPT)
 	# the host's share of an eager decode call (vLLM's piecewise graphs run attention eagerly)
 	PYTHONPATH=. $(PY) benchmarks/host_overhead.py
+
+# One short device loan (about 6 minutes on an H200, of the 15 a session is lent): the
+# Triton tests compiled, the kernel table at 4K-128K (prefill rows included), and the
+# decode options not yet timed swept against the defaults (docs/benchmarks.md).
+LOAN_SHAPES := '[{}, {"decode_fixed_slots": true}, {"scores_write_registers": null}]'
+XDIST := $(shell $(PY) -c "import xdist" 2>/dev/null && echo "-n 8")
+gpu-loan:
+	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-loan needs a GPU')"
+	PYTHONPATH=. $(PY) -m pytest -q $(XDIST) tests/test_attention.py -k "triton or leaders_scores"
+	$(BENCH) --no-cuda --repeats 10 --contexts 4096 32768 131072 --batches 16 64
+	$(BENCH) --sweep - --rounds 2 --repeats 10 --shapes $(LOAN_SHAPES)
 
 # docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock
 # attention through vLLM (about 3 h on a 2-core CPU machine).
