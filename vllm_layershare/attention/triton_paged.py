@@ -404,13 +404,16 @@ def _merge(out_p, m_p, l_p, acc_d, l_d, lse_d, gate_tau):
 
 
 @triton.jit
-def _prefill_rows(query_start_loc, seq_lens, row, tile, kv_head, GROUP: tl.constexpr,
+def _prefill_rows(query_start_loc, seq_lens, row, kv_head, GROUP: tl.constexpr,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """A prefill program's rows: the GROUP query heads of kv_head for BLOCK_M // GROUP
-    query tokens of request row from the tile-th on. -> (active: whether the request has
+    query tokens of request row from its tile-th on. -> (active: whether the request has
     several queries and the tile some of them, first and last query position, q_pos [M],
     token [M], head [M], ok [M], d, mask)."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
+    # Last tile first: a later tile reads more keys, and the GPU starts programs in about
+    # grid order, so the longest start first and the short ones fill the end.
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
     q_begin = _index(query_start_loc, row)
     q_len = _index(query_start_loc, row + 1) - q_begin
     seq_len = _index(seq_lens, row)
@@ -445,7 +448,7 @@ def _prefill_mass_kernel(
     row = tl.program_id(0)
     kv_head = tl.program_id(2)
     active, first, last, q_pos, tok, head, row_ok, d, q_mask = _prefill_rows(
-        query_start_loc, seq_lens, row, tl.program_id(1), kv_head, GROUP, D, BLOCK_M, BLOCK_D)
+        query_start_loc, seq_lens, row, kv_head, GROUP, D, BLOCK_M, BLOCK_D)
     if not active or last - recent + 1 <= sink:  # no distant position: the mass is unread
         return
     q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
@@ -476,7 +479,7 @@ def _prefill_kernel(
     row = tl.program_id(0)
     kv_head = tl.program_id(2)
     active, first, last, q_pos, tok, head, row_ok, d, q_mask = _prefill_rows(
-        query_start_loc, seq_lens, row, tl.program_id(1), kv_head, GROUP, D, BLOCK_M, BLOCK_D)
+        query_start_loc, seq_lens, row, kv_head, GROUP, D, BLOCK_M, BLOCK_D)
     if not active:
         return
     # The distant branch first, while only its query is live. Without the gate skip its
