@@ -21,12 +21,13 @@ scan runs first and the proximal scan continues its state, one [M, D] accumulato
 live at a time, as in a full layer; only the optional gate skip (g = 1 where g >=
 tau) keeps the branches apart. No score matrix is materialised; freed key blocks are
 never read. In decode each split program also estimates its chunk's part of that mass.
-A key tile that every row of the program keeps whole (in a long prefill all but the
-last few) skips the masks; the softmax runs on exp2 with the scale folded into one
-multiply-add, page sizes are compile-time constants, and where pages divide a tile a
-key's offset in its page is computed once per scan (FIXED_SLOTS): a prefill tile
-issues about half the instructions it did (benchmarks/kernel_resources.py,
-docs/benchmarks.md).
+A key tile that every row of the program keeps whole (in a long prefill all but a few
+at the edges of the rows' causal range and window) skips the masks; the softmax runs
+on exp2 with the scale folded into one multiply-add, page sizes are compile-time
+constants, and where pages divide a tile a key's offset in its page is computed once
+per scan (FIXED_SLOTS): a prefill tile issues about half the instructions it did
+(benchmarks/kernel_resources.py, docs/benchmarks.md). Prefill and decode programs
+start with the longest (the last query tile, the last context chunk).
 
 Share `scores`, rows with one query (decode): the distant logits of a follower are
 the leader's own, and so is their softmax within a key tile. The leader's pass stores,
