@@ -9,7 +9,9 @@ scores, sink 16, recent 1008; in decode it reads the leader's scores, not its ke
 of the same follower weighing its distant branch by its own estimated mass (a mean
 key per 64 tokens: the default mode), of PyTorch's scaled_dot_product_attention on
 the same data laid out densely (a sanity line), the bytes each kernel must read over
-its time against the device's measured copy bandwidth, and follower / full. In decode
+its time against the device's measured copy bandwidth, and follower / full. Kernel
+times are GPU time alone (each call replayed from a CUDA graph); the last column times
+the calls eagerly, the host's launch work included. In decode
 it also times the CUDA kernel of csrc/ (built here with nvcc, when there is one) as a
 leader and as a follower that reads the leader's keys (it has no shared scores).
 
@@ -150,18 +152,28 @@ def layer_inputs(leader, values, table, q, role: str, recent: int,
                        summary=summary if role == "estimated" else None)
 
 
+def device_ms(fn, device: torch.device, repeats: int) -> float:
+    """Median ms of fn() on the GPU alone: replayed from a CUDA graph, since timing one
+    eager call also counts the GPU idling while the host prepares its launches (0.08 ms
+    for a leader's prefill call on the H200's host, 0.19 ms for a follower's). On a CPU:
+    the call as made."""
+    return graph_ms(fn, device, repeats) or timed_ms(fn, device, repeats)
+
+
 def kernel_ms(inputs: LayerInputs, starts: torch.Tensor, lens: torch.Tensor,
-              out: torch.Tensor, repeats: int, config: TritonConfig = DEFAULT_CONFIG) -> float:
-    """The backend's call: device metadata, host maxima and decode flag, a workspace
-    made beforehand."""
+              out: torch.Tensor, repeats: int, config: TritonConfig = DEFAULT_CONFIG,
+              eager: bool = False) -> float:
+    """The backend's call (device metadata, host maxima and decode flag, a workspace
+    made beforehand), on the GPU alone (device_ms), or eager: as launched, host included."""
     queries = starts[1:] - starts[:-1]
     max_q, decode_rows = int(queries.max()), bool((queries == 1).any())
     max_len = int(lens.max())
     workspace = decode_workspace(lens.shape[0], out.shape[1], inputs.k_prox.cache.shape[1],
                                  out.shape[2], max_len, out.device, config)
-    return timed_ms(lambda: triton_pod_attention(inputs, starts, lens, out, max_q, max_len,
-                                                 config, workspace, decode_rows),
-                    out.device, repeats)
+    timer = timed_ms if eager else device_ms
+    return timer(lambda: triton_pod_attention(inputs, starts, lens, out, max_q, max_len,
+                                              config, workspace, decode_rows),
+                 out.device, repeats)
 
 
 def cuda_ms(lib, inputs: LayerInputs, lens: torch.Tensor, repeats: int,
@@ -177,7 +189,7 @@ def cuda_ms(lib, inputs: LayerInputs, lens: torch.Tensor, repeats: int,
     int32 = [dataclasses.replace(p, block_table=p.block_table.int()) if p else None
              for p in (inputs.k_prox, inputs.v, inputs.k_distant)]
     lens32 = lens.int()
-    return timed_ms(lambda: cuda_decode.cuda_pod_decode(
+    return device_ms(lambda: cuda_decode.cuda_pod_decode(
         lib, q, int32[0], int32[1], lens32, out, inputs.scale, q_distant=q, k_distant=int32[2],
         sink=inputs.sink, recent=inputs.recent, num_splits=splits, workspace=workspace),
         q.device, repeats)
@@ -213,7 +225,7 @@ def sdpa_ms(batch, context, queries, device, dtype, repeats) -> float:
     if queries > 1:  # causal with the queries at the end of the context
         pos = torch.arange(context, device=device)
         mask = pos[None, :] <= (context - queries + torch.arange(queries, device=device))[:, None]
-    return timed_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+    return device_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, enable_gqa=True), device, repeats)
 
 
@@ -246,12 +258,13 @@ def shape_config(shape: dict) -> TritonConfig:
 
 def fastest(totals: dict[str, dict[str, float]]) -> dict:
     """Of the shapes (JSON) and their times per role: for prefill, the least time over
-    every role; for decode, the least over the roles that take decode_stages, with
-    scores_decode_stages from the fastest follower reading shared scores alone among the
-    shapes that differ from that one in stages only."""
+    every role; for decode, the least over the roles that take decode_stages (a leader,
+    alone or writing), with scores_decode_stages from the followers reading its shared
+    scores (estimated mass or not), fastest among the shapes that differ from that one
+    in stages only."""
     shapes = {key: json.loads(key) for key in totals}
     decode = all("decode_stages" in shape for shape in shapes.values())
-    roles = ("full", "writing", "estimated") if decode else SWEEP_ROLES
+    roles = ("full", "writing") if decode else SWEEP_ROLES
     best = min(totals, key=lambda key: sum(totals[key][role] for role in roles))
     if not decode:
         return shapes[best]
@@ -260,7 +273,7 @@ def fastest(totals: dict[str, dict[str, float]]) -> dict:
         return {f: v for f, v in shapes[key].items() if f != "decode_stages"}
 
     follower = min((key for key in totals if others(key) == others(best)),
-                   key=lambda key: totals[key]["follower"])
+                   key=lambda key: totals[key]["follower"] + totals[key]["estimated"])
     return dict(shapes[best], scores_decode_stages=shapes[follower]["decode_stages"])
 
 
@@ -449,8 +462,9 @@ def main() -> None:
     lib = None if args.no_cuda else cuda_library(device)
     print("\n| case | context | batch | full ms | full+share ms | follower ms | follower/full "
           "| SDPA ms | full GB/s (% copy) | follower GB/s (% copy) | CUDA full ms "
-          "| CUDA follower ms | follower, estimated mass: ms (/ full) | its GB/s (% copy) |"
-          "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| CUDA follower ms | follower, estimated mass: ms (/ full) | its GB/s (% copy) "
+          "| eager calls ms: full, follower, estimated |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case, context, batch, queries in cases:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the last case's blocks: the next may need them all
@@ -467,6 +481,8 @@ def main() -> None:
         # in this order: the follower reads what the writing leader left
         ms = {role: kernel_ms(inputs[role], starts, lens, out, repeats, config)
               for role in inputs}
+        eager = [kernel_ms(inputs[role], starts, lens, out, repeats, config, eager=True)
+                 for role in ("full", "follower", "estimated")]
         cuda = ["-", "-"]
         if lib is not None and queries == 1:
             cuda = [f"{cuda_ms(lib, inputs[role], lens, repeats, config):.3f}"
@@ -480,7 +496,8 @@ def main() -> None:
         print(f"| {case} | {context} | {batch} | {ms['full']:.3f} | {ms['writing']:.3f} | "
               f"{ms['follower']:.3f} | {ms['follower'] / ms['full']:.2f}x | {sdpa:.3f} | "
               f"{rates[0]} | {rates[1]} | {cuda[0]} | {cuda[1]} | {ms['estimated']:.3f} "
-              f"({ms['estimated'] / ms['full']:.2f}x) | {rates[2]} |", flush=True)
+              f"({ms['estimated'] / ms['full']:.2f}x) | {rates[2]} | "
+              + ", ".join(f"{t:.3f}" for t in eager) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -838,18 +838,21 @@ class TritonConfig:
     prefill_stages: int = 3
     decode_block_n: int = 32
     decode_warps: int = 4
-    decode_stages: int = 2
-    # A follower weighing its distant branch by the leader's logits alone (share scores,
-    # no estimated mass) reads V and the logits, no distant keys: it gains from a deeper
-    # copy pipeline, the estimated mass's extra scans lose (two H200 sweeps agree).
+    # 3: every decode program double-buffers its K and V copies. On an H200 (CUDA graph
+    # replays, 32K) 2 stages: a leader alone within 4%, the other roles 8-16% slower.
+    decode_stages: int = 3
+    # A follower reading the leader's shared scores (estimated mass or not): its own
+    # stages, as it reads V and the scores, no distant keys (the same on the H200).
     scores_decode_stages: int = 3
     # A leader writing its followers' shared scores: a register cap for its decode
     # program, so that four fit on an sm_90 multiprocessor (142 registers: three) without
-    # spilling (benchmarks/kernel_resources.py); None: ptxas's choice. Not yet timed.
+    # spilling (benchmarks/kernel_resources.py); None: ptxas's choice (an H200 at 32K,
+    # 2 decode stages: 13-14% slower).
     scores_write_registers: int | None = 128
     # Decode scans compute a key's page slot offset once, not per tile (prefill always
-    # does): 12-15% fewer instructions per tile on sm_90, but a leader's program holds
-    # 96 registers, not 80 (5 programs per multiprocessor, not 6). Not yet timed.
+    # does): 12-15% fewer instructions per tile on sm_90; on an H200 a leader writing
+    # shared scores 1-3% faster at 32K, the other roles within 1-2% either way; off, as
+    # ptxas then spills the estimated-mass followers (8 bytes; kernel_resources.py).
     decode_fixed_slots: bool = False
     # Context positions per decode program, whole tiles (a leader's shared scores are
     # per tile); None: cut the context so that there are about programs_per_sm programs
@@ -1068,7 +1071,7 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
         sc_args, lse_first = _shared_args(shared, group, v.cache.dtype, config.decode_block_n)
     else:
         sc_args, lse_first = (output, 0, 0, output, 0, 0, kp.block_table, 0, 1, 0, 0), 0
-    stages = config.scores_decode_stages if read and not summary_tokens else config.decode_stages
+    stages = config.scores_decode_stages if read else config.decode_stages
     both = dict(NUM_HEADS=heads, BLOCK_N=config.decode_block_n, SUMMARY=summary_tokens,
                 HAS_DISTANT=inputs.k_distant is not None, num_warps=config.decode_warps)
     _decode_split_kernel[(num_reqs, kv_heads, num_splits)](
