@@ -100,8 +100,9 @@ def _tile_pages(table, row, table_stride, start, hi, bs: tl.constexpr, BLOCK_N: 
     nest (powers of two), so a slot is the tile's own offset or a constant pattern, which
     the compiler sees as contiguous (vector loads) or hoists out of the scan."""
     if bs % BLOCK_N == 0:  # the tile in one page
-        page = _pages(table, row, table_stride, start // bs, start < hi)
-        slot = tl.multiple_of(start % bs, BLOCK_N) + tl.arange(0, BLOCK_N)
+        index, offset = _page_slot(start, bs)
+        page = _pages(table, row, table_stride, index, start < hi)
+        slot = tl.multiple_of(offset, BLOCK_N) + tl.arange(0, BLOCK_N)
     elif BLOCK_N % bs == 0:  # whole pages in the tile
         r = tl.arange(0, BLOCK_N)
         page = _pages(table, row, table_stride, start // bs + r // bs, start + r < hi)
@@ -117,7 +118,7 @@ def _tile_pages(table, row, table_stride, start, hi, bs: tl.constexpr, BLOCK_N: 
 def _page_slot(n, bs):
     """(page index, slot) of positions n >= 0 in pages of bs positions (a constexpr):
     unsigned, so that a power of two divides by a shift, not a signed division."""
-    u = n.to(tl.int32).to(tl.uint32, bitcast=True)
+    u = tl.cast(n, tl.int32).to(tl.uint32, bitcast=True)  # n may be a loop's int
     return (u // bs).to(tl.int32, bitcast=True), (u % bs).to(tl.int32, bitcast=True)
 
 
@@ -225,7 +226,7 @@ def _shared_at(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, l
         first_page = _pages(sc_table, row, sc_table_stride, start // sc_bs, start < hi)
     terms = sc_ptr + (page * sc_sb + kv_head * sc_sh + slot)[None, :] + sc_g[:, None] * sc_bs
     lse = (lse_ptr + first_page * lse_sb + kv_head * lse_sh + SC_LSE
-           + (start % sc_bs) // BLOCK_N * GROUP + sc_g)
+           + _page_slot(start, sc_bs)[1] // BLOCK_N * GROUP + sc_g)
     return terms, lse
 
 
@@ -275,18 +276,21 @@ def _share_tile(s, row_max, m_new, unit, scale, start, hi, row, kv_head,
 @triton.jit
 def _shared_tile(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh,
                  sc_table, sc_table_stride, sc_bs: tl.constexpr, sc_g, row_ok, GROUP: tl.constexpr,
-                 SC_LSE: tl.constexpr, BLOCK_N: tl.constexpr):
+                 SC_LSE: tl.constexpr, BLOCK_N: tl.constexpr, WHOLE: tl.constexpr):
     """A follower's read of what its leader left for the key tile at start (_share_tile):
-    terms [M, BLOCK_N] (zero past hi) and their log-sum-exp [M]."""
+    terms [M, BLOCK_N] (zero past hi, unless WHOLE: read only if the tile ends by hi)
+    and their log-sum-exp [M]."""
     terms_at, lse_at = _shared_at(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, lse_ptr,
                                   lse_sb, lse_sh, sc_table, sc_table_stride, sc_bs, sc_g,
                                   GROUP, SC_LSE, BLOCK_N)
     n = start + tl.arange(0, BLOCK_N)
     if sc_bs % BLOCK_N == 0:  # past hi, still the request's page: a vector load
-        terms = tl.load(terms_at, mask=row_ok[:, None], other=0.0)
+        terms = tl.load(terms_at, mask=row_ok[:, None], other=0.0).to(tl.float32)
     else:
-        terms = tl.load(terms_at, mask=row_ok[:, None] & (n < hi)[None, :], other=0.0)
-    terms = tl.where((n < hi)[None, :], terms.to(tl.float32), 0.0)
+        terms = tl.load(terms_at, mask=row_ok[:, None] & (n < hi)[None, :],
+                        other=0.0).to(tl.float32)
+    if not WHOLE:
+        terms = tl.where((n < hi)[None, :], terms, 0.0)
     ok = row_ok & (sc_g * 0 + start < hi)  # [M]-shaped: the interpreter's masks
     return terms, tl.load(lse_at, mask=ok, other=0.0)
 
@@ -302,38 +306,56 @@ def _shared_scan(row, kv_head, lo, hi, v_ptr, v_sb, v_sh, v_ss, v_table, v_table
     [lo, hi) (lo a multiple of BLOCK_N) of its own V, weighted by the softmax its leader
     left per tile (_share_tile). No keys, no exponential per position, no reduction
     across a tile: a tile of log-sum-exp t adds e^(t - m) to l and its terms times that
-    to acc."""
+    to acc. The tiles that end by hi need no mask: a loop of those, then the last tile
+    if partial (a second pipelined loop would hold 30 more registers on sm_90)."""
     d = tl.arange(0, BLOCK_D)
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    whole = tl.maximum(lo, hi // BLOCK_N * BLOCK_N)
     # One tile ahead: Triton pipelines only the loads that feed tl.dot (V), not these.
     terms_next, lse_next = _shared_tile(
         lo, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh, sc_table,
-        sc_table_stride, sc_bs, sc_g, row_ok, GROUP, SC_LSE, BLOCK_N)
+        sc_table_stride, sc_bs, sc_g, row_ok, GROUP, SC_LSE, BLOCK_N, True)
     v_base = v_ptr + kv_head * v_sh + d[None, :]
     vpage_next, vslot_next = _tile_pages(v_table, row, v_table_stride, lo, hi, v_bs, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        in_range = n < hi
+    for start in range(lo, whole, BLOCK_N):
         terms, lse, vpage, vslot = terms_next, lse_next, vpage_next, vslot_next
         vpage_next, vslot_next = _tile_pages(v_table, row, v_table_stride, start + BLOCK_N, hi,
                                              v_bs, BLOCK_N)
         terms_next, lse_next = _shared_tile(
             start + BLOCK_N, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, lse_sh,
-            sc_table, sc_table_stride, sc_bs, sc_g, row_ok, GROUP, SC_LSE, BLOCK_N)
-        m_new = tl.maximum(m_i, lse)
-        alpha = tl.exp2((m_i - m_new) * LOG2E)
-        weight = tl.exp2((lse - m_new) * LOG2E)
-        l_i = l_i * alpha + weight
+            sc_table, sc_table_stride, sc_bs, sc_g, row_ok, GROUP, SC_LSE, BLOCK_N, True)
+        v_rows = v_base + (vpage * v_sb + vslot * v_ss)[:, None]
+        if BLOCK_D == D:
+            v = tl.load(v_rows)
+        else:
+            v = tl.load(v_rows, mask=d[None, :] < D, other=0.0)
+        m_i, l_i, acc = _shared_step(m_i, l_i, acc, terms, lse, v, UPCAST, PRECISION)
+    if whole < hi:
+        terms, lse = _shared_tile(whole, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, lse_ptr,
+                                  lse_sb, lse_sh, sc_table, sc_table_stride, sc_bs, sc_g,
+                                  row_ok, GROUP, SC_LSE, BLOCK_N, False)
+        vpage, vslot = _tile_pages(v_table, row, v_table_stride, whole, hi, v_bs, BLOCK_N)
+        n = whole + tl.arange(0, BLOCK_N)
         v = tl.load(v_base + (vpage * v_sb + vslot * v_ss)[:, None],
-                    mask=in_range[:, None] & (d[None, :] < D), other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        p = terms * weight[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+                    mask=(n < hi)[:, None] & (d[None, :] < D), other=0.0)
+        m_i, l_i, acc = _shared_step(m_i, l_i, acc, terms, lse, v, UPCAST, PRECISION)
     return m_i, l_i, acc
+
+
+@triton.jit
+def _shared_step(m_i, l_i, acc, terms, lse, v, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """(m, l, acc) continued by one tile of V [N, D] with the leader's terms [M, N] and
+    their log-sum-exp lse [M]."""
+    m_new = tl.maximum(m_i, lse)
+    alpha = tl.exp2((m_i - m_new) * LOG2E)
+    weight = tl.exp2((lse - m_new) * LOG2E)
+    if UPCAST:
+        v = v.to(tl.float32)
+    p = terms * weight[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_i * alpha + weight, acc
 
 
 @triton.jit
