@@ -36,8 +36,9 @@ log-sum-exp) and t (`SharedScores`, _share_tile); a follower weighs each tile of
 by those terms times one factor per row, e^(t - m): it reads no distant key, takes no
 exponential per key and reduces nothing across a tile (_shared_scan), and reads its V,
 its key window and one bf16 per distant token and query head: about half the bytes
-of a full layer (0.60-0.70x the time on an H200 at 32K-128K context and batch >= 16,
-before the follower stopped reducing: docs/benchmarks.md).
+of a full layer (0.54-0.63x the time on an H200 at 32K-128K context and batch >= 16,
+0.55-0.69x with the estimated mass: docs/benchmarks.md). Its tiles that end inside
+the chunk take no mask.
 
 On a machine without a GPU the same kernels run under TRITON_INTERPRET=1 on CPU
 tensors (the tests do); the interpreter keeps bf16 as raw integers, so loads are
