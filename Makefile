@@ -68,11 +68,12 @@ gpu-check:
 	# the host's share of an eager decode call (vLLM's piecewise graphs run attention eagerly)
 	PYTHONPATH=. $(PY) benchmarks/host_overhead.py
 
-# One short device loan (about 2 minutes on an H200, of the 15 a session is lent): the
+# One short device loan (about 3 minutes on an H200, of the 15 a session is lent): the
 # Triton tests compiled, the kernel table at 4K-128K (prefill rows included), and the
-# decode shapes not yet timed on the GPU alone swept against the defaults
+# decode shapes not yet timed on the GPU alone swept against the defaults; the sweep
+# prints the fastest, programs per SM apart for followers reading shared scores
 # (docs/benchmarks.md: a follower's decode at 32K x 16 is near the issue limit).
-LOAN_SHAPES := '[{}, {"decode_block_n": 64}, {"programs_per_sm": 16}]'
+LOAN_SHAPES := '[{}, {"decode_block_n": 64}, {"programs_per_sm": 16}, {"programs_per_sm": 8}]'
 XDIST := $(shell $(PY) -c "import xdist" 2>/dev/null && echo "-n 8")
 gpu-loan:
 	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-loan needs a GPU')"

@@ -249,32 +249,39 @@ SWEEP_CASES = [("decode", 32768, 16, 1), ("decode", 32768, 64, 1), ("prefill", 3
 SWEEP_ROLES = ("full", "writing", "follower", "estimated")
 
 
+# Decode fields that a follower reading shared scores takes from a config field of its
+# own: the sweep times each shape with one value for every role, then picks these apart.
+FOLLOWER_FIELDS = {"decode_stages": "scores_decode_stages",
+                   "programs_per_sm": "scores_programs_per_sm"}
+
+
 def shape_config(shape: dict) -> TritonConfig:
-    """A swept shape as a config: its decode stages for every role."""
-    if "decode_stages" in shape:
-        shape = dict(shape, scores_decode_stages=shape["decode_stages"])
+    """A swept shape as a config: its decode stages and programs per SM for every role."""
+    shape = dict(shape, **{FOLLOWER_FIELDS[f]: shape[f] for f in FOLLOWER_FIELDS if f in shape})
     return TritonConfig(**shape)
 
 
-def fastest(totals: dict[str, dict[str, float]]) -> dict:
+def fastest(totals: dict[str, dict[str, float]], decode: bool) -> dict:
     """Of the shapes (JSON) and their times per role: for prefill, the least time over
-    every role; for decode, the least over the roles that take decode_stages (a leader,
-    alone or writing), with scores_decode_stages from the followers reading its shared
-    scores (estimated mass or not), fastest among the shapes that differ from that one
-    in stages only."""
+    every role; for decode, the least over the roles that take decode_stages and
+    programs_per_sm (a leader, alone or writing), with scores_decode_stages and
+    scores_programs_per_sm from the followers reading its shared scores (estimated mass
+    or not), fastest among the shapes that differ from that one in those fields only."""
     shapes = {key: json.loads(key) for key in totals}
-    decode = all("decode_stages" in shape for shape in shapes.values())
     roles = ("full", "writing") if decode else SWEEP_ROLES
     best = min(totals, key=lambda key: sum(totals[key][role] for role in roles))
     if not decode:
         return shapes[best]
 
+    def whole(key: str) -> dict:  # a shape's follower fields, defaults where it has none
+        return {**{f: getattr(DEFAULT_CONFIG, f) for f in FOLLOWER_FIELDS}, **shapes[key]}
+
     def others(key: str) -> dict:
-        return {f: v for f, v in shapes[key].items() if f != "decode_stages"}
+        return {f: v for f, v in whole(key).items() if f not in FOLLOWER_FIELDS}
 
     follower = min((key for key in totals if others(key) == others(best)),
                    key=lambda key: totals[key]["follower"] + totals[key]["estimated"])
-    return dict(shapes[best], scores_decode_stages=shapes[follower]["decode_stages"])
+    return dict(shapes[best], **{own: whole(follower)[f] for f, own in FOLLOWER_FIELDS.items()})
 
 
 def sweep(cases, device: torch.device, dtype, repeats: int, recent: int,
@@ -311,9 +318,9 @@ def sweep(cases, device: torch.device, dtype, repeats: int, recent: int,
                   + " |", flush=True)
         del leader, values, scores, summary
     best = {}
-    for by_shape in totals.values():
+    for case, by_shape in totals.items():
         if by_shape:
-            best.update(fastest(by_shape))
+            best.update(fastest(by_shape, case == "decode"))
     print(f"\nfastest: {best}")
     return best
 

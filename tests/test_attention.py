@@ -22,9 +22,10 @@ SCALE = 1.0 / math.sqrt(DIM)
 
 def triton_impl(bound: int | None = None, **config):
     """The Triton kernels: compiled on a GPU where there is one, else run by Triton's
-    interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET then). Small tiles and
-    decode chunks of 16 positions (unless `config` says otherwise), so that the short
-    test sequences cross tile, chunk and page boundaries. With `bound`, the calls get
+    interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET then). Small tiles,
+    decode chunks of 16 positions and merges of 2 chunks a step (unless `config` says
+    otherwise), so that the short test sequences cross tile, chunk, merge-step and page
+    boundaries. With `bound`, the calls get
     that bound on the context lengths instead of each step's longest, and one decode
     workspace sized for it, reused by every step: the conditions of a CUDA graph. Block
     tables are int32, as vLLM hands them over. Summaries are written by the device-side
@@ -37,7 +38,7 @@ def triton_impl(bound: int | None = None, **config):
     )
 
     config = TritonConfig(**{"split_len": 16, "decode_block_n": 16, "prefill_block_m": 32,
-                             "prefill_block_n": 16, **config})
+                             "prefill_block_n": 16, "merge_splits": 2, **config})
     workspaces: dict[torch.device, torch.Tensor] = {}
 
     def run(inputs, query_start_loc, seq_lens, output):
@@ -287,6 +288,15 @@ def test_decode_split_lengths_fill_the_gpu_and_no_more(monkeypatch):
         TritonConfig(decode_block_n=24)
     with pytest.raises(ValueError, match="split_len"):
         TritonConfig(split_len=0)
+    with pytest.raises(ValueError, match="merge_splits"):
+        TritonConfig(merge_splits=12)
+    # A follower reading shared scores may take fewer, longer chunks than its leader.
+    own = TritonConfig(programs_per_sm=2, scores_programs_per_sm=1, min_split_len=256)
+    lead, follow = (decode_splits(4, kv_heads, 131072, gpu, own, reads) for reads in (0, 1))
+    assert (lead, follow) == (-(-2 * sms // 32), -(-sms // 32)), (lead, follow)
+    assert decode_splits(4, kv_heads, 131072, gpu, config, True) == lead  # None: the leader's
+    with pytest.raises(ValueError, match="scores_programs_per_sm"):
+        TritonConfig(scores_programs_per_sm=0)
 
 
 def test_leader_queries_with_their_own_strides(impl):
@@ -856,7 +866,9 @@ def test_decode_step_replays_on_static_tensors():
     follower = LayerInputs(q=q_own, k_prox=cached("k"), v=values, scale=SCALE, sink=sink,
                            recent=recent, q_distant=q_lead, k_distant=cached("ka", float("nan")),
                            shared_scores=replace(scores, write=False))
-    config = TritonConfig(decode_block_n=16, min_split_len=16)
+    # Under the interpreter (one "SM") the follower runs one chunk, the leader 4: it reads
+    # the leader's scores per tile, whichever chunk wrote them.
+    config = TritonConfig(decode_block_n=16, min_split_len=16, scores_programs_per_sm=8)
     workspace = decode_workspace(4, HEADS, KV_HEADS, DIM, bound, device, config)
     size, per_page, summary_pages = 4, 8, PagedBatch(lengths, 8, gen)
     summary = SummaryPart(torch.full((summary_pages.num_blocks, KV_HEADS, 2, DIM), float("nan"),

@@ -61,35 +61,48 @@ def test_sweep_writes_the_fastest_shapes_that_the_benchmark_takes(tmp_path):
     assert all(float(cell) > 0 for row in rows for cell in row[1:]), rows
     best = json.loads(swept.read_text())
     assert set(best) == {"decode_block_n", "decode_warps", "decode_stages", "programs_per_sm",
-                         "scores_decode_stages", "prefill_block_m", "prefill_block_n",
-                         "prefill_warps", "prefill_stages"}, best
+                         "scores_decode_stages", "scores_programs_per_sm", "prefill_block_m",
+                         "prefill_block_n", "prefill_warps", "prefill_stages"}, best
     assert len(smoke_rows("--config", str(swept), starts=("| decode",))) == 1
     steps = smoke_rows("--steps", "--config", str(swept), starts=("| 200 |",))
     assert len(steps) == 1 and ratio(steps[0][4]) > 0, steps
 
 
-def test_sweep_gives_followers_reading_shared_scores_their_own_stages():
-    """The sweep times each decode shape with one pipeline depth for every role; the
-    fastest keeps the shape the leader runs fastest with (alone and writing shared
-    scores), and the stages the followers reading shared scores (estimated mass or not)
-    run fastest with among the shapes that differ from it in stages only (the other
-    fields are shared by every role)."""
+def test_sweep_gives_followers_reading_shared_scores_their_own_stages_and_splits():
+    """The sweep times each decode shape with one pipeline depth and one number of
+    programs per SM for every role; the fastest keeps the shape the leader runs fastest
+    with (alone and writing shared scores), and the stages and programs per SM the
+    followers reading shared scores (estimated mass or not) run fastest with among the
+    shapes that differ from it in those two fields only (the others, the tile above
+    all, are shared by every role). A shape that leaves a field out has the default."""
     sys.path.insert(0, str(SCRIPT.parent))
     import kernels
 
-    def shape(stages: int, programs: int) -> str:
-        return json.dumps(dict(decode_block_n=32, decode_warps=4, decode_stages=stages,
+    def shape(stages: int, programs: int, block_n: int = 32) -> str:
+        return json.dumps(dict(decode_block_n=block_n, decode_warps=4, decode_stages=stages,
                                programs_per_sm=programs))
 
-    # per role: full, writing, follower (shared scores alone), estimated
+    def times(by_shape: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+        # per role: full, writing, follower (shared scores alone), estimated
+        return {key: dict(zip(kernels.SWEEP_ROLES, ms, strict=True))
+                for key, ms in by_shape.items()}
+
     totals = {shape(2, 32): [1.0, 1.1, 0.9, 0.8], shape(3, 32): [1.1, 1.1, 0.7, 0.7],
-              shape(4, 16): [1.05, 1.1, 0.5, 0.5], shape(2, 16): [1.2, 1.1, 0.9, 0.8]}
-    best = kernels.fastest({key: dict(zip(kernels.SWEEP_ROLES, ms, strict=True))
-                            for key, ms in totals.items()})
-    assert best == dict(json.loads(shape(2, 32)), scores_decode_stages=3)
+              shape(4, 16): [1.05, 1.1, 0.5, 0.5], shape(2, 16): [1.2, 1.1, 0.9, 0.8],
+              shape(2, 32, 64): [1.3, 1.3, 0.1, 0.1]}
+    best = kernels.fastest(times(totals), decode=True)
+    assert best == dict(json.loads(shape(2, 32)), scores_decode_stages=4,
+                        scores_programs_per_sm=16)
+    partial = {"{}": [1.0, 1.0, 0.8, 0.8], '{"programs_per_sm": 16}': [1.1, 1.1, 0.6, 0.6],
+               '{"decode_block_n": 64}': [1.2, 1.2, 0.1, 0.1]}
+    assert kernels.fastest(times(partial), decode=True) == {
+        "scores_decode_stages": kernels.DEFAULT_CONFIG.decode_stages,
+        "scores_programs_per_sm": 16}
+    config = kernels.shape_config(json.loads(shape(4, 16)))
+    assert (config.scores_decode_stages, config.scores_programs_per_sm) == (4, 16)
     prefill = {json.dumps(dict(prefill_stages=n)): dict.fromkeys(kernels.SWEEP_ROLES, 3.0 - n)
                for n in (2, 3)}
-    assert kernels.fastest(prefill) == {"prefill_stages": 3}
+    assert kernels.fastest(prefill, decode=False) == {"prefill_stages": 3}
 
 
 def test_host_overhead_benchmark_runs_with_stubbed_launches():

@@ -20,7 +20,7 @@ is the distant branch, of mass exp(lse_D) and value o_D (_as_prior): so the dist
 scan runs first and the proximal scan continues its state, one [M, D] accumulator
 live at a time, as in a full layer; only the optional gate skip (g = 1 where g >=
 tau) keeps the branches apart. No score matrix is materialised; freed key blocks are
-never read. In decode each split program also estimates its chunk's part of that mass.
+never read. In decode that mass takes one program more per (request, KV head).
 A key tile that every row of the program keeps whole (in a long prefill all but a few
 at the edges of the rows' causal range and window) skips the masks; the softmax runs
 on exp2 with the scale folded into one multiply-add, page sizes are compile-time
@@ -583,7 +583,7 @@ def _partial_index(row, split, branch, num_splits, head, NUM_HEADS: tl.constexpr
                    BRANCHES: tl.constexpr):
     """Index of (request, split, branch, head) in decode partials [R, S, BRANCHES, H]: the
     accumulators have 2 branches (proximal, distant), their (m, l) a third, the
-    follower's estimated mass (MASS)."""
+    follower's estimated mass over the whole context (MASS, split 0's only)."""
     return ((row * num_splits + split) * BRANCHES + branch) * NUM_HEADS + head
 
 
@@ -627,8 +627,12 @@ def _decode_split_kernel(
     FIXED_SLOTS: tl.constexpr,
 ):
     """Both branches of one decode query over context chunk [lo, hi): unnormalised
-    (m, l, acc) per branch and head into the partials; with SUMMARY, the (m, l) of the
-    follower's estimated mass over the chunk too (_estimated_mass)."""
+    (m, l, acc) per branch and head into the partials. With SUMMARY the grid has one
+    program more per (request, KV head), started first: the (m, l) of the follower's
+    estimated mass over the whole context (_estimated_mass), into split 0's MASS slot.
+    A program of its own, as the mass's loads wait on one another (query, table,
+    summaries) while no value is in flight: in every chunk's program that wait had
+    added to each program's time."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     # Last chunk first: a follower's holds the window, whose keys it reads too (about
@@ -637,6 +641,20 @@ def _decode_split_kernel(
     split = tl.num_programs(2) - 1 - tl.program_id(2)
     q_len, seq_len, tok, head, row_ok, d, q_mask = _decode_rows(
         query_start_loc, seq_lens, row, kv_head, GROUP, D, BLOCK_M, BLOCK_D)
+    if HAS_DISTANT and SUMMARY > 0:
+        if split == num_splits:
+            if q_len == 1:
+                i = seq_len - 1
+                q = _load_rows(q_ptr, q_st, q_sh, tok, head, d, q_mask, UPCAST)
+                m_s, l_s = _estimated_mass(
+                    q, row, kv_head, i, i, head * 0 + i, 0, seq_len, sink, recent, scale,
+                    log_w_ptr, head, row_ok, kp_ptr, kp_sb, kp_sh, kp_ss, kp_table,
+                    kp_table_stride, kp_bs, s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride,
+                    tokens_per_page, SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
+                    FIXED_SLOTS)
+                _store_partial(acc_ptr, ml_ptr, m_s, l_s, 0.0, row, 0, MASS, num_splits, head,
+                               row_ok, d, q_mask, NUM_HEADS, D, False)
+            return
     length = _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N)
     lo = split * length
     if q_len != 1 or lo >= seq_len:
@@ -670,14 +688,6 @@ def _decode_split_kernel(
                             WRITE_SCORES, GROUP, SC_LSE, FIXED_SLOTS)
     _store_partial(acc_ptr, ml_ptr, m_p, l_p, acc_p, row, split, 0, num_splits, head,
                    row_ok, d, q_mask, NUM_HEADS, D, True)
-    if HAS_DISTANT and SUMMARY > 0:  # q still live; the proximal state stored
-        m_s, l_s = _estimated_mass(
-            q, row, kv_head, i, i, q_pos, lo, hi, sink, recent, scale, log_w_ptr, head,
-            row_ok, kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
-            s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
-            SUMMARY, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, FIXED_SLOTS)
-        _store_partial(acc_ptr, ml_ptr, m_s, l_s, 0.0, row, split, MASS, num_splits, head,
-                       row_ok, d, q_mask, NUM_HEADS, D, False)
     if HAS_DISTANT:  # [n_s, i - n_r] cut to the chunk
         distant_end = tl.minimum(hi, i - recent + 1)
         if READ_SCORES:  # from the tile holding n_s on: the leader's tiles
@@ -704,42 +714,39 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _combine_splits(m_i, l_i, acc, acc_ptr, ml_ptr, row, branch, num_splits, used, head, d,
-                    NUM_HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                    WITH_ACC: tl.constexpr):
+def _combine_block(m_i, l_i, acc, acc_ptr, ml_ptr, row, split, ok, branch, num_splits, head, d,
+                   NUM_HEADS: tl.constexpr, D: tl.constexpr, WITH_ACC: tl.constexpr):
     """(m [1], l [1], acc [1, BLOCK_D]) of query head `head` continued over one branch's
-    partials of the first `used` splits, SPLITS at a time (independent loads: a long
-    context's hundreds of splits are not read one after another)."""
-    for first in range(0, used, SPLITS):
-        split = first + tl.arange(0, SPLITS)
-        ok = split < used
-        at = _partial_index(row, split, branch, num_splits, head, NUM_HEADS, 3)
-        m = tl.load(ml_ptr + 2 * at, mask=ok, other=NEG_BIG)
-        l_s = tl.load(ml_ptr + 2 * at + 1, mask=ok, other=0.0)
-        m_new = tl.maximum(m_i, tl.max(m, 0))
-        alpha = tl.exp(m_i - m_new)
-        beta = tl.exp(m - m_new)  # [SPLITS]
-        l_i = l_i * alpha + tl.sum(l_s * beta, 0)
-        if WITH_ACC:
-            at = _partial_index(row, split, branch, num_splits, head, NUM_HEADS, 2)
-            a = tl.load(acc_ptr + at[:, None] * D + d[None, :],
-                        mask=ok[:, None] & (d[None, :] < D), other=0.0)
-            acc = acc * alpha[:, None] + tl.sum(a * beta[:, None], 0)[None, :]
-        m_i = m_new
-    return m_i, l_i, acc
+    partials of the splits `split` [SPLITS] where ok, loaded as one tile."""
+    at = _partial_index(row, split, branch, num_splits, head, NUM_HEADS, 3)
+    m = tl.load(ml_ptr + 2 * at, mask=ok, other=NEG_BIG)
+    l_s = tl.load(ml_ptr + 2 * at + 1, mask=ok, other=0.0)
+    m_new = tl.maximum(m_i, tl.max(m, 0))
+    alpha = tl.exp(m_i - m_new)
+    beta = tl.exp(m - m_new)  # [SPLITS]
+    l_i = l_i * alpha + tl.sum(l_s * beta, 0)
+    if WITH_ACC:
+        at = _partial_index(row, split, branch, num_splits, head, NUM_HEADS, 2)
+        a = tl.load(acc_ptr + at[:, None] * D + d[None, :],
+                    mask=ok[:, None] & (d[None, :] < D), other=0.0)
+        acc = acc * alpha[:, None] + tl.sum(a * beta[:, None], 0)[None, :]
+    return m_new, l_i, acc
 
 
 @triton.jit
 def _decode_merge_kernel(
     out_ptr, o_st, o_sh, acc_ptr, ml_ptr, num_splits, split_len, min_split_len,
-    query_start_loc, seq_lens, sink, recent, gate_tau,
+    query_start_loc, seq_lens, gate_tau,
     NUM_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, HAS_DISTANT: tl.constexpr,
     SUMMARY: tl.constexpr, GATE: tl.constexpr,
 ):
-    """One query head's decode output from its splits' partials: the distant branch and
-    its lse (the branch's own, or the estimated mass's) first, then the proximal one, as
-    in the prefill kernel. Rows of one element, so that _as_prior and _merge apply."""
+    """One query head's decode output from its splits' partials: each branch (proximal,
+    distant, the estimated mass) combined over the splits, SPLITS at a time, all three
+    in one loop (their loads are independent: one memory round trip per step, not one
+    per branch; a long context has hundreds of splits), then merged as in the prefill
+    kernel: g o_P + (1 - g) o_D (_merge; without the gate skip that equals _as_prior's
+    continuation). Rows of one element, so that _merge applies."""
     row = tl.program_id(0)
     head = tl.program_id(1)
     q_begin = _index(query_start_loc, row)
@@ -749,32 +756,31 @@ def _decode_merge_kernel(
     length = _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N)
     used = tl.cdiv(seq_len, length)
     d = tl.arange(0, BLOCK_D)
-    m_i = tl.full([1], NEG_BIG, tl.float32)
-    l_i = tl.zeros([1], tl.float32)
-    acc = tl.zeros([1, BLOCK_D], tl.float32)
-    l_d = tl.zeros([1], tl.float32)
-    acc_d = tl.zeros([1, BLOCK_D], tl.float32)
-    lse_d = tl.full([1], float("-inf"), tl.float32)
+    m_p = tl.full([1], NEG_BIG, tl.float32)
+    l_p = tl.zeros([1], tl.float32)
+    acc_p = tl.zeros([1, BLOCK_D], tl.float32)
+    m_d, l_d, acc_d = m_p, l_p, acc_p
+    for first in range(0, used, SPLITS):
+        split = first + tl.arange(0, SPLITS)
+        ok = split < used
+        m_p, l_p, acc_p = _combine_block(m_p, l_p, acc_p, acc_ptr, ml_ptr, row, split, ok, 0,
+                                         num_splits, head, d, NUM_HEADS, D, True)
+        if HAS_DISTANT:  # every split stores it, empty or not
+            m_d, l_d, acc_d = _combine_block(m_d, l_d, acc_d, acc_ptr, ml_ptr, row, split, ok,
+                                             1, num_splits, head, d, NUM_HEADS, D, True)
+    out = acc_p / tl.where(l_p > 0, l_p, 1.0)[:, None]
     if HAS_DISTANT:
-        i = seq_len - 1
-        if i - recent + 1 > sink:
-            m_d, l_d, acc_d = _combine_splits(m_i, l_i, acc, acc_ptr, ml_ptr, row, 1,
-                                              num_splits, used, head, d, NUM_HEADS, D,
-                                              SPLITS, True)
-            if SUMMARY > 0:
-                m_s, l_s, _ = _combine_splits(m_i, l_i, acc, acc_ptr, ml_ptr, row, MASS,
-                                              num_splits, used, head, d, NUM_HEADS, D,
-                                              SPLITS, False)
-                lse_d = _log_sum(m_s, l_s)
-            else:
-                lse_d = _log_sum(m_d, l_d)
-            if not GATE:
-                m_i, l_i, acc = _as_prior(m_d, l_d, acc_d, lse_d)
-    m_i, l_i, acc = _combine_splits(m_i, l_i, acc, acc_ptr, ml_ptr, row, 0, num_splits, used,
-                                    head, d, NUM_HEADS, D, SPLITS, True)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    if GATE:  # here (m_i, l_i, acc) is the proximal branch alone
-        out = _merge(out, m_i, l_i, acc_d, l_d, lse_d, gate_tau)
+        if SUMMARY > 0:  # the whole context's, from its own program (split 0's slot)
+            at = _partial_index(row, 0, MASS, num_splits, head, NUM_HEADS, 3)
+            at += tl.zeros([1], tl.int32)  # a row of one, as the states
+            lse_d = _log_sum(tl.load(ml_ptr + 2 * at), tl.load(ml_ptr + 2 * at + 1))
+        else:
+            lse_d = _log_sum(m_d, l_d)
+        lse_d = tl.where(l_d > 0, lse_d, float("-inf"))  # no distant values: g = 1
+        tau = 2.0  # g < 1 < tau: no gate skip
+        if GATE:
+            tau = gate_tau
+        out = _merge(out, m_p, l_p, acc_d, l_d, lse_d, tau)
     at = out_ptr + q_begin * o_st + head * o_sh + d[None, :]
     tl.store(at, out.to(out_ptr.dtype.element_ty), mask=d[None, :] < D)
 
@@ -795,7 +801,7 @@ def _estimated_mass(q, row, kv_head, first, last, q_pos, lo, hi, sink, recent, s
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                     PRECISION: tl.constexpr, FIXED_SLOTS: tl.constexpr):
     """Softmax state (m, l) of mass.py's estimate M of rows at q_pos in [first, last],
-    over context [lo, hi) (decode: a split's chunk): the mean keys of the whole distant
+    over context [lo, hi) (decode: the whole context): the mean keys of the whole distant
     summary blocks that start there, a block weighing log_w (log S + the calibrated
     offset) of the row's query head, and the exact keys of its other distant positions
     (next to the sinks and to the window, still in the key cache)."""
@@ -882,13 +888,27 @@ class TritonConfig:
     # per multiprocessor, each >= min_split_len positions.
     split_len: int | None = None
     programs_per_sm: int = 32
+    # A follower reading shared scores: its own programs per SM (None: programs_per_sm).
+    # It reads about half a leader's bytes per position (V and one logit per query head,
+    # no keys), so at equal splits its programs are half as long and their fixed costs
+    # (table and metadata loads before the first tile, the partials) weigh twice as much.
+    scores_programs_per_sm: int | None = None
     min_split_len: int = 256
+    # Splits whose partial states a merge program loads per step, as one tile per branch
+    # (sm_90: 48-64 registers at 32; a 128K context at batch 1 has 512 splits).
+    merge_splits: int = 32
 
     def __post_init__(self) -> None:
         for name in ("prefill_block_m", "prefill_block_n", "decode_block_n"):
             size = getattr(self, name)
             if size < 16 or size & (size - 1):  # tl.dot's smallest side; power of two
                 raise ValueError(f"TritonConfig.{name} must be a power of two >= 16, not {size}")
+        if self.merge_splits < 1 or self.merge_splits & (self.merge_splits - 1):
+            raise ValueError(f"TritonConfig.merge_splits must be a power of two, not "
+                             f"{self.merge_splits}")
+        for name in ("programs_per_sm", "scores_programs_per_sm"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"TritonConfig.{name} must be >= 1")
         if self.split_len is not None and (self.split_len < 1
                                            or self.split_len % self.decode_block_n):
             raise ValueError(f"TritonConfig.split_len must be a positive multiple of "
@@ -896,7 +916,6 @@ class TritonConfig:
 
 
 DEFAULT_CONFIG = TritonConfig()
-MERGE_SPLITS = 16  # decode partials a merge program combines per step
 # A leader's window for the kernels: past any context, small enough that the kernels'
 # position arithmetic stays in int32 (UNBOUNDED would make it int64, element-wise).
 UNBOUNDED_RECENT = 1 << 30
@@ -919,15 +938,19 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def decode_splits(num_reqs: int, kv_heads: int, max_seq_len: int, device: torch.device,
-                  config: TritonConfig = DEFAULT_CONFIG) -> int:
+                  config: TritonConfig = DEFAULT_CONFIG, reads_scores: bool = False) -> int:
     """Decode programs per (request, KV head): enough for about programs_per_sm programs
-    per multiprocessor, no more than a max_seq_len context cut into min_split_len chunks
-    can use. Each request cuts its own context into that many chunks (_chunk_len), so the
-    grid depends on no request's actual length: with a static bound for max_seq_len (the
-    model's limit) it can be captured in a CUDA graph."""
+    per multiprocessor (scores_programs_per_sm for a follower that reads_scores), no more
+    than a max_seq_len context cut into min_split_len chunks can use. Each request cuts
+    its own context into that many chunks (_chunk_len), so the grid depends on no
+    request's actual length: with a static bound for max_seq_len (the model's limit) it
+    can be captured in a CUDA graph."""
     if config.split_len is not None:
         return _cdiv(max_seq_len, config.split_len)
-    programs = config.programs_per_sm * _multiprocessors(device)
+    per_sm = config.programs_per_sm
+    if reads_scores and config.scores_programs_per_sm is not None:
+        per_sm = config.scores_programs_per_sm
+    programs = per_sm * _multiprocessors(device)
     wanted = _cdiv(programs, max(1, num_reqs * kv_heads))
     return max(1, min(wanted, _cdiv(max_seq_len, config.min_split_len)))
 
@@ -947,8 +970,8 @@ def decode_workspace(max_reqs: int, heads: int, kv_heads: int, head_size: int,
     """Scratch for the decode partials of any step within the scheduler's limits (up to
     max_reqs requests of up to max_seq_len positions): allocated once, passed to every
     call, so a decode step allocates nothing (CUDA graphs need static buffers)."""
-    programs = max(reqs * decode_splits(reqs, kv_heads, max_seq_len, device, config)
-                   for reqs in range(1, max_reqs + 1))
+    programs = max(reqs * decode_splits(reqs, kv_heads, max_seq_len, device, config, reads)
+                   for reqs in range(1, max_reqs + 1) for reads in (False, True))
     return torch.empty(_partials_size(programs * heads, head_size), dtype=torch.float32,
                        device=device)
 
@@ -1084,12 +1107,12 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
     num_reqs, heads, dim = lens.shape[0], q.shape[1], q.shape[2]
     kv_heads = kp.cache.shape[1]
     group = heads // kv_heads
-    num_splits = decode_splits(num_reqs, kv_heads, max_seq_len, q.device, config)
+    write = shared is not None and shared.write
+    read = shared is not None and not shared.write and inputs.k_distant is not None
+    num_splits = decode_splits(num_reqs, kv_heads, max_seq_len, q.device, config, read)
     chunks = (num_splits, config.split_len or 0, config.min_split_len)
     partial_acc, partial_ml = _partials(workspace, num_reqs * num_splits * heads, dim,
                                         q.device)
-    write = shared is not None and shared.write
-    read = shared is not None and not shared.write and inputs.k_distant is not None
     if shared is not None:
         sc_args, lse_first = _shared_args(shared, group, v.cache.dtype, config.decode_block_n)
     else:
@@ -1097,7 +1120,9 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
     stages = config.scores_decode_stages if read else config.decode_stages
     both = dict(NUM_HEADS=heads, BLOCK_N=config.decode_block_n, SUMMARY=summary_tokens,
                 HAS_DISTANT=inputs.k_distant is not None, num_warps=config.decode_warps)
-    _decode_split_kernel[(num_reqs, kv_heads, num_splits)](
+    # With the estimated mass, one program more per (request, KV head) computes it.
+    mass_program = int(summary_tokens > 0 and inputs.k_distant is not None)
+    _decode_split_kernel[(num_reqs, kv_heads, num_splits + mass_program)](
         partial_acc, partial_ml, *chunks,
         q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
         *_paged_args(kp), *_paged_args(v), *kd_args,
@@ -1108,8 +1133,8 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
         maxnreg=config.scores_write_registers if write else None, **both, **common)
     _decode_merge_kernel[(num_reqs, heads)](
         output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
-        starts, lens, inputs.sink, recent, tau, D=dim, BLOCK_D=common["BLOCK_D"],
-        SPLITS=MERGE_SPLITS, GATE=tau > 0, **both)
+        starts, lens, tau, D=dim, BLOCK_D=common["BLOCK_D"],
+        SPLITS=config.merge_splits, GATE=tau > 0, **both)
 
 
 @triton.jit
