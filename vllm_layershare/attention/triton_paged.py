@@ -224,7 +224,8 @@ def _shared_at(start, hi, row, kv_head, sc_ptr, sc_sb, sc_sh, lse_ptr, lse_sb, l
     if sc_bs % BLOCK_N == 0:
         first_page = page
     else:
-        first_page = _pages(sc_table, row, sc_table_stride, start // sc_bs, start < hi)
+        first_page = _pages(sc_table, row, sc_table_stride, _page_slot(start, sc_bs)[0],
+                            start < hi)
     terms = sc_ptr + (page * sc_sb + kv_head * sc_sh + slot)[None, :] + sc_g[:, None] * sc_bs
     lse = (lse_ptr + first_page * lse_sb + kv_head * lse_sh + SC_LSE
            + _page_slot(start, sc_bs)[1] // BLOCK_N * GROUP + sc_g)
