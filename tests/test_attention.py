@@ -119,6 +119,26 @@ def random_sequence(length: int, gen: torch.Generator, heads: int = HEADS,
     }
 
 
+def rising_logits(seq: dict[str, torch.Tensor], slope: float,
+                  gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """seq with every logit (q.k and qa.ka) raised by `slope` nats per key position: one
+    direction u in every query (its own component along u replaced by 4 u) and n c u
+    added to key n, so that q.k_n gains 4 c n. A running softmax maximum then rises
+    through a scan, by more than the kernels' STALE_MAX (8 nats) at every 16-key tile
+    or every few."""
+    dim = seq["q"].shape[-1]
+    u = torch.randn(dim, generator=gen)
+    u /= u.norm()
+    c = slope / (4 * scale_of(seq))
+    ramp = c * torch.arange(seq["k"].shape[0], dtype=torch.float32)[:, None, None] * u
+    out = dict(seq)
+    for name in ("q", "qa"):
+        out[name] = seq[name] - (seq[name] @ u)[..., None] * u + 4 * u
+    for name in ("k", "ka"):
+        out[name] = seq[name] + ramp
+    return out
+
+
 def scale_of(seq: dict[str, torch.Tensor]) -> float:
     return 1.0 / math.sqrt(seq["q"].shape[-1])
 
@@ -315,6 +335,22 @@ def test_leader_queries_with_their_own_strides(impl):
     for seq, out in zip(seqs, outs, strict=True):
         torch.testing.assert_close(out.double(), reference(seq, sink=2, recent=6),
                                    atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("slope", [0.25, 1.0])
+@pytest.mark.parametrize("feed", ["one_prefill", "prefill_then_decode"])
+def test_rising_logits_equal_dense_reference(impl, feed, slope):
+    """Logits that rise along the context (up to about 50 nats), so that the running
+    softmax maximum of every scan moves past the kernels' STALE_MAX mid-scan (every
+    16-key tile, or every second one): the rescales there leave the result exact."""
+    gen = torch.Generator().manual_seed(17)
+    lengths = [37, 20, 51]
+    seqs = [rising_logits(random_sequence(n, gen), slope, gen) for n in lengths]
+    outs = run_paged(impl, seqs, [FEEDS[feed](n) for n in lengths], 8, gen,
+                     sink=3, recent=9, share="scores")
+    for seq, out in zip(seqs, outs, strict=True):
+        torch.testing.assert_close(out.double(), reference(seq, sink=3, recent=9),
+                                   atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("tau", [0.3, 0.7, 1.0])
@@ -719,22 +755,26 @@ def test_one_token_summaries_give_the_oracle_gate():
     assert (published - expected).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("slope", [None, 1.0], ids=["random_logits", "rising_logits"])
 @pytest.mark.parametrize("bound", [None, 64], ids=["step_longest", "static_bound"])
 @pytest.mark.parametrize("score_page, split_len", [(5, 16), (32, 48)],
                          ids=["pages_across_tiles", "tiles_within_pages"])
-def test_decode_followers_read_the_leaders_scores(bound, score_page, split_len):
+def test_decode_followers_read_the_leaders_scores(bound, score_page, split_len, slope):
     """Share `scores` on the GPU kernels: in one-query rows the leader writes the
     softmax terms of the distant tokens per key tile and the follower reads them
     instead of the leader's keys, which are NaN for it there; rows with several queries
     still read keys. Leader and follower equal the dense references, prefill, chunks
     and decode mixed in steps. Scores pages of 5 tokens (a 16-position tile spans
     several) and of 32 (two tiles per page, decode chunks of three tiles); the cache
-    starts as NaN, so any value the follower reads and the leader did not write shows."""
+    starts as NaN, so any value the follower reads and the leader did not write shows.
+    Rising logits (rising_logits) make the follower's running maximum move mid-scan."""
     impl = triton_impl(bound=bound, split_len=split_len)
     gen = torch.Generator().manual_seed(41)
     sink, recent, block_size = 3, 7, 8
     lengths = [40, 29, 52]
     seqs = [random_sequence(n, gen) for n in lengths]
+    if slope is not None:
+        seqs = [rising_logits(seq, slope, gen) for seq in seqs]
     feed = [[30] + [1] * 10, [20, 9], [20, 20] + [1] * 12]
     batch = PagedBatch(lengths, block_size, gen)
     # The scores companion: its own pages and block table.
