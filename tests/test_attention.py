@@ -25,11 +25,11 @@ def triton_impl(bound: int | None = None, **config):
     interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET then). Small tiles,
     decode chunks of 16 positions and merges of 2 chunks a step (unless `config` says
     otherwise), so that the short test sequences cross tile, chunk, merge-step and page
-    boundaries. With `bound`, the calls get
-    that bound on the context lengths instead of each step's longest, and one decode
-    workspace sized for it, reused by every step: the conditions of a CUDA graph. Block
-    tables are int32, as vLLM hands them over. Summaries are written by the device-side
-    writer (`run.write_summaries`, used by run_estimated)."""
+    boundaries. With `bound`, the calls get that bound on the context lengths instead
+    of each step's longest, and one decode workspace sized for it, reused by every
+    step: the conditions of a CUDA graph. Block tables are int32, as vLLM hands them
+    over. Summaries are written by the device-side writer (`run.write_summaries`, used
+    by run_estimated)."""
     from vllm_layershare.attention.triton_paged import (
         TritonConfig,
         decode_workspace,
