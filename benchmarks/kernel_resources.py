@@ -209,8 +209,10 @@ def launches(heads, kv_heads, dim, dtype, config: TritonConfig, index: torch.dty
                                                   torch.zeros_like(x.q), m,
                                                   int(x.seq_lens.max()), config))
     slots = torch.arange(layer.q.shape[0], dtype=torch.int64)
+    new = layer.q[:, :kv_heads]  # a follower's: V into its cache, K into the window's
     yield "cache write", lambda: triton_paged.triton_write_slots(
-        layer.own_values.cache, slots, BLOCK, layer.q[:, :kv_heads])
+        (layer.own_values.cache, slots, BLOCK, new),
+        (layer.keys.cache[..., :dim], slots, BLOCK, new))
     yield "summary write", lambda: triton_paged.triton_write_summaries(
         layer.keys, layer.summary, layer.query_start_loc, layer.seq_lens)
 

@@ -357,15 +357,15 @@ def decode_step(batch: int, context: int, followers: int, device: torch.device, 
     later_values = values if followers else leader[..., DIM:]
 
     def step() -> None:
-        triton_write_slots(leader[..., :DIM], slots, BLOCK, new_k)
-        triton_write_slots(leader[..., DIM:], slots, BLOCK, new_v)
+        triton_write_slots((leader[..., :DIM], slots, BLOCK, new_k),
+                           (leader[..., DIM:], slots, BLOCK, new_v))
         if followers:
             kept.copy_(q)
         attend(first)
         for _ in range(followers or GROUP_FOLLOWERS):
             # a follower's key window: the leader's cache stands in (layer_inputs)
-            triton_write_slots(leader[..., :DIM], slots, BLOCK, new_k)
-            triton_write_slots(later_values, slots, BLOCK, new_v)
+            triton_write_slots((leader[..., :DIM], slots, BLOCK, new_k),
+                               (later_values, slots, BLOCK, new_v))
             if summary is not None:  # contexts are multiples of SUMMARY: every step
                 # completes a block, the worst case (one step in SUMMARY in a real run)
                 triton_write_summaries(others.k_prox, summary, starts, lens)

@@ -519,10 +519,12 @@ def triton_write_slots():
     if not torch.cuda.is_available():
         return write
 
-    def on_gpu(cache, slots, block_size, data):
-        moved = cache.cuda()
-        write(moved, slots.cuda(), block_size, data.cuda())
-        cache.copy_(moved.cpu())
+    def on_gpu(*writes):
+        moved = [(cache.cuda(), slots.cuda(), size, data.cuda())
+                 for cache, slots, size, data in writes]
+        write(*moved)
+        for (cache, *_), (done, *_) in zip(writes, moved, strict=True):
+            cache.copy_(done.cpu())
     return on_gpu
 
 
@@ -532,7 +534,8 @@ def test_write_slots_matches_indexing(name, dtype):
     """The kernels' cache writers store each token at its slot, into one channel slice
     of the cache, in the cache's dtype, and skip padding (-1) and tokens past the slots."""
     assert name != "native" or native.available(torch.device("cpu")), "CPU kernel not built"
-    write = native.write_slots if name == "native" else triton_write_slots()
+    write = (native.write_slots if name == "native"
+             else lambda *one_write: triton_write_slots()(one_write))
     gen = torch.Generator().manual_seed(29)
     cache = torch.zeros(6, KV_HEADS, 4, 2 * DIM, dtype=dtype)
     expected = cache.clone()
@@ -544,6 +547,30 @@ def test_write_slots_matches_indexing(name, dtype):
         if slot >= 0:
             expected[slot // 4, :, slot % 4, DIM:] = data[t]
     assert torch.equal(cache, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_writes_a_layers_key_and_value_in_one_launch(dtype):
+    """Two writes in one launch, as a follower makes them: its values into its own
+    cache, its keys into the key window's cache, each at its own slots, block size and
+    channel count; padding (-1) skipped in either; nothing else in the caches moves."""
+    write = triton_write_slots()
+    gen = torch.Generator().manual_seed(31)
+    values = torch.randn(5, KV_HEADS, 4, DIM, generator=gen).to(dtype)
+    keys = torch.randn(3, KV_HEADS, 8, DIM + 8, generator=gen).to(dtype)
+    expected_values, expected_keys = values.clone(), keys.clone()
+    new_v = torch.randn(4, KV_HEADS, DIM, generator=gen).to(dtype)
+    new_k = torch.randn(4, KV_HEADS, DIM, generator=gen).to(dtype)
+    v_slots, k_slots = torch.tensor([9, -1, 2, 19]), torch.tensor([17, 3, -1, 8])
+    write((values, v_slots, 4, new_v), (keys[..., :DIM], k_slots, 8, new_k))
+    for t in range(4):
+        v_slot, k_slot = int(v_slots[t]), int(k_slots[t])
+        if v_slot >= 0:
+            expected_values[v_slot // 4, :, v_slot % 4] = new_v[t]
+        if k_slot >= 0:
+            expected_keys[k_slot // 8, :, k_slot % 8, :DIM] = new_k[t]
+    assert torch.equal(values, expected_values)
+    assert torch.equal(keys, expected_keys)
 
 
 # --- estimated distant mass (distant_mass: estimated) ---------------------------------

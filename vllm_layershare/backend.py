@@ -279,21 +279,25 @@ class LayerRole:
     scores_cache: str | None = None  # a leader's scores companion (GPU kernels, if planned)
 
 
-def write_cache(cache: torch.Tensor, lo: int, hi: int, data: torch.Tensor,
-                meta: LayershareMetadata, path: str) -> None:
-    """Store data [T, Hkv, hi-lo] at the slots of the group's slot mapping."""
-    slots = meta.slot_mapping
-    if path == "native":
-        native.write_slots(cache[..., lo:hi], slots, meta.block_size, data)
-        return
+def write_cache(writes: list[tuple[torch.Tensor, torch.Tensor, LayershareMetadata]],
+                path: str) -> None:
+    """Store each write's data [T, Hkv, C] into its cache slice [blocks, Hkv, block_size,
+    C] at the slots of its metadata's slot mapping; on the Triton path a layer's writes
+    share one launch."""
     if path == "triton":
-        triton_kernels().triton_write_slots(cache[..., lo:hi], slots, meta.block_size, data)
+        triton_kernels().triton_write_slots(
+            *[(cache, meta.slot_mapping, meta.block_size, data) for cache, data, meta in writes])
         return
-    data = data[: slots.shape[0]]
-    keep = slots >= 0
-    if not bool(keep.all()):
-        slots, data = slots[keep], data[keep]
-    cache[..., lo:hi][slots // meta.block_size, :, slots % meta.block_size] = data.to(cache.dtype)
+    for cache, data, meta in writes:
+        slots = meta.slot_mapping
+        if path == "native":
+            native.write_slots(cache, slots, meta.block_size, data)
+            continue
+        data = data[: slots.shape[0]]
+        keep = slots >= 0
+        if not bool(keep.all()):
+            slots, data = slots[keep], data[keep]
+        cache[slots // meta.block_size, :, slots % meta.block_size] = data.to(cache.dtype)
 
 
 class LayershareImpl(AttentionImpl[LayershareMetadata]):
@@ -391,8 +395,8 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         ctx = get_forward_context()
         d = self.head_size
         if role.leader is None:
-            write_cache(kv_cache, 0, d, key, attn_metadata, self.path)
-            write_cache(kv_cache, d, kv_cache.shape[-1], value, attn_metadata, self.path)
+            write_cache([(kv_cache[..., :d], key, attn_metadata),
+                         (kv_cache[..., d:], value, attn_metadata)], self.path)
             if role.shares_scores:
                 kept = attn_metadata.leader_queries[:n]
                 kept.copy_(query)
@@ -453,8 +457,8 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         key_meta = ctx.attn_metadata[role.key_cache]
         lead_cache = ctx.no_compile_layers[role.leader].kv_cache
         lead_meta = ctx.attn_metadata[role.leader]
-        write_cache(kv_cache, 0, kv_cache.shape[-1], value, meta, self.path)
-        write_cache(key_cache, 0, self.head_size, key, key_meta, self.path)
+        write_cache([(kv_cache, value, meta), (key_cache[..., : self.head_size], key, key_meta)],
+                    self.path)
         config = self.config
         q_distant = (
             ctx.additional_kwargs[(LEADER_QUERY_KEY, role.leader)]

@@ -1156,11 +1156,9 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
 
 
 @triton.jit
-def _write_slots_kernel(cache_ptr, c_sb, c_sh, c_ss, slots_ptr, data_ptr, d_st, d_sh,
-                        block_size, C: tl.constexpr, BLOCK_C: tl.constexpr):
+def _write_row(cache_ptr, c_sb, c_sh, c_ss, slots_ptr, block_size, data_ptr, d_st, d_sh,
+               token, head, C: tl.constexpr, BLOCK_C: tl.constexpr):
     """cache[slot // block_size, head, slot % block_size, :C] = data[token, head, :C]."""
-    token = tl.program_id(0)
-    head = tl.program_id(1)
     slot = tl.load(slots_ptr + token)
     c = tl.arange(0, BLOCK_C)
     row = tl.load(data_ptr + token * d_st + head * d_sh + c, mask=c < C, other=0.0)
@@ -1169,19 +1167,50 @@ def _write_slots_kernel(cache_ptr, c_sb, c_sh, c_ss, slots_ptr, data_ptr, d_st, 
     tl.store(at, row.to(cache_ptr.dtype.element_ty), mask=written)
 
 
-def triton_write_slots(cache: torch.Tensor, slots: torch.Tensor, block_size: int,
-                       data: torch.Tensor) -> None:
-    """cache [blocks, Hkv, block_size, C] (channels dense) at each token's slot = data
-    [T, Hkv, C]; slots < 0 (padding) are skipped on the device, with no host sync, so
-    the write can sit in a CUDA graph."""
-    tokens = slots.shape[0]
+@triton.jit
+def _write_slots_kernel(a_ptr, a_sb, a_sh, a_ss, a_slots, a_bs, a_data, a_st, a_dh,
+                        b_ptr, b_sb, b_sh, b_ss, b_slots, b_bs, b_data, b_st, b_dh,
+                        A: tl.constexpr, BLOCK_A: tl.constexpr,
+                        B: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Write a (axis 2 = 0) or b (axis 2 = 1): one (token, KV head) row each."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    if tl.program_id(2) == 0:
+        _write_row(a_ptr, a_sb, a_sh, a_ss, a_slots, a_bs, a_data, a_st, a_dh, token, head,
+                   A, BLOCK_A)
+    else:
+        _write_row(b_ptr, b_sb, b_sh, b_ss, b_slots, b_bs, b_data, b_st, b_dh, token, head,
+                   B, BLOCK_B)
+
+
+SlotWrite = tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]  # cache, slots, size, data
+
+
+def _write_args(write: SlotWrite) -> tuple:
+    cache, slots, block_size, data = write
+    return (cache, cache.stride(0), cache.stride(1), cache.stride(2), slots, block_size,
+            data, data.stride(0), data.stride(1))
+
+
+def triton_write_slots(*writes: SlotWrite) -> None:
+    """For each of one or two writes (cache, slots, block_size, data): cache [blocks, Hkv,
+    block_size, C] (channels dense) at each token's slot = data [T, Hkv, C]. Two writes
+    (a layer's key and value) share one launch: at small batches an eager decode step
+    waits on the host, and each launch costs it tens of microseconds. Slots < 0
+    (padding) are skipped on the device, with no host sync, so the writes can sit in a
+    CUDA graph; the writes' slot mappings have one length and their caches one Hkv."""
+    if not 1 <= len(writes) <= 2:
+        raise ValueError(f"triton_write_slots takes one or two writes, not {len(writes)}")
+    first, second = writes[0], writes[-1]
+    tokens, heads = first[1].shape[0], first[0].shape[1]
+    if (second[1].shape[0], second[0].shape[1]) != (tokens, heads):
+        raise ValueError("triton_write_slots: the writes differ in tokens or KV heads")
     if tokens == 0:
         return
-    channels = cache.shape[-1]
-    _write_slots_kernel[(tokens, cache.shape[1])](
-        cache, cache.stride(0), cache.stride(1), cache.stride(2), slots, data,
-        data.stride(0), data.stride(1), block_size,
-        C=channels, BLOCK_C=_pow2(channels))
+    a, b = first[0].shape[-1], second[0].shape[-1]
+    _write_slots_kernel[(tokens, heads, len(writes))](
+        *_write_args(first), *_write_args(second),
+        A=a, BLOCK_A=_pow2(a), B=b, BLOCK_B=_pow2(b))
 
 
 @triton.jit
