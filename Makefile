@@ -73,7 +73,8 @@ gpu-check:
 # decode shapes not yet timed on the GPU alone swept against the defaults (the fastest,
 # programs per SM apart for followers reading shared scores, to $(SWEPT)), and the
 # decode rows again with those (docs/benchmarks.md: a follower's decode at 32K x 16 is
-# near the issue limit).
+# near the issue limit), and whole decode steps, eager (host-bound at small batches) and
+# replayed.
 LOAN_SHAPES := '[{}, {"decode_block_n": 64}, {"programs_per_sm": 16}, {"programs_per_sm": 8}]'
 XDIST := $(shell $(PY) -c "import xdist" 2>/dev/null && echo "-n 8")
 gpu-loan:
@@ -82,6 +83,7 @@ gpu-loan:
 	$(BENCH) --no-cuda --repeats 10 --contexts 4096 32768 131072 --batches 16 64
 	$(BENCH) --sweep $(SWEPT) --rounds 2 --repeats 10 --shapes $(LOAN_SHAPES)
 	$(BENCH) --no-cuda --repeats 10 --contexts 32768 131072 --batches 16 64 --config $(SWEPT)
+	$(BENCH) --steps --repeats 10
 
 # docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock
 # attention through vLLM (about 3 h on a 2-core CPU machine).

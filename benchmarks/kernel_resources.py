@@ -205,9 +205,11 @@ def launches(heads, kv_heads, dim, dtype, config: TritonConfig, index: torch.dty
         layer = Layer.make(heads, kv_heads, dim, dtype, queries, index)
         for role, inputs in layer.roles(decode=queries == 1).items():
             yield f"{phase}, {role}", lambda i=inputs, x=layer, m=queries: (
-                triton_paged.triton_pod_attention(i, x.query_start_loc, x.seq_lens,
-                                                  torch.zeros_like(x.q), m,
-                                                  int(x.seq_lens.max()), config))
+                triton_paged.triton_pod_attention(
+                    i, x.query_start_loc, x.seq_lens, torch.zeros_like(x.q), m,
+                    int(x.seq_lens.max()), config,
+                    # as the backend: a decoding follower's kernel writes its summaries
+                    write_summaries=m == 1 and i.summary is not None))
     slots = torch.arange(layer.q.shape[0], dtype=torch.int64)
     new = layer.q[:, :kv_heads]  # a follower's: V into its cache, K into the window's
     yield "cache write", lambda: triton_paged.triton_write_slots(

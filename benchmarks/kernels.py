@@ -50,7 +50,6 @@ from vllm_layershare.attention.triton_paged import (  # noqa: E402
     decode_workspace,
     triton_pod_attention,
     triton_write_slots,
-    triton_write_summaries,
 )
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16
@@ -164,15 +163,17 @@ def kernel_ms(inputs: LayerInputs, starts: torch.Tensor, lens: torch.Tensor,
               out: torch.Tensor, repeats: int, config: TritonConfig = DEFAULT_CONFIG,
               eager: bool = False) -> float:
     """The backend's call (device metadata, host maxima and decode flag, a workspace
-    made beforehand), on the GPU alone (device_ms), or eager: as launched, host included."""
+    made beforehand; in decode a follower's kernel writes its summaries), on the GPU
+    alone (device_ms), or eager: as launched, host included."""
     queries = starts[1:] - starts[:-1]
     max_q, decode_rows = int(queries.max()), bool((queries == 1).any())
+    write_summaries = max_q == 1 and inputs.summary is not None
     max_len = int(lens.max())
     workspace = decode_workspace(lens.shape[0], out.shape[1], inputs.k_prox.cache.shape[1],
                                  out.shape[2], max_len, out.device, config)
     timer = timed_ms if eager else device_ms
     return timer(lambda: triton_pod_attention(inputs, starts, lens, out, max_q, max_len,
-                                              config, workspace, decode_rows),
+                                              config, workspace, decode_rows, write_summaries),
                  out.device, repeats)
 
 
@@ -352,7 +353,9 @@ def decode_step(batch: int, context: int, followers: int, device: torch.device, 
         others.q_distant = kept
 
     def attend(inputs: LayerInputs) -> None:
-        triton_pod_attention(inputs, starts, lens, out, 1, context, config, workspace)
+        # as the backend: a follower's decode kernel writes its completed mean keys
+        triton_pod_attention(inputs, starts, lens, out, 1, context, config, workspace,
+                             write_summaries=inputs.summary is not None)
 
     later_values = values if followers else leader[..., DIM:]
 
@@ -366,9 +369,8 @@ def decode_step(batch: int, context: int, followers: int, device: torch.device, 
             # a follower's key window: the leader's cache stands in (layer_inputs)
             triton_write_slots((leader[..., :DIM], slots, BLOCK, new_k),
                                (later_values, slots, BLOCK, new_v))
-            if summary is not None:  # contexts are multiples of SUMMARY: every step
-                # completes a block, the worst case (one step in SUMMARY in a real run)
-                triton_write_summaries(others.k_prox, summary, starts, lens)
+            # with summaries: contexts are multiples of SUMMARY, so every step completes
+            # a block, the worst case (one step in SUMMARY in a real run)
             attend(others)
     return step
 

@@ -29,7 +29,8 @@ def triton_impl(bound: int | None = None, **config):
     of each step's longest, and one decode workspace sized for it, reused by every
     step: the conditions of a CUDA graph. Block tables are int32, as vLLM hands them
     over. Summaries are written by the device-side writer (`run.write_summaries`, used
-    by run_estimated)."""
+    by run_estimated), or in steps of one-query rows by the decode kernel (run's
+    write_summaries)."""
     from vllm_layershare.attention.triton_paged import (
         TritonConfig,
         decode_workspace,
@@ -41,7 +42,7 @@ def triton_impl(bound: int | None = None, **config):
                              "prefill_block_n": 16, "merge_splits": 2, **config})
     workspaces: dict[torch.device, torch.Tensor] = {}
 
-    def run(inputs, query_start_loc, seq_lens, output):
+    def run(inputs, query_start_loc, seq_lens, output, write_summaries=False):
         workspace = None
         if bound is not None:
             device = output.device
@@ -51,7 +52,8 @@ def triton_impl(bound: int | None = None, **config):
                     bound, device, config)
             workspace = workspaces[device]
         triton_pod_attention(int32_tables(inputs), query_start_loc, seq_lens, output,
-                             config=config, max_seq_len=bound, workspace=workspace)
+                             config=config, max_seq_len=bound, workspace=workspace,
+                             write_summaries=write_summaries)
 
     def write_summaries(keys, summary, query_start_loc, seq_lens):
         device = keys.cache.device
@@ -62,6 +64,7 @@ def triton_impl(bound: int | None = None, **config):
     gpu = torch.cuda.is_available()
     run = on_gpu(run) if gpu else run
     run.write_summaries = on_gpu(write_summaries) if gpu else write_summaries
+    run.decode_writes_summaries = True  # triton_pod_attention(write_summaries=True)
     return run
 
 
@@ -670,8 +673,12 @@ def run_estimated(impl, seqs, feed, block_size, gen, *, sink, recent, size, shar
         own_keys = batch.part(rows, keys)
         summary = SummaryPart(summary_cache, summary_table[rows], per_page, size,
                               SummaryPart.log_weights(size, HEADS, offsets))
-        # a device-side writer (Triton), else the host-driven one
-        getattr(impl, "write_summaries", host_summaries)(own_keys, summary, loc, seq_lens)
+        # Triton: in steps of one-query rows the decode kernel writes them, else a
+        # device-side writer; the others: the host-driven writer
+        in_kernel = (getattr(impl, "decode_writes_summaries", False)
+                     and all(b - a == 1 for _, a, b in spans))
+        if not in_kernel:
+            getattr(impl, "write_summaries", host_summaries)(own_keys, summary, loc, seq_lens)
         q = torch.cat([seqs[r]["q"][a:b] for r, a, b in spans])
         inputs = LayerInputs(
             q=q, scale=SCALE, k_prox=own_keys,
@@ -684,7 +691,7 @@ def run_estimated(impl, seqs, feed, block_size, gen, *, sink, recent, size, shar
         )
         mass = estimated_mass(q, own_keys, summary, loc, seq_lens, sink, recent, SCALE)
         out = torch.zeros(loc[-1], HEADS, DIM)
-        impl(inputs, loc, seq_lens, out)
+        impl(inputs, loc, seq_lens, out, *([True] if in_kernel else []))
         for i, (r, a, b) in enumerate(spans):
             outs[r][a:b] = out[loc[i]:loc[i + 1]]
             masses[r][a:b] = mass[loc[i]:loc[i + 1]]

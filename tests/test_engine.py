@@ -168,7 +168,8 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
     over the leader's own pages. Every layer's decode used the one workspace the
     builders made from the scheduler's limits; the builders never read a device
     tensor on the host (on a GPU, a wait for the device every step); the prefill step
-    told the kernels it has no decode rows (they then launch no decode kernels)."""
+    told the kernels it has no decode rows (they then launch no decode kernels); in
+    steps of one-query rows the followers' decode kernels wrote their summaries."""
     from vllm_layershare.attention import triton_paged
     from vllm_layershare.tools.tiny_model import build_tiny_llama
 
@@ -178,6 +179,7 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
     prompts = random_prompts(2, 60, seed=4)
     _, expected = greedy_with_logprobs(model, grouping, prompts)  # the CPU kernel
     shared_calls, page_sizes, workspaces, decode_rows = [], set(), set(), set()
+    summary_writes = set()
     real = triton_paged.triton_pod_attention
 
     def spying(inputs, *args, **kwargs):
@@ -187,6 +189,8 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
             shared_calls.append(inputs.shared_scores.write)
             page_sizes.add(inputs.shared_scores.block_size)
         workspaces.add(kwargs["workspace"].data_ptr())
+        summary_writes.add((inputs.summary is not None and max(queries) == 1,
+                            kwargs["write_summaries"]))
         return real(inputs, *args, **kwargs)
 
     monkeypatch.setattr(triton_paged, "triton_pod_attention", spying)
@@ -200,6 +204,7 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
     assert len(workspaces) == 1, workspaces
     assert all(flag == (1 in queries) for queries, flag in decode_rows), decode_rows
     assert {flag for _, flag in decode_rows} == {True, False}, decode_rows
+    assert summary_writes == {(True, True), (False, False)}, summary_writes
     assert_same_greedy(got, expected)
 
 

@@ -419,7 +419,8 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
                 inputs, attn_metadata.query_start_loc_device, attn_metadata.seq_lens_device,
                 output[:n], attn_metadata.max_query_len, attn_metadata.max_seq_len,
                 workspace=attn_metadata.decode_workspace,
-                decode_rows=attn_metadata.decode_rows)
+                decode_rows=attn_metadata.decode_rows,
+                write_summaries=self._kernel_writes_summaries(inputs.summary, attn_metadata))
         else:
             paged_pod_attention(inputs, attn_metadata.query_start_loc, attn_metadata.seq_lens,
                                 output[:n])
@@ -475,8 +476,10 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
                                   summary_meta.block_table, summary_meta.block_size,
                                   config.summary_tokens, self.summary_log_weight)
             if self.path == "triton":  # on the device, from the step's lengths
-                triton_kernels().triton_write_summaries(
-                    own_keys, summary, key_meta.query_start_loc_device, key_meta.seq_lens_device)
+                if not self._kernel_writes_summaries(summary, key_meta):
+                    triton_kernels().triton_write_summaries(
+                        own_keys, summary, key_meta.query_start_loc_device,
+                        key_meta.seq_lens_device)
             elif key_meta.summary_ends.numel():  # known on the host: no sync
                 write_summaries(own_keys, summary, key_meta.summary_rows, key_meta.summary_ends)
         return LayerInputs(
@@ -490,6 +493,12 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             summary=summary,
             shared_scores=self._shared_with(ctx, role),
         )
+
+    @staticmethod
+    def _kernel_writes_summaries(summary: SummaryPart | None, meta: LayershareMetadata) -> bool:
+        """Whether the Triton decode kernel writes a follower's completed summary blocks
+        itself (a step of one-query rows), which saves that layer a launch per step."""
+        return summary is not None and meta.max_query_len == 1
 
     @staticmethod
     def _shared_with(ctx, role: LayerRole) -> SharedScores | None:

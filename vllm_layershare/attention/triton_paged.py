@@ -20,7 +20,8 @@ is the distant branch, of mass exp(lse_D) and value o_D (_as_prior): so the dist
 scan runs first and the proximal scan continues its state, one [M, D] accumulator
 live at a time, as in a full layer; only the optional gate skip (g = 1 where g >=
 tau) keeps the branches apart. No score matrix is materialised; freed key blocks are
-never read. In decode that mass takes one program more per (request, KV head).
+never read. In decode that mass takes one program more per (request, KV head), and
+the merge writes the summary block a query completes (no writer launch).
 A key tile that every row of the program keeps whole (in a long prefill all but a few
 at the edges of the rows' causal range and window) skips the masks; the softmax runs
 on exp2 with the scale folded into one multiply-add, page sizes are compile-time
@@ -112,7 +113,8 @@ def _tile_pages(table, row, table_stride, start, hi, bs: tl.constexpr, BLOCK_N: 
         slot = tl.multiple_of(offset, BLOCK_N) + tl.arange(0, BLOCK_N)
     elif BLOCK_N % bs == 0:  # whole pages in the tile
         r = tl.arange(0, BLOCK_N)
-        page = _pages(table, row, table_stride, start // bs + r // bs, start + r < hi)
+        first, _ = _page_slot(start, bs)
+        page = _pages(table, row, table_stride, first + r // bs, start + r < hi)
         slot = r % bs
     else:
         n = start + tl.arange(0, BLOCK_N)
@@ -755,16 +757,22 @@ def _combine_block(m_i, l_i, acc, acc_ptr, ml_ptr, row, split, ok, branch, num_s
 def _decode_merge_kernel(
     out_ptr, o_st, o_sh, acc_ptr, ml_ptr, num_splits, split_len, min_split_len,
     query_start_loc, seq_lens, gate_tau,
-    NUM_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs: tl.constexpr,
+    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page: tl.constexpr,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, HAS_DISTANT: tl.constexpr,
-    SUMMARY: tl.constexpr, GATE: tl.constexpr,
+    SUMMARY: tl.constexpr, GATE: tl.constexpr, WRITE_SUMMARY: tl.constexpr,
+    SUMMARY_TILE: tl.constexpr,
 ):
     """One query head's decode output from its splits' partials: each branch (proximal,
     distant, the estimated mass) combined over the splits, SPLITS at a time, all three
     in one loop (their loads are independent: one memory round trip per step, not one
     per branch; a long context has hundreds of splits), then merged as in the prefill
     kernel: g o_P + (1 - g) o_D (_merge; without the gate skip that equals _as_prior's
-    continuation). Rows of one element, so that _merge applies."""
+    continuation). Rows of one element, so that _merge applies. WRITE_SUMMARY: the
+    program of a KV head's first query head then writes the summary block that the
+    query completes, if it does (no later read in this step: it ends in the window);
+    here, not in the split kernel, where ptxas then gave a follower 26 more registers."""
     row = tl.program_id(0)
     head = tl.program_id(1)
     q_begin = _index(query_start_loc, row)
@@ -801,6 +809,12 @@ def _decode_merge_kernel(
         out = _merge(out, m_p, l_p, acc_d, l_d, lse_d, tau)
     at = out_ptr + q_begin * o_st + head * o_sh + d[None, :]
     tl.store(at, out.to(out_ptr.dtype.element_ty), mask=d[None, :] < D)
+    if WRITE_SUMMARY:
+        if (head % GROUP == 0) & (seq_len % SUMMARY == 0):
+            _summarise_block(row, head // GROUP, seq_len // SUMMARY - 1,
+                             k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
+                             s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+                             SUMMARY, SUMMARY_TILE, D, BLOCK_D)
 
 
 @triton.jit
@@ -1026,6 +1040,7 @@ def triton_pod_attention(
     config: TritonConfig = DEFAULT_CONFIG,
     workspace: torch.Tensor | None = None,
     decode_rows: bool | None = None,
+    write_summaries: bool = False,
 ) -> None:
     """Write attention of every scheduled token into `output` [T, H, Dv].
 
@@ -1035,6 +1050,10 @@ def triton_pod_attention(
     and on the batch size only. `workspace` (decode_workspace) holds the decode partials.
     decode_rows: whether some request has exactly one query (None: seen in the lists,
     assumed with tensors); without, the decode kernels are not launched.
+    write_summaries (a follower with the estimated mass, a step of one-query rows): the
+    decode merge kernel also writes the summary blocks the step completes, so that the
+    step needs no triton_write_summaries launch; a step with longer rows needs that
+    writer before the call.
     """
     if decode_rows is None:
         decode_rows = isinstance(query_start_loc, torch.Tensor) or any(
@@ -1052,6 +1071,9 @@ def triton_pod_attention(
         max_seq_len = int(lens.max())
     if max_query_len == 0:
         return
+    if write_summaries and (summary is None or kd is None or max_query_len > 1):
+        raise ValueError("write_summaries: the decode kernel writes the summaries of a "
+                         "follower with the estimated mass in steps of one-query rows only")
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = kp.cache.shape[1]
     group = heads // kv_heads
@@ -1096,7 +1118,7 @@ def triton_pod_attention(
             HAS_DISTANT=distant, ESTIMATED=estimated, GATE=tau > 0, **shape)
     if decode_rows:
         _decode(inputs, q, qd, starts, lens, output, max_seq_len, kd_args, s_args, log_w,
-                recent, tau, summary_tokens, config, common, workspace)
+                recent, tau, summary_tokens, config, common, workspace, write_summaries)
 
 
 def _shared_args(shared: SharedScores, group: int, dtype: torch.dtype, block_n: int
@@ -1119,7 +1141,7 @@ def _shared_args(shared: SharedScores, group: int, dtype: torch.dtype, block_n: 
 
 def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_args, s_args,
             log_w, recent, tau, summary_tokens, config: TritonConfig, common: dict,
-            workspace: torch.Tensor | None) -> None:
+            workspace: torch.Tensor | None, write_summaries: bool) -> None:
     """The one-query rows of the step: split kernel, then merge kernel."""
     kp, v, shared = inputs.k_prox, inputs.v, inputs.shared_scores
     num_reqs, heads, dim = lens.shape[0], q.shape[1], q.shape[2]
@@ -1151,8 +1173,10 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
         maxnreg=config.scores_write_registers if write else None, **both, **common)
     _decode_merge_kernel[(num_reqs, heads)](
         output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
-        starts, lens, tau, D=dim, BLOCK_D=common["BLOCK_D"],
-        SPLITS=config.merge_splits, GATE=tau > 0, **both)
+        starts, lens, tau, *_paged_args(kp), *s_args, GROUP=group, D=dim,
+        BLOCK_D=common["BLOCK_D"], SPLITS=config.merge_splits, GATE=tau > 0,
+        WRITE_SUMMARY=write_summaries,
+        SUMMARY_TILE=min(config.decode_block_n, _pow2(max(summary_tokens, 1))), **both)
 
 
 @triton.jit
@@ -1214,6 +1238,32 @@ def triton_write_slots(*writes: SlotWrite) -> None:
 
 
 @triton.jit
+def _summarise_block(row, kv_head, block,
+                     k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs: tl.constexpr,
+                     s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride,
+                     tokens_per_page: tl.constexpr, SUMMARY: tl.constexpr, TILE: tl.constexpr,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """kbar[block] of request `row`, KV head `kv_head`: the mean of the block's SUMMARY
+    keys, summed TILE keys at a time, into its state of the summary cache."""
+    j = tl.arange(0, TILE)
+    d = tl.arange(0, BLOCK_D)
+    total = tl.zeros([BLOCK_D], tl.float32)
+    for t in range(0, SUMMARY, TILE):
+        n = block * SUMMARY + t + j
+        in_block = t + j < SUMMARY
+        index, slot = _page_slot(n, k_bs)
+        page = _pages(k_table, row, k_table_stride, index, in_block)
+        k = tl.load(k_ptr + page[:, None] * k_sb + kv_head * k_sh + slot[:, None] * k_ss
+                    + d[None, :], mask=in_block[:, None] & (d[None, :] < D), other=0.0)
+        total += tl.sum(k.to(tl.float32), 0)
+    start = block * SUMMARY
+    s_page = tl.load(s_table + row * s_table_stride + start // tokens_per_page).to(tl.int64)
+    state = (start % tokens_per_page) // SUMMARY
+    tl.store(s_ptr + s_page * s_sb + kv_head * s_sh + state * s_ss + d,
+             (total / SUMMARY).to(s_ptr.dtype.element_ty), mask=d < D)
+
+
+@triton.jit
 def _write_summaries_kernel(query_start_loc, seq_lens,
                             k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs: tl.constexpr,
                             s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride,
@@ -1226,20 +1276,10 @@ def _write_summaries_kernel(query_start_loc, seq_lens,
     kv_head = tl.program_id(1)
     seq_len = _index(seq_lens, row)
     first = seq_len - (_index(query_start_loc, row + 1) - _index(query_start_loc, row))
-    j = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    in_block = j < SUMMARY
     for b in range(first // SUMMARY, seq_len // SUMMARY):
-        n = b * SUMMARY + j
-        page = _pages(k_table, row, k_table_stride, n // k_bs, in_block)
-        k = tl.load(k_ptr + page[:, None] * k_sb + kv_head * k_sh + (n % k_bs)[:, None] * k_ss
-                    + d[None, :], mask=in_block[:, None] & (d[None, :] < D), other=0.0)
-        mean = tl.sum(k.to(tl.float32), 0) / SUMMARY
-        start = b * SUMMARY
-        s_page = tl.load(s_table + row * s_table_stride + start // tokens_per_page).to(tl.int64)
-        state = (start % tokens_per_page) // SUMMARY
-        tl.store(s_ptr + s_page * s_sb + kv_head * s_sh + state * s_ss + d,
-                 mean.to(s_ptr.dtype.element_ty), mask=d < D)
+        _summarise_block(row, kv_head, b, k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride,
+                         k_bs, s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride,
+                         tokens_per_page, SUMMARY, BLOCK_S, D, BLOCK_D)
 
 
 def triton_write_summaries(keys: PagedPart, summary: SummaryPart,
