@@ -881,11 +881,26 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _on(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """values as a tensor on `device`; a tensor already there as it is (no call: this
+    runs per layer and step, and an eager decode step waits on the host)."""
+    if isinstance(values, torch.Tensor) and values.device == device:
+        return values
+    return torch.as_tensor(values, device=device)
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tensor in `dtype`, without a call where it already is."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _paged_args(part: PagedPart) -> tuple:
     """Pointer at channel `lo`, strides (block, head, slot), table, its row stride, size."""
-    view = part.cache[..., part.lo : part.hi]
-    return (view, view.stride(0), view.stride(1), view.stride(2), part.block_table,
-            part.block_table.stride(0), part.block_size)
+    cache = part.cache  # one stride() call, no view where the part is the whole row
+    whole = part.lo == 0 and part.hi == cache.shape[-1]
+    view = cache if whole else cache[..., part.lo : part.hi]
+    return (view, *cache.stride()[:3], part.block_table, part.block_table.stride(0),
+            part.block_size)
 
 
 @dataclass(frozen=True)
@@ -1060,8 +1075,7 @@ def triton_pod_attention(
             b - a == 1 for a, b in itertools.pairwise(query_start_loc))
     q, kp, v, kd, summary = inputs.q, inputs.k_prox, inputs.v, inputs.k_distant, inputs.summary
     device = q.device
-    starts = torch.as_tensor(query_start_loc, device=device)
-    lens = torch.as_tensor(seq_lens, device=device)
+    starts, lens = _on(query_start_loc, device), _on(seq_lens, device)
     num_reqs = lens.shape[0]
     if num_reqs == 0:
         return
@@ -1082,12 +1096,12 @@ def triton_pod_attention(
     distant = kd is not None
     estimated = distant and summary is not None
     qd = inputs.q_distant if distant else q
-    q, qd = q.to(kp.cache.dtype), qd.to(kp.cache.dtype)  # tl.dot takes one input type
+    q, qd = _as(q, kp.cache.dtype), _as(qd, kp.cache.dtype)  # tl.dot takes one input type
     kd_args = _paged_args(kd) if distant else _paged_args(kp)
     if estimated:
         s_args = (summary.cache, *summary.cache.stride()[:3], summary.block_table,
                   summary.block_table.stride(0), summary.tokens_per_page)
-        log_w = summary.log_weight.to(device=device, dtype=torch.float32)
+        log_w = _as(_on(summary.log_weight, device), torch.float32)
     else:
         s_args = (kp.cache, 0, 0, 0, kp.block_table, 0, 1)
         log_w = output
