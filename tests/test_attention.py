@@ -553,17 +553,19 @@ def test_write_slots_matches_indexing(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_writes_a_layers_key_and_value_in_one_launch(dtype):
+@pytest.mark.parametrize("kv_heads", [KV_HEADS, 3])
+def test_triton_writes_a_layers_key_and_value_in_one_launch(dtype, kv_heads):
     """Two writes in one launch, as a follower makes them: its values into its own
     cache, its keys into the key window's cache, each at its own slots, block size and
-    channel count; padding (-1) skipped in either; nothing else in the caches moves."""
+    channel count; padding (-1) skipped in either; nothing else in the caches moves, with
+    a number of KV heads that is not a power of two too (one program writes them all)."""
     write = triton_write_slots()
     gen = torch.Generator().manual_seed(31)
-    values = torch.randn(5, KV_HEADS, 4, DIM, generator=gen).to(dtype)
-    keys = torch.randn(3, KV_HEADS, 8, DIM + 8, generator=gen).to(dtype)
+    values = torch.randn(5, kv_heads, 4, DIM, generator=gen).to(dtype)
+    keys = torch.randn(3, kv_heads, 8, DIM + 8, generator=gen).to(dtype)
     expected_values, expected_keys = values.clone(), keys.clone()
-    new_v = torch.randn(4, KV_HEADS, DIM, generator=gen).to(dtype)
-    new_k = torch.randn(4, KV_HEADS, DIM, generator=gen).to(dtype)
+    new_v = torch.randn(4, kv_heads, DIM, generator=gen).to(dtype)
+    new_k = torch.randn(4, kv_heads, DIM, generator=gen).to(dtype)
     v_slots, k_slots = torch.tensor([9, -1, 2, 19]), torch.tensor([17, 3, -1, 8])
     write((values, v_slots, 4, new_v), (keys[..., :DIM], k_slots, 8, new_k))
     for t in range(4):

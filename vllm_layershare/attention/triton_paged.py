@@ -1194,31 +1194,36 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
 
 
 @triton.jit
-def _write_row(cache_ptr, c_sb, c_sh, c_ss, slots_ptr, block_size, data_ptr, d_st, d_sh,
-               token, head, C: tl.constexpr, BLOCK_C: tl.constexpr):
-    """cache[slot // block_size, head, slot % block_size, :C] = data[token, head, :C]."""
+def _write_token(cache_ptr, c_sb, c_sh, c_ss, slots_ptr, block_size, data_ptr, d_st, d_sh,
+                 token, H: tl.constexpr, C: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """cache[slot // block_size, :H, slot % block_size, :C] = data[token, :H, :C]: every
+    KV head of one token in one program (one per (token, head) made a long prefill
+    launch tens of thousands of 128-thread programs for 256 bytes each)."""
     slot = tl.load(slots_ptr + token)
-    c = tl.arange(0, BLOCK_C)
-    row = tl.load(data_ptr + token * d_st + head * d_sh + c, mask=c < C, other=0.0)
-    at = cache_ptr + (slot // block_size) * c_sb + head * c_sh + (slot % block_size) * c_ss + c
-    written = (c < C) & ((c * 0 + slot) >= 0)  # [C]-shaped: the interpreter's masks
-    tl.store(at, row.to(cache_ptr.dtype.element_ty), mask=written)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    c = tl.arange(0, BLOCK_C)[None, :]
+    inside = (h < H) & (c < C)
+    rows = tl.load(data_ptr + token * d_st + h * d_sh + c, mask=inside, other=0.0)
+    at = cache_ptr + (slot // block_size) * c_sb + h * c_sh + (slot % block_size) * c_ss + c
+    written = inside & ((h * 0 + c * 0 + slot) >= 0)  # full-shaped: the interpreter's masks
+    tl.store(at, rows.to(cache_ptr.dtype.element_ty), mask=written)
 
 
 @triton.jit
 def _write_slots_kernel(a_ptr, a_sb, a_sh, a_ss, a_slots, a_bs, a_data, a_st, a_dh,
                         b_ptr, b_sb, b_sh, b_ss, b_slots, b_bs, b_data, b_st, b_dh,
+                        H: tl.constexpr, BLOCK_H: tl.constexpr,
                         A: tl.constexpr, BLOCK_A: tl.constexpr,
                         B: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Write a (axis 2 = 0) or b (axis 2 = 1): one (token, KV head) row each."""
+    """Write a (axis 1 = 0) or b (axis 1 = 1): one token's rows each."""
     token = tl.program_id(0)
-    head = tl.program_id(1)
-    if tl.program_id(2) == 0:
-        _write_row(a_ptr, a_sb, a_sh, a_ss, a_slots, a_bs, a_data, a_st, a_dh, token, head,
-                   A, BLOCK_A)
+    if tl.program_id(1) == 0:
+        _write_token(a_ptr, a_sb, a_sh, a_ss, a_slots, a_bs, a_data, a_st, a_dh, token,
+                     H, A, BLOCK_H, BLOCK_A)
     else:
-        _write_row(b_ptr, b_sb, b_sh, b_ss, b_slots, b_bs, b_data, b_st, b_dh, token, head,
-                   B, BLOCK_B)
+        _write_token(b_ptr, b_sb, b_sh, b_ss, b_slots, b_bs, b_data, b_st, b_dh, token,
+                     H, B, BLOCK_H, BLOCK_B)
 
 
 SlotWrite = tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]  # cache, slots, size, data
@@ -1226,8 +1231,7 @@ SlotWrite = tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]  # cache, slots
 
 def _write_args(write: SlotWrite) -> tuple:
     cache, slots, block_size, data = write
-    return (cache, cache.stride(0), cache.stride(1), cache.stride(2), slots, block_size,
-            data, data.stride(0), data.stride(1))
+    return (cache, *cache.stride()[:3], slots, block_size, data, *data.stride()[:2])
 
 
 def triton_write_slots(*writes: SlotWrite) -> None:
@@ -1246,8 +1250,8 @@ def triton_write_slots(*writes: SlotWrite) -> None:
     if tokens == 0:
         return
     a, b = first[0].shape[-1], second[0].shape[-1]
-    _write_slots_kernel[(tokens, heads, len(writes))](
-        *_write_args(first), *_write_args(second),
+    _write_slots_kernel[(tokens, len(writes))](
+        *_write_args(first), *_write_args(second), H=heads, BLOCK_H=_pow2(heads),
         A=a, BLOCK_A=_pow2(a), B=b, BLOCK_B=_pow2(b))
 
 
