@@ -1097,7 +1097,8 @@ def triton_pod_attention(
     estimated = distant and summary is not None
     qd = inputs.q_distant if distant else q
     q, qd = _as(q, kp.cache.dtype), _as(qd, kp.cache.dtype)  # tl.dot takes one input type
-    kd_args = _paged_args(kd) if distant else _paged_args(kp)
+    kp_args, v_args = _paged_args(kp), _paged_args(v)  # once: every launch below takes them
+    kd_args = _paged_args(kd) if distant else kp_args
     if estimated:
         s_args = (summary.cache, *summary.cache.stride()[:3], summary.block_table,
                   summary.block_table.stride(0), summary.tokens_per_page)
@@ -1122,17 +1123,18 @@ def triton_pod_attention(
             mass = torch.empty(q.shape[:2], dtype=torch.float32, device=device)
             _prefill_mass_kernel[grid](
                 mass, mass.stride(0), q, q.stride(0), q.stride(1), starts, lens,
-                *_paged_args(kp), *s_args, inputs.scale, inputs.sink, recent, log_w,
+                *kp_args, *s_args, inputs.scale, inputs.sink, recent, log_w,
                 SUMMARY=summary_tokens, **shape)
         _prefill_kernel[grid](
             output, output.stride(0), output.stride(1),
             q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
-            *_paged_args(kp), *_paged_args(v), *kd_args,
+            *kp_args, *v_args, *kd_args,
             inputs.scale, inputs.sink, recent, tau, mass, mass.stride(0),
             HAS_DISTANT=distant, ESTIMATED=estimated, GATE=tau > 0, **shape)
     if decode_rows:
-        _decode(inputs, q, qd, starts, lens, output, max_seq_len, kd_args, s_args, log_w,
-                recent, tau, summary_tokens, config, common, workspace, write_summaries)
+        _decode(inputs, q, qd, starts, lens, output, max_seq_len, (kp_args, v_args, kd_args),
+                s_args, log_w, recent, tau, summary_tokens, config, common, workspace,
+                write_summaries)
 
 
 def _shared_args(shared: SharedScores, group: int, dtype: torch.dtype, block_n: int
@@ -1153,11 +1155,13 @@ def _shared_args(shared: SharedScores, group: int, dtype: torch.dtype, block_n: 
             shared.recent), lse_first
 
 
-def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_args, s_args,
+def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, paged_args, s_args,
             log_w, recent, tau, summary_tokens, config: TritonConfig, common: dict,
             workspace: torch.Tensor | None, write_summaries: bool) -> None:
-    """The one-query rows of the step: split kernel, then merge kernel."""
+    """The one-query rows of the step: split kernel, then merge kernel. paged_args: the
+    kernel arguments of k_prox, v and k_distant (_paged_args)."""
     kp, v, shared = inputs.k_prox, inputs.v, inputs.shared_scores
+    kp_args, v_args, kd_args = paged_args
     num_reqs, heads, dim = lens.shape[0], q.shape[1], q.shape[2]
     kv_heads = kp.cache.shape[1]
     group = heads // kv_heads
@@ -1179,7 +1183,7 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
     _decode_split_kernel[(num_reqs, kv_heads, num_splits + mass_program)](
         partial_acc, partial_ml, *chunks,
         q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
-        *_paged_args(kp), *_paged_args(v), *kd_args,
+        *kp_args, *v_args, *kd_args,
         inputs.scale, inputs.sink, recent, *sc_args, *s_args, log_w,
         GROUP=group, BLOCK_M=max(16, _pow2(group)), WRITE_SCORES=write,
         READ_SCORES=read, SC_LSE=lse_first, FIXED_SLOTS=config.decode_fixed_slots,
@@ -1187,7 +1191,7 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, kd_ar
         maxnreg=config.scores_write_registers if write else None, **both, **common)
     _decode_merge_kernel[(num_reqs, heads)](
         output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
-        starts, lens, tau, *_paged_args(kp), *s_args, GROUP=group, D=dim,
+        starts, lens, tau, *kp_args, *s_args, GROUP=group, D=dim,
         BLOCK_D=common["BLOCK_D"], SPLITS=config.merge_splits, GATE=tau > 0,
         WRITE_SUMMARY=write_summaries,
         SUMMARY_TILE=min(config.decode_block_n, _pow2(max(summary_tokens, 1))), **both)
@@ -1198,8 +1202,8 @@ def _write_token(cache_ptr, c_sb, c_sh, c_ss, slots_ptr, block_size, data_ptr, d
                  token, H: tl.constexpr, C: tl.constexpr, BLOCK_H: tl.constexpr,
                  BLOCK_C: tl.constexpr):
     """cache[slot // block_size, :H, slot % block_size, :C] = data[token, :H, :C]: every
-    KV head of one token in one program (one per (token, head) made a long prefill
-    launch tens of thousands of 128-thread programs for 256 bytes each)."""
+    KV head of one token in one program (one per (token, head) made a 128K prefill
+    launch 2 million 128-thread programs of 256 bytes each)."""
     slot = tl.load(slots_ptr + token)
     h = tl.arange(0, BLOCK_H)[:, None]
     c = tl.arange(0, BLOCK_C)[None, :]
