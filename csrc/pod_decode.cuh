@@ -10,17 +10,27 @@
 // alone; its caller passes n_s = 0, n_r = huge, which makes P every j <= i.
 //
 // Work split: the context [0, seq_len) is cut into num_splits equal chunks; one CUDA
-// block per (request, kv head, split) runs both branches over its chunk for the G query
-// heads of that kv head (each key/value row is loaded once and used G times), and writes
-// per branch a partial (m, l, acc) to a workspace; a merge step combines the splits by
-// log-sum-exp and applies the gate.
+// block per (request, kv head, split) runs both branches over its chunk for up to
+// kMaxHeads query heads of that kv head (each key/value row is loaded once and used for
+// all of them; a wider group takes several blocks), and writes per branch a partial
+// (m, l, acc) to a workspace; a merge step combines the splits by log-sum-exp and
+// applies the gate.
 //
-// Everything a block does is written as phases between barriers, `blk.run(f)`: on the
-// GPU every thread runs f(threadIdx.x) then __syncthreads(); on the host the test runs
-// f(t) for every emulated thread t, in forward or reverse order. Phases keep no state
-// in registers across barriers (all of it is in the block's shared memory), so the host
-// emulation is the kernel's exact schedule up to the order of threads inside a phase,
-// and a race inside a phase shows up as a difference between the two orders.
+// Inside a split block the rows of the chunk go to row groups of LANES lanes (16 for
+// head dims up to 128, so a warp holds two groups; 32 up to 256), kRows at a time; each
+// group keeps its own online softmax in registers: a lane holds kChannels channels of
+// every row, query and accumulator (a 16-byte load of a bf16 row), and a logit is the
+// group's sum of its lanes' partial dot products (a butterfly of shuffles). At the end
+// the groups' states meet in shared memory and one phase combines them.
+//
+// The code is written so that the host can run the kernel's exact arithmetic: a row
+// group's work is lane-parallel sections, `grp.each(f)`, whose lanes touch only their
+// own state (`Lanes<S>`: registers on the GPU, one S per lane on the host), between
+// collective steps (`grp.all_sum`); a block's work is phases between barriers,
+// `blk.run(f)` (every thread runs f(threadIdx.x), then __syncthreads()) and
+// `blk.groups<LANES>(f)` (every row group runs f, then a barrier). The host runs lanes,
+// threads and groups one after another, forward or in reverse, so a lane or thread that
+// reads another's data inside a section shows up as a difference between the orders.
 
 #pragma once
 
@@ -29,9 +39,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 #ifdef __CUDACC__
 #include <cuda_fp16.h>
 #define LS_HD __host__ __device__ __forceinline__
+#define LS_UNROLL _Pragma("unroll")
 #else
 #ifndef __host__
 #define __host__
@@ -40,6 +53,7 @@
 #define __device__
 #endif
 #define LS_HD inline
+#define LS_UNROLL
 #endif
 
 extern "C" {
@@ -66,15 +80,17 @@ enum {
   LAYERSHARE_BAD_ARGS = -1,
   LAYERSHARE_BAD_DTYPE = -2,
   LAYERSHARE_SMALL_WORKSPACE = -3,
-  LAYERSHARE_TOO_MUCH_SHARED = -4,
 };
 
 }  // extern "C"
 
 namespace layershare {
 
-constexpr int kTile = 32;           // key positions staged in shared memory at once
-constexpr int kSplitThreads = 128;  // threads of one split block on the GPU
+constexpr int kSplitThreads = 128;  // threads of one split block
+constexpr int kChannels = 8;        // channels a lane holds of each row, query, output
+constexpr int kRows = 2;            // rows a row group has in flight per step
+constexpr int kMaxHeads = 8;        // query heads one split block serves
+constexpr int kMaxChannels = 32 * kChannels;  // head dims the lanes cover: 256
 constexpr float kNegInf = -INFINITY;
 
 // Storage-only 16-bit types: only converted to float, so host and device agree.
@@ -149,19 +165,30 @@ struct Paged {
   int64_t s_block, s_head, s_slot;
   const int32_t* table;
   int64_t table_stride;
-  int64_t block_size;
+  int32_t block_size;
+  int32_t shift;  // log2(block_size) for a power of two (vLLM's pages), else -1
 
-  // Element offset of the row of token `pos`: the page walk, one table read per token.
-  LS_HD int64_t offset(int b, int head, int64_t pos) const {
-    const int64_t block = table[b * table_stride + pos / block_size];
-    return block * s_block + head * s_head + (pos % block_size) * s_slot;
+  // Element offset of the row of token `pos` (< 2^31): the page walk, one table read;
+  // a power-of-two page size takes a shift and a mask, not a division.
+  LS_HD int64_t offset(int b, int head, int32_t pos) const {
+    const int32_t page = shift >= 0 ? pos >> shift : pos / block_size;
+    const int32_t slot = shift >= 0 ? pos & (block_size - 1) : pos % block_size;
+    const int64_t block = table[b * table_stride + page];
+    return block * s_block + head * s_head + slot * s_slot;
   }
 };
+
+inline int32_t log2_if_power_of_two(int32_t n) {
+  if (n <= 0 || (n & (n - 1)) != 0) return -1;
+  int32_t shift = 0;
+  while ((1 << shift) < n) ++shift;
+  return shift;
+}
 
 template <typename T>
 inline Paged<T> make_paged(const LayersharePagedPart& p) {
   return {static_cast<const T*>(p.data), p.stride_block, p.stride_head, p.stride_slot,
-          p.block_table, p.table_stride, p.block_size};
+          p.block_table, p.table_stride, p.block_size, log2_if_power_of_two(p.block_size)};
 }
 
 // The launcher's arguments that every block reads.
@@ -212,179 +239,303 @@ LS_HD Workspace workspace_of(const DecodeParams& p) {
   return {p.workspace, p.num_reqs, p.num_heads, p.num_splits, p.head_dim_v};
 }
 
-// Shared memory of one split block: the G queries of both branches, one tile of keys
-// and values as fp32, the tile's logits, and the running softmax state of each head.
-struct SplitSmem {
-  int64_t* k_row;  // [kTile] element offsets of the tile's key rows
-  int64_t* v_row;  // [kTile] element offsets of the tile's value rows
-  float* q;        // [G][D] this layer's queries, pre-scaled
-  float* qd;       // [G][D] distant queries, pre-scaled
-  float* k;        // [kTile][D + 1] (+1: consecutive rows fall in different banks)
-  float* v;        // [kTile][Dv]
-  float* s;        // [G][kTile] logits, then probabilities
-  float* acc;      // [G][Dv]
-  float* m;        // [G] running max
-  float* l;        // [G] running sum of exp(s - m)
-  float* corr;     // [G] this tile's rescale of acc: exp(m_old - m_new)
+// Which split kernel a call runs: its template arguments, chosen at launch.
+struct Variant {
+  int heads;   // query heads per block: 1, 4 or 8 (registers grow with it)
+  int lanes;   // lanes per row: 16 (head dims <= 128) or 32 (<= 256)
+  bool vec;    // rows read 16 bytes at a time (every part aligned)
+  int slices;  // blocks per kv head: ceil(G / heads)
 };
 
-LS_HD size_t split_smem_floats(int G, int D, int Dv) {
-  return static_cast<size_t>(2) * G * D + kTile * (D + 1) + kTile * Dv + G * kTile + G * Dv + 3 * G;
+inline Variant choose_variant(int G, int D, int Dv, bool vectorizable) {
+  Variant v;
+  v.heads = G == 1 ? 1 : G <= 4 ? 4 : kMaxHeads;
+  v.lanes = (D > Dv ? D : Dv) <= 16 * kChannels ? 16 : 32;
+  v.vec = vectorizable;
+  v.slices = (G + v.heads - 1) / v.heads;
+  return v;
 }
 
-LS_HD size_t split_smem_bytes(int G, int D, int Dv) {
-  return 2 * kTile * sizeof(int64_t) + split_smem_floats(G, D, Dv) * sizeof(float);
+// Channels one 16-byte load holds: 8 of a 16-bit cache, 4 of a float32 one.
+template <typename T>
+constexpr int kPackWidth = 16 / static_cast<int>(sizeof(T));
+
+// A lane's channel j (of kChannels): kPackWidth adjacent channels per lane, the row
+// group's lanes side by side, then the next LANES * kPackWidth channels.
+template <typename T, int LANES>
+LS_HD int lane_channel(int lane, int j) {
+  constexpr int W = kPackWidth<T>;
+  return (j / W) * (LANES * W) + lane * W + j % W;
 }
 
-LS_HD SplitSmem carve_split_smem(void* base, int G, int D, int Dv) {
-  SplitSmem sh;
-  sh.k_row = static_cast<int64_t*>(base);  // 8-byte entries first keep them aligned
-  sh.v_row = sh.k_row + kTile;
-  sh.q = reinterpret_cast<float*>(sh.v_row + kTile);
-  sh.qd = sh.q + G * D;
-  sh.k = sh.qd + G * D;
-  sh.v = sh.k + kTile * (D + 1);
-  sh.s = sh.v + kTile * Dv;
-  sh.acc = sh.s + G * kTile;
-  sh.m = sh.acc + G * Dv;
-  sh.l = sh.m + G;
-  sh.corr = sh.l + G;
-  return sh;
+// 16 bytes of one row as stored, aligned so that the GPU reads them in one load.
+template <typename T>
+struct alignas(16) Pack {
+  T x[kPackWidth<T>];
+};
+
+// Rows of a part can be read a Pack at a time: aligned base, strides and widths.
+template <typename T>
+inline bool part_vectorizable(const LayersharePagedPart& p, int channels) {
+  const int W = kPackWidth<T>;
+  return reinterpret_cast<uintptr_t>(p.data) % 16 == 0 && p.stride_block % W == 0 &&
+         p.stride_head % W == 0 && p.stride_slot % W == 0 && channels % W == 0;
 }
 
-LS_HD float dot(const float* a, const float* b, int n) {
-  float sum = 0.f;
-  for (int c = 0; c < n; ++c) sum += a[c] * b[c];
-  return sum;
-}
+// One lane's state in a row group's pass over rows; every array is indexed by
+// constants only, so on the GPU all of it stays in registers.
+template <typename T, int HEADS>
+struct LaneState {
+  static constexpr int kPacks = kChannels / kPackWidth<T>;
+  float q[HEADS][kChannels];    // this lane's channels of the queries, scale folded in
+  float acc[HEADS][kChannels];  // unnormalised sum of p v over this lane's channels
+  float m[HEADS], l[HEADS];     // running max and sum (the same in every lane)
+  float s[kRows][HEADS];        // the step's logits: partial dot products, then sums
+  Pack<T> k[kRows][kPacks], v[kRows][kPacks];  // the step's rows, as stored
+};
 
-// One online-softmax step of one head over a tile's logits s[0..count): turns them into
-// exp(s - m_new) in place, updates (m, l), and returns in corr the factor exp(m_old -
-// m_new) by which the accumulator must be rescaled.
-LS_HD void online_softmax_step(float& m, float& l, float& corr, float* s, int count) {
-  float tile_max = kNegInf;
-  for (int t = 0; t < count; ++t) tile_max = fmaxf(tile_max, s[t]);
-  const float m_new = fmaxf(m, tile_max);
-  if (m_new == kNegInf) {  // nothing seen yet and an empty tile: state stays empty
-    corr = 1.f;
-    for (int t = 0; t < count; ++t) s[t] = 0.f;
-    return;
-  }
-  corr = expf(m - m_new);  // m = -inf (first tile) gives 0
-  float sum = 0.f;
-  for (int t = 0; t < count; ++t) {
-    s[t] = expf(s[t] - m_new);
-    sum += s[t];
-  }
-  l = l * corr + sum;
-  m = m_new;
-}
-
-// acc * corr + sum_t p[t] v[t][d] for one channel d of one head.
-LS_HD float accumulate_channel(float acc, float corr, const float* p, const float* v_col,
-                               int Dv, int count) {
-  acc *= corr;
-  for (int t = 0; t < count; ++t) acc += p[t] * v_col[t * Dv];
-  return acc;
-}
-
-// Runs one branch's online softmax over the positions `range` of request b, kv head
-// kvh: the block's state (acc, m, l) in shared memory is updated, not reset.
-template <typename T, typename Block>
-LS_HD void attend_range(const Block& blk, const DecodeParams& p, const SplitSmem& sh,
-                        const Paged<T>& keys, const Paged<T>& vals, const float* q_sh, int b,
-                        int kvh, Range range) {
-  const int n = blk.nthreads;
-  const int G = p.num_heads / p.num_kv_heads, D = p.head_dim, Dv = p.head_dim_v;
-  const int KS = D + 1;  // row stride of the staged keys
-  for (int64_t t0 = range.begin; t0 < range.end; t0 += kTile) {
-    const int nt = static_cast<int>(min64(kTile, range.end - t0));
-    // Page walk: the row offsets of the tile's tokens, one block-table read each.
-    blk.run([&](int tid) {
-      for (int t = tid; t < nt; t += n) {
-        sh.k_row[t] = keys.offset(b, kvh, t0 + t);
-        sh.v_row[t] = vals.offset(b, kvh, t0 + t);
-      }
-    });
-    // Stage keys and values as fp32; adjacent threads read adjacent channels (coalesced).
-    blk.run([&](int tid) {
-      for (int x = tid; x < nt * D; x += n)
-        sh.k[(x / D) * KS + x % D] = to_float(keys.data[sh.k_row[x / D] + x % D]);
-      for (int x = tid; x < nt * Dv; x += n)
-        sh.v[x] = to_float(vals.data[sh.v_row[x / Dv] + x % Dv]);
-    });
-    // Logits of every (head, token) pair; padding tokens get -inf.
-    blk.run([&](int tid) {
-      for (int x = tid; x < G * kTile; x += n) {
-        const int g = x / kTile, t = x % kTile;
-        sh.s[x] = t < nt ? dot(q_sh + g * D, sh.k + t * KS, D) : kNegInf;
-      }
-    });
-    blk.run([&](int tid) {
-      for (int g = tid; g < G; g += n)
-        online_softmax_step(sh.m[g], sh.l[g], sh.corr[g], sh.s + g * kTile, nt);
-    });
-    blk.run([&](int tid) {
-      for (int x = tid; x < G * Dv; x += n) {
-        const int g = x / Dv, d = x % Dv;
-        sh.acc[x] = accumulate_channel(sh.acc[x], sh.corr[g], sh.s + g * kTile, sh.v + d, Dv, nt);
-      }
-    });
-  }
-}
-
-// Writes the block's state as branch `branch` of split `split` and resets it.
-template <typename Block>
-LS_HD void flush_partial(const Block& blk, const DecodeParams& p, const SplitSmem& sh, int b,
-                         int kvh, int split, int branch) {
-  const int n = blk.nthreads;
-  const int G = p.num_heads / p.num_kv_heads, Dv = p.head_dim_v;
-  const Workspace ws = workspace_of(p);
-  blk.run([&](int tid) {
-    for (int x = tid; x < G * Dv; x += n) {
-      ws.acc(b, kvh * G + x / Dv, split, branch)[x % Dv] = sh.acc[x];
-      sh.acc[x] = 0.f;
+// Lane `lane`'s channels of a row with `n` channels; channels past n read as zero.
+template <typename T, bool VEC, int LANES, int PACKS>
+LS_HD void load_row(Pack<T> (&dst)[PACKS], const T* row, int lane, int n) {
+  constexpr int W = kPackWidth<T>;
+  LS_UNROLL
+  for (int j = 0; j < PACKS; ++j) {
+    const int c0 = lane_channel<T, LANES>(lane, j * W);
+    if (VEC) {  // n % W == 0: a pack is all in or all out
+      if (c0 < n)
+        dst[j] = *reinterpret_cast<const Pack<T>*>(row + c0);
+      else
+        dst[j] = Pack<T>{};
+    } else {
+      LS_UNROLL
+      for (int e = 0; e < W; ++e) dst[j].x[e] = c0 + e < n ? row[c0 + e] : T{};
     }
-    for (int g = tid; g < G; g += n) {
-      *ws.m(b, kvh * G + g, split, branch) = sh.m[g];
-      *ws.l(b, kvh * G + g, split, branch) = sh.l[g];
-      sh.m[g] = kNegInf;
-      sh.l[g] = 0.f;
+  }
+}
+
+template <typename T, int PACKS>
+LS_HD void zero_row(Pack<T> (&dst)[PACKS]) {
+  LS_UNROLL
+  for (int j = 0; j < PACKS; ++j) dst[j] = Pack<T>{};
+}
+
+template <typename T, int PACKS>
+LS_HD float channel_of(const Pack<T> (&row)[PACKS], int j) {
+  return to_float(row[j / kPackWidth<T>].x[j % kPackWidth<T>]);
+}
+
+// The block's query heads: kv head kvh's heads [first, first + count).
+struct HeadSlice {
+  int kvh, first, count;
+};
+
+// Resets a lane's state and loads its channels of the slice's queries (from q, which is
+// p.q or p.qd); absent heads get zero queries, their results are never stored.
+template <typename T, int HEADS, int LANES>
+LS_HD void start_pass(LaneState<T, HEADS>& st, const DecodeParams& p, const float* q,
+                      int64_t s_req, int64_t s_head, int b, HeadSlice hs, int lane) {
+  LS_UNROLL
+  for (int g = 0; g < HEADS; ++g) {
+    LS_UNROLL
+    for (int j = 0; j < kChannels; ++j) {
+      const int c = lane_channel<T, LANES>(lane, j);
+      st.q[g][j] = g < hs.count && c < p.head_dim
+                       ? p.scale * q[b * s_req + (hs.first + g) * s_head + c] : 0.f;
+      st.acc[g][j] = 0.f;
+    }
+    st.m[g] = kNegInf;
+    st.l[g] = 0.f;
+  }
+}
+
+// One online-softmax step of every head over the step's rows (logits s, masked rows at
+// -inf): rescales acc by exp(m_old - m_new) and adds p v.
+template <typename T, int HEADS>
+LS_HD void softmax_step(LaneState<T, HEADS>& st) {
+  LS_UNROLL
+  for (int g = 0; g < HEADS; ++g) {
+    float step_max = kNegInf;
+    LS_UNROLL
+    for (int u = 0; u < kRows; ++u) step_max = fmaxf(step_max, st.s[u][g]);
+    const float m_new = fmaxf(st.m[g], step_max);
+    if (m_new == kNegInf) continue;  // nothing seen yet: the state stays empty
+    const float corr = expf(st.m[g] - m_new);  // 0 on the first rows (m = -inf)
+    float p[kRows], sum = 0.f;
+    LS_UNROLL
+    for (int u = 0; u < kRows; ++u) {
+      p[u] = expf(st.s[u][g] - m_new);
+      sum += p[u];
+    }
+    st.l[g] = st.l[g] * corr + sum;
+    st.m[g] = m_new;
+    LS_UNROLL
+    for (int j = 0; j < kChannels; ++j) {
+      float a = st.acc[g][j] * corr;
+      LS_UNROLL
+      for (int u = 0; u < kRows; ++u) a += p[u] * channel_of(st.v[u], j);
+      st.acc[g][j] = a;
+    }
+  }
+}
+
+// A row group's pass over its rows of `range`: rows [t, t + kRows) for t = range.begin
+// + (step * groups + group) * kRows; the state in `lanes` is updated, not reset.
+template <typename T, bool VEC, int HEADS, typename Group, typename LanesT>
+LS_HD void group_attend(const Group& grp, LanesT& lanes, const DecodeParams& p,
+                        const Paged<T>& keys, const Paged<T>& vals, int b, int kvh, Range range) {
+  using S = LaneState<T, HEADS>;
+  constexpr int LANES = Group::kLanes, GROUPS = kSplitThreads / LANES;
+  const int D = p.head_dim, Dv = p.head_dim_v;
+  for (int64_t t0 = range.begin + grp.id * kRows; t0 < range.end; t0 += GROUPS * kRows) {
+    const int32_t first = static_cast<int32_t>(t0);
+    const int rows = static_cast<int>(min64(kRows, range.end - t0));
+    // Every row's loads first (they are in flight together), then the partial dots.
+    grp.each([&](int lane) {
+      S& st = lanes[lane];
+      LS_UNROLL
+      for (int u = 0; u < kRows; ++u) {
+        if (u < rows) {
+          load_row<T, VEC, LANES>(st.k[u], keys.data + keys.offset(b, kvh, first + u), lane, D);
+          load_row<T, VEC, LANES>(st.v[u], vals.data + vals.offset(b, kvh, first + u), lane, Dv);
+        } else {  // zeros, not garbage: p = 0 must not meet a NaN
+          zero_row(st.k[u]);
+          zero_row(st.v[u]);
+        }
+      }
+      LS_UNROLL
+      for (int u = 0; u < kRows; ++u) {
+        LS_UNROLL
+        for (int g = 0; g < HEADS; ++g) {
+          float dot = 0.f;
+          LS_UNROLL
+          for (int j = 0; j < kChannels; ++j) dot += st.q[g][j] * channel_of(st.k[u], j);
+          st.s[u][g] = dot;
+        }
+      }
+    });
+    grp.template all_sum<kRows * HEADS>(lanes, [](S& st) { return &st.s[0][0]; });
+    grp.each([&](int lane) {
+      S& st = lanes[lane];
+      LS_UNROLL
+      for (int u = 0; u < kRows; ++u) {
+        if (u >= rows) {
+          LS_UNROLL
+          for (int g = 0; g < HEADS; ++g) st.s[u][g] = kNegInf;
+        }
+      }
+      softmax_step(st);
+    });
+  }
+}
+
+// Shared memory of a split block: every row group's (acc, m, l) per head, to combine.
+struct GroupStates {
+  int groups;
+  float* acc;  // [groups][HEADS][Dv]
+  float* m;    // [groups][HEADS]
+  float* l;    // [groups][HEADS]
+};
+
+LS_HD size_t split_smem_bytes(int groups, int heads, int Dv) {
+  return sizeof(float) * static_cast<size_t>(groups) * heads * (Dv + 2);
+}
+
+LS_HD GroupStates carve_group_states(void* base, int groups, int heads, int Dv) {
+  GroupStates w;
+  w.groups = groups;
+  w.acc = static_cast<float*>(base);
+  w.m = w.acc + groups * heads * Dv;
+  w.l = w.m + groups * heads;
+  return w;
+}
+
+// A row group leaves its lanes' state in shared memory (m and l from lane 0: all agree).
+template <typename T, int HEADS, typename Group, typename LanesT>
+LS_HD void stash_group(const Group& grp, LanesT& lanes, const GroupStates& gs, int Dv) {
+  grp.each([&](int lane) {
+    LaneState<T, HEADS>& st = lanes[lane];
+    LS_UNROLL
+    for (int g = 0; g < HEADS; ++g) {
+      float* acc = gs.acc + (grp.id * HEADS + g) * Dv;
+      LS_UNROLL
+      for (int j = 0; j < kChannels; ++j) {
+        const int c = lane_channel<T, Group::kLanes>(lane, j);
+        if (c < Dv) acc[c] = st.acc[g][j];
+      }
+      if (lane == 0) {
+        gs.m[grp.id * HEADS + g] = st.m[g];
+        gs.l[grp.id * HEADS + g] = st.l[g];
+      }
     }
   });
 }
 
-// The work of one block: both branches of request b, kv head kvh over chunk `split`.
-template <typename T, typename Block>
+// One phase: the row groups' states of each head combined by log-sum-exp into the
+// workspace as branch `branch` of split `split`.
+template <int HEADS, typename Block>
+LS_HD void combine_groups(const Block& blk, const DecodeParams& p, const GroupStates& gs, int b,
+                          HeadSlice hs, int split, int branch) {
+  const int n = blk.nthreads, Dv = p.head_dim_v;
+  const Workspace ws = workspace_of(p);
+  blk.run([&](int tid) {
+    for (int x = tid; x < hs.count * Dv; x += n) {
+      const int g = x / Dv, d = x % Dv;
+      float top = kNegInf;
+      for (int w = 0; w < gs.groups; ++w) top = fmaxf(top, gs.m[w * HEADS + g]);
+      float acc = 0.f, sum = 0.f;
+      for (int w = 0; w < gs.groups; ++w) {
+        const float m = gs.m[w * HEADS + g];
+        if (m == kNegInf) continue;  // a group that saw no row
+        const float weight = expf(m - top);
+        acc += weight * gs.acc[(w * HEADS + g) * Dv + d];
+        sum += weight * gs.l[w * HEADS + g];
+      }
+      ws.acc(b, hs.first + g, split, branch)[d] = acc;
+      if (d == 0) {
+        *ws.m(b, hs.first + g, split, branch) = top;
+        *ws.l(b, hs.first + g, split, branch) = sum;
+      }
+    }
+  });
+}
+
+// One branch of a block over the ranges `first` and then `second` (queries q), ending
+// in the workspace: each row group's pass, then the groups combined.
+template <typename T, bool VEC, int HEADS, int LANES, typename Block>
+LS_HD void branch_pass(const Block& blk, const DecodeParams& p, const float* q, int64_t s_req,
+                       int64_t s_head, const Paged<T>& keys, const Paged<T>& vals,
+                       const GroupStates& gs, int b, HeadSlice hs, Range first, Range second,
+                       int split, int branch) {
+  blk.template groups<LANES>([&](const auto& grp) {
+    typename std::remove_reference_t<decltype(grp)>::template Lanes<LaneState<T, HEADS>> lanes;
+    grp.each([&](int lane) {
+      start_pass<T, HEADS, LANES>(lanes[lane], p, q, s_req, s_head, b, hs, lane);
+    });
+    group_attend<T, VEC, HEADS>(grp, lanes, p, keys, vals, b, hs.kvh, first);
+    group_attend<T, VEC, HEADS>(grp, lanes, p, keys, vals, b, hs.kvh, second);
+    stash_group<T, HEADS>(grp, lanes, gs, p.head_dim_v);
+  });
+  combine_groups<HEADS>(blk, p, gs, b, hs, split, branch);
+}
+
+// The work of one block: both branches of request b, heads `hs` over chunk `split`.
+template <typename T, bool VEC, int HEADS, int LANES, typename Block>
 LS_HD void pod_decode_split(const Block& blk, const DecodeParams& p, const Paged<T>& k_prox,
-                            const Paged<T>& v, const Paged<T>& k_distant, const SplitSmem& sh,
-                            int b, int kvh, int split) {
-  const int n = blk.nthreads;
-  const int G = p.num_heads / p.num_kv_heads, D = p.head_dim, Dv = p.head_dim_v;
+                            const Paged<T>& v, const Paged<T>& k_distant, const GroupStates& gs,
+                            int b, HeadSlice hs, int split) {
   const int64_t len = max64(p.seq_lens[b], 0);  // 0: a padded batch entry, reads nothing
   const Range chunk = split_chunk(len, p.num_splits, split);
   const PodRanges r = pod_ranges(len - 1, p.sink, p.recent, p.has_distant);
-
-  // Queries of the G heads (scale folded in) and an empty softmax state.
-  blk.run([&](int tid) {
-    for (int x = tid; x < G * D; x += n) {
-      const int h = kvh * G + x / D, c = x % D;
-      sh.q[x] = p.scale * p.q[b * p.q_s_req + h * p.q_s_head + c];
-      if (p.has_distant) sh.qd[x] = p.scale * p.qd[b * p.qd_s_req + h * p.qd_s_head + c];
-    }
-    for (int x = tid; x < G * Dv; x += n) sh.acc[x] = 0.f;
-    for (int g = tid; g < G; g += n) {
-      sh.m[g] = kNegInf;
-      sh.l[g] = 0.f;
-    }
-  });
+  const Range none = {0, 0};
   // Proximal branch: own keys over the sinks, then the recent window.
-  attend_range(blk, p, sh, k_prox, v, sh.q, b, kvh, intersect(r.sinks, chunk));
-  attend_range(blk, p, sh, k_prox, v, sh.q, b, kvh, intersect(r.window, chunk));
-  flush_partial(blk, p, sh, b, kvh, split, 0);
-  // Distant branch: the leader's keys, own values (empty for a leader).
-  attend_range(blk, p, sh, k_distant, v, sh.qd, b, kvh, intersect(r.distant, chunk));
-  flush_partial(blk, p, sh, b, kvh, split, 1);
+  branch_pass<T, VEC, HEADS, LANES>(blk, p, p.q, p.q_s_req, p.q_s_head, k_prox, v, gs, b, hs,
+                                    intersect(r.sinks, chunk), intersect(r.window, chunk),
+                                    split, 0);
+  // Distant branch: the leader's keys, own values (a leader has none: empty, m = -inf).
+  const bool d = p.has_distant;
+  branch_pass<T, VEC, HEADS, LANES>(blk, p, d ? p.qd : p.q, d ? p.qd_s_req : p.q_s_req,
+                                    d ? p.qd_s_head : p.q_s_head, k_distant, v, gs, b, hs,
+                                    intersect(r.distant, chunk), none, split, 1);
 }
 
 // A branch's totals over the splits: M = max_s m_s and L = sum_s l_s exp(m_s - M), so
@@ -441,6 +592,48 @@ LS_HD void pod_decode_merge(const Block& blk, const DecodeParams& p, int b, int 
   });
 }
 
+// The split kernel's template arguments as types, for a generic launcher.
+template <int HEADS, int LANES, bool VEC>
+struct Shape {
+  static constexpr int heads = HEADS, lanes = LANES;
+  static constexpr bool vec = VEC;
+};
+
+template <int HEADS, bool VEC, typename F>
+inline int dispatch_lanes(const Variant& v, F& f) {
+  return v.lanes == 16 ? f(Shape<HEADS, 16, VEC>{}) : f(Shape<HEADS, 32, VEC>{});
+}
+
+template <bool VEC, typename F>
+inline int dispatch_heads(const Variant& v, F& f) {
+  if (v.heads == 1) return dispatch_lanes<1, VEC>(v, f);
+  if (v.heads == 4) return dispatch_lanes<4, VEC>(v, f);
+  return dispatch_lanes<kMaxHeads, VEC>(v, f);
+}
+
+// Calls f(Shape<...>{}) for the variant v: one instantiation per (heads, lanes, vec).
+template <typename F>
+inline int dispatch(const Variant& v, F&& f) {
+  return v.vec ? dispatch_heads<true>(v, f) : dispatch_heads<false>(v, f);
+}
+
+// The query heads of split block row y (grid y = kv head * slices + slice).
+LS_HD HeadSlice head_slice(const DecodeParams& p, int heads, int y) {
+  const int G = p.num_heads / p.num_kv_heads, slices = (G + heads - 1) / heads;
+  const int kvh = y / slices, first = (y % slices) * heads;
+  return {kvh, kvh * G + first, G - first < heads ? G - first : heads};
+}
+
+// The variant a call runs: aligned parts are read 16 bytes at a time.
+template <typename T>
+inline Variant variant_of(const DecodeParams& p, const LayersharePagedPart& k_prox,
+                          const LayersharePagedPart& v, const LayersharePagedPart* k_distant) {
+  const bool vec = part_vectorizable<T>(k_prox, p.head_dim) &&
+                   part_vectorizable<T>(v, p.head_dim_v) &&
+                   (!p.has_distant || part_vectorizable<T>(*k_distant, p.head_dim));
+  return choose_variant(p.num_heads / p.num_kv_heads, p.head_dim, p.head_dim_v, vec);
+}
+
 inline bool part_ok(const LayersharePagedPart* part) {
   return part && part->data && part->block_table && part->block_size > 0;
 }
@@ -457,7 +650,10 @@ inline int check_args(const DecodeParams& p, int cache_dtype, size_t workspace_s
     return LAYERSHARE_BAD_ARGS;
   if (!part_ok(k_prox) || !part_ok(v) || (p.has_distant && !part_ok(k_distant)))
     return LAYERSHARE_BAD_ARGS;
-  if (p.num_kv_heads > 65535 || p.num_reqs > 65535) return LAYERSHARE_BAD_ARGS;  // grid y, z
+  if (p.head_dim > kMaxChannels || p.head_dim_v > kMaxChannels) return LAYERSHARE_BAD_ARGS;
+  const Variant v0 = choose_variant(p.num_heads / p.num_kv_heads, p.head_dim, p.head_dim_v, false);
+  if (static_cast<int64_t>(p.num_kv_heads) * v0.slices > 65535 || p.num_reqs > 65535)
+    return LAYERSHARE_BAD_ARGS;  // grid y, z
   if (cache_dtype != LAYERSHARE_F32 && cache_dtype != LAYERSHARE_BF16 &&
       cache_dtype != LAYERSHARE_F16)
     return LAYERSHARE_BAD_DTYPE;

@@ -1,11 +1,11 @@
 // PoD decode attention on CUDA: one query token per request (see pod_decode.cuh for the
 // math, which this file only schedules). Self-contained: no torch headers, so it builds
-// with plain nvcc; a torch binding can wrap layershare_pod_decode later.
+// with plain nvcc; vllm_layershare/attention/cuda_decode.py calls it through ctypes.
 //
-// Kernel 1, grid (num_splits, num_kv_heads, num_reqs), kSplitThreads threads: both
-// branches of one (request, kv head) over one chunk of the context, partials to the
-// workspace. Kernel 2, grid (num_heads, num_reqs): log-sum-exp merge of the splits and
-// the gate, fp32 output.
+// Kernel 1, grid (num_splits, num_kv_heads * slices, num_reqs), kSplitThreads threads:
+// both branches of one (request, kv head, up to kMaxHeads query heads) over one chunk of
+// the context, each row group of lanes over its own rows, partials to the workspace. Kernel 2, grid
+// (num_heads, num_reqs): log-sum-exp merge of the splits and the gate, fp32 output.
 
 #include <cuda_runtime.h>
 
@@ -14,24 +14,68 @@
 namespace layershare {
 namespace {
 
-// The GPU side of blk.run(): every thread runs the phase, then a barrier.
+// The GPU side of a row group of LANES lanes (a warp, or half of one): a lane's state is
+// its registers, sums are shuffles among the group's lanes.
+template <int LANES>
+struct DeviceGroup {
+  static constexpr int kLanes = LANES;
+  int id;  // row group index in the block
+
+  template <typename S>
+  struct Lanes {
+    S one;
+    __device__ __forceinline__ S& operator[](int) { return one; }
+  };
+
+  template <typename F>
+  __device__ __forceinline__ void each(F&& section) const {
+    section(static_cast<int>(threadIdx.x) % LANES);
+  }
+
+  // N floats at field(state) summed over the group's lanes, the sum left in every lane.
+  // The mask names the group alone: the two halves of a warp may run different rows.
+  template <int N, typename S, typename F>
+  __device__ __forceinline__ void all_sum(Lanes<S>& lanes, F field) const {
+    const unsigned mask = LANES == 32 ? 0xffffffffu : 0xffffu << (threadIdx.x & 16);
+    float* x = field(lanes.one);
+    LS_UNROLL
+    for (int i = 0; i < N; ++i) {
+      float v = x[i];
+      LS_UNROLL
+      for (int offset = LANES / 2; offset > 0; offset /= 2)
+        v += __shfl_xor_sync(mask, v, offset);
+      x[i] = v;
+    }
+  }
+};
+
+// The GPU side of blk.run() and blk.groups(): every thread (row group) runs the phase,
+// then a barrier.
 struct DeviceBlock {
   int nthreads;
+
   template <typename F>
   __device__ __forceinline__ void run(F&& phase) const {
     phase(static_cast<int>(threadIdx.x));
     __syncthreads();
   }
+
+  template <int LANES, typename F>
+  __device__ __forceinline__ void groups(F&& phase) const {
+    phase(DeviceGroup<LANES>{static_cast<int>(threadIdx.x) / LANES});
+    __syncthreads();
+  }
 };
 
-template <typename T>
+template <typename T, bool VEC, int HEADS, int LANES>
 __global__ void __launch_bounds__(kSplitThreads)
     pod_split_kernel(DecodeParams p, Paged<T> k_prox, Paged<T> v, Paged<T> k_distant) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int G = p.num_heads / p.num_kv_heads;
-  const SplitSmem sh = carve_split_smem(smem, G, p.head_dim, p.head_dim_v);
+  const GroupStates gs =
+      carve_group_states(smem, kSplitThreads / LANES, HEADS, p.head_dim_v);
   const DeviceBlock blk{static_cast<int>(blockDim.x)};
-  pod_decode_split<T>(blk, p, k_prox, v, k_distant, sh, blockIdx.z, blockIdx.y, blockIdx.x);
+  pod_decode_split<T, VEC, HEADS, LANES>(blk, p, k_prox, v, k_distant, gs, blockIdx.z,
+                                         head_slice(p, HEADS, blockIdx.y), blockIdx.x);
 }
 
 __global__ void pod_merge_kernel(DecodeParams p) {
@@ -39,40 +83,22 @@ __global__ void pod_merge_kernel(DecodeParams p) {
   pod_decode_merge(blk, p, blockIdx.y, blockIdx.x);
 }
 
-// Raises the kernel's dynamic shared memory limit when a call needs more than 48 KiB
-// (the default); remembered per instantiation so steady-state launches skip it.
-// Returns 0, LAYERSHARE_TOO_MUCH_SHARED, or a CUDA error.
-template <typename T>
-int allow_shared(size_t bytes) {
-  static size_t allowed = 48 * 1024;
-  if (bytes <= allowed) return LAYERSHARE_OK;
-  int device = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return static_cast<int>(err);
-  if (bytes > static_cast<size_t>(optin)) return LAYERSHARE_TOO_MUCH_SHARED;
-  err = cudaFuncSetAttribute(pod_split_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(bytes));
-  if (err == cudaSuccess) allowed = bytes;
-  return static_cast<int>(err);
-}
-
 template <typename T>
 int launch(const DecodeParams& p, const LayersharePagedPart& k_prox, const LayersharePagedPart& v,
            const LayersharePagedPart* k_distant, cudaStream_t stream) {
-  const int G = p.num_heads / p.num_kv_heads;
-  const size_t smem = split_smem_bytes(G, p.head_dim, p.head_dim_v);
-  const int status = allow_shared<T>(smem);
-  if (status != LAYERSHARE_OK) {
-    cudaGetLastError();  // a failed query must not surface at a later launch's check
-    return status;
-  }
+  const Variant variant = variant_of<T>(p, k_prox, v, k_distant);
   // A leader has no distant keys: its distant ranges are empty, the struct is never read.
   const Paged<T> kd = p.has_distant ? make_paged<T>(*k_distant) : Paged<T>{};
-  const dim3 split_grid(p.num_splits, p.num_kv_heads, p.num_reqs);
-  pod_split_kernel<T><<<split_grid, kSplitThreads, smem, stream>>>(
-      p, make_paged<T>(k_prox), make_paged<T>(v), kd);
+  const dim3 grid(p.num_splits, p.num_kv_heads * variant.slices, p.num_reqs);
+  // At most 8 groups x 8 heads x 130 floats (or 4 x 8 x 258): 33 KB, under the default 48.
+  const size_t smem =
+      split_smem_bytes(kSplitThreads / variant.lanes, variant.heads, p.head_dim_v);
+  dispatch(variant, [&](auto shape) {
+    using Sh = decltype(shape);
+    pod_split_kernel<T, Sh::vec, Sh::heads, Sh::lanes><<<grid, kSplitThreads, smem, stream>>>(
+        p, make_paged<T>(k_prox), make_paged<T>(v), kd);
+    return 0;
+  });
   // Threads over channels of one head: a warp-rounded Dv, at most 256.
   const int merge_threads = p.head_dim_v >= 256 ? 256 : (p.head_dim_v + 31) / 32 * 32;
   pod_merge_kernel<<<dim3(p.num_heads, p.num_reqs), merge_threads, 0, stream>>>(p);
@@ -94,7 +120,8 @@ size_t layershare_pod_decode_workspace_bytes(int num_reqs, int num_heads, int he
 // seq_lens[b] - 1, written to out[b, h, :Dv] (float32). q and q_distant are float32
 // [num_reqs, num_heads, head_dim] with dense channels (q_distant may alias q; ignored
 // without k_distant). k_prox, v, k_distant: paged parts in one cache dtype (`cache_dtype`,
-// LAYERSHARE_F32/BF16/F16); k_distant NULL (or its data NULL) = a leader or
+// LAYERSHARE_F32/BF16/F16), head dims up to 256, read 8 or 16 bytes at a time where their
+// base and strides allow; k_distant NULL (or its data NULL) = a leader or
 // full-attention layer, which attends the proximal set alone (pass sink = 0 and a huge
 // recent for plain causal attention). gate_tau <= 0 turns the gate skip off. workspace:
 // device memory of at least layershare_pod_decode_workspace_bytes(num_reqs, num_heads,

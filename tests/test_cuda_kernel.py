@@ -1,10 +1,13 @@
 """The CUDA decode kernel (csrc/pod_decode_cuda.cu), on machines without a GPU.
 
 1. nvcc compiles it for sm_80 and sm_90 (skipped only where nvcc is absent).
+   ptxas's report lists every variant of the split kernel, and Llama-3-8B's spills nothing.
 2. Its math, csrc/pod_decode.cuh, which the kernel and the host build share (page
-   walk, tiles, online softmax, split merge, gate), is built with g++ into a shared
-   library that runs the kernel's schedule block by block, emulating the threads of a
-   block phase by phase; through ctypes it must equal the dense reference
+   walk, per-warp online softmax, shuffle sums, warp and split merges, gate), is built
+   with g++ into a shared library that runs the kernel's schedule block by block,
+   emulating a warp's lanes section by section (the shuffles as the same butterfly over
+   the lanes' copies) and a block's threads phase by phase, in forward and reverse order
+   (the outputs must be bit-identical); through ctypes it must equal the dense reference
    (vllm_layershare/attention/reference.py) on paged caches with shuffled block tables.
    Cache slots the kernel must not read (a follower's freed keys, the leader's keys
    outside the distant set, channels outside [lo, hi)) hold NaN, so a stray read shows.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -40,7 +44,9 @@ from vllm_layershare.attention.reference import dense_attention, dense_pod_atten
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 UNBOUNDED = 1 << 40
-LO, EXTRA = 3, 2  # the cache holds EXTRA channels after and LO before the part read
+# Channels a cache holds before and after the part read: (3, 2) leaves every row
+# misaligned (the kernel reads channel by channel), (8, 8) aligned (16 bytes at a time).
+MISALIGNED, ALIGNED = (3, 2), (8, 8)
 # (emulated threads per block, reverse order): the GPU's 128, in both orders, and odd
 # counts; every schedule must give bit-identical outputs (no race inside a phase).
 SCHEDULES = [(128, False), (128, True), (37, True), (1, False)]
@@ -53,12 +59,37 @@ def test_nvcc_compiles(arch, tmp_path):
         pytest.skip("nvcc not found (CUDA_HOME, /usr/local/cuda or PATH); CI has it")
     obj = tmp_path / "pod_decode.o"
     result = subprocess.run(
-        [nvcc, "-c", "-std=c++17", f"-arch={arch}", "-Werror", "all-warnings", "-o", str(obj),
-         str(CSRC / "pod_decode_cuda.cu")],
+        [nvcc, "-c", "-std=c++17", f"-arch={arch}", "-Werror", "all-warnings", "-Xptxas", "-v",
+         "-o", str(obj), str(CSRC / "pod_decode_cuda.cu")],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert obj.stat().st_size > 0
+    # ptxas's report: every variant of the split kernel is there (3 cache dtypes x 3
+    # head counts x 2 row widths x 16-byte loads or not), and Llama-3-8B's (bf16, 4 heads
+    # per block, rows of 16 lanes read 16 bytes at a time) keeps all in registers.
+    usage = split_kernel_usage(result.stdout + result.stderr)
+    assert len(usage) == 36, sorted(usage)
+    registers, spilled = usage[("bf16", True, 4, 16)]
+    assert spilled == 0 and registers <= 255, (registers, spilled)
+
+
+def split_kernel_usage(ptxas_log: str) -> dict[tuple[str, bool, int, int], tuple[int, int]]:
+    """(cache dtype, vectorized, heads, lanes per row) -> (registers, spilled bytes)
+    of each pod_split_kernel in `nvcc -Xptxas -v`'s log."""
+    usage, kernel = {}, None
+    for line in ptxas_log.splitlines():
+        entry = re.search(r"Compiling entry function '\S*pod_split_kernelI(?:NS_4(\w+?)E|(f))"
+                          r"Lb([01])ELi(\d+)ELi(\d+)E", line)
+        if entry:
+            dtype = entry[1] or "float"
+            kernel = (dtype, entry[3] == "1", int(entry[4]), int(entry[5]))
+        elif kernel and "spill stores" in line:
+            spilled = int(re.search(r"(\d+) bytes spill stores", line)[1])
+        elif kernel and "Used" in line:
+            usage[kernel] = (int(re.search(r"Used (\d+) registers", line)[1]), spilled)
+            kernel = None
+    return usage
 
 
 
@@ -99,6 +130,7 @@ def host_lib(tmp_path_factory):
         PTR, I32, I32, I32, I32, I32,  # seq_lens, reqs, heads, kv heads, D, Dv
         F32, I64, I64, F32, I32,  # scale, sink, recent, tau, splits
         PTR, ctypes.c_size_t, I32, I32,  # workspace, its bytes, threads, reverse
+        ctypes.POINTER(I32),  # the variant it ran: heads, channels per lane, vec, slices
     ]
     return lib
 
@@ -120,27 +152,31 @@ class Paged:
     cache: torch.Tensor
     table: torch.Tensor
     block_size: int
+    lo: int  # first channel of the part
+    hi: int  # its end
 
     def c(self) -> PagedPartC:
-        return PagedPartC(self.cache.data_ptr() + LO * self.cache.element_size(),
+        return PagedPartC(self.cache.data_ptr() + self.lo * self.cache.element_size(),
                           *self.cache.stride()[:3], self.table.data_ptr(), self.table.stride(0),
                           self.block_size)
 
     def to(self, device: str) -> Paged:
-        return Paged(self.cache.to(device), self.table.to(device), self.block_size)
+        return Paged(self.cache.to(device), self.table.to(device), self.block_size, self.lo,
+                     self.hi)
 
 
 def page(rows: list[torch.Tensor], readable: list[torch.Tensor], block_size: int,
-         dtype: torch.dtype, gen: torch.Generator) -> Paged:
-    """Pages per-request rows [L, Hkv, C] into a cache [blocks, Hkv, block_size, LO+C+EXTRA]
-    at channels [LO, LO+C), blocks in shuffled order. Only `readable` [L] tokens are
-    written; every other slot is NaN, and a table entry whose block holds no readable
-    token points at an all-NaN block (a freed block)."""
+         dtype: torch.dtype, gen: torch.Generator, margins: tuple[int, int] = MISALIGNED) -> Paged:
+    """Pages per-request rows [L, Hkv, C] into a cache [blocks, Hkv, block_size, lo+C+extra]
+    at channels [lo, lo+C) (lo, extra = margins), blocks in shuffled order. Only
+    `readable` [L] tokens are written; every other slot is NaN, and a table entry whose
+    block holds no readable token points at an all-NaN block (a freed block)."""
     hkv, channels = rows[0].shape[1:]
     needed = [-(-len(r) // block_size) for r in rows]
     order = torch.randperm(sum(needed) + 1, generator=gen).tolist()
     poison = order.pop()
-    cache = torch.full((len(order) + 1, hkv, block_size, LO + channels + EXTRA), math.nan,
+    lo, extra = margins
+    cache = torch.full((len(order) + 1, hkv, block_size, lo + channels + extra), math.nan,
                        dtype=dtype)
     # Wider than needed: the row stride differs from the blocks a request uses.
     table = torch.full((len(rows), max(needed, default=0) + 2), poison, dtype=torch.int32)
@@ -152,8 +188,8 @@ def page(rows: list[torch.Tensor], readable: list[torch.Tensor], block_size: int
                 continue
             table[b, blk] = block = order.pop()
             for p in positions:
-                cache[block, :, p % block_size, LO:LO + channels] = r[p].to(dtype)
-    return Paged(cache, table, block_size)
+                cache[block, :, p % block_size, lo:lo + channels] = r[p].to(dtype)
+    return Paged(cache, table, block_size, lo, lo + channels)
 
 
 @dataclass
@@ -170,6 +206,7 @@ class Case:
     block_sizes: tuple[int, int, int] = (4, 5, 3)  # k_prox, v, k_distant
     gate_skip: bool = False
     seed: int = 0
+    margins: tuple[int, int] = MISALIGNED
 
 
 CASES = {
@@ -190,6 +227,29 @@ CASES = {
     # MHA, a window of one token.
     "mha-fp32": Case(lens=(2, 5, 30), heads=3, kv_heads=3, dim=32, dim_v=32, sink=4, recent=1,
                      block_sizes=(2, 32, 5), seed=10),
+    # Aligned rows: read 16 bytes at a time; vLLM's power-of-two pages.
+    "aligned-bf16": Case(lens=(3, 38, 70), dtype=torch.bfloat16, block_sizes=(16, 8, 32),
+                         margins=ALIGNED, seed=12),
+    "aligned-leader-fp32": Case(lens=(1, 45), share=None, sink=0, recent=UNBOUNDED,
+                                block_sizes=(16, 16, 16), margins=ALIGNED, seed=13),
+    # Six query heads per kv head (blocks of 8 heads, two unused), aligned fp16.
+    "gqa6-fp16": Case(lens=(12, 51), heads=12, kv_heads=2, dim=32, dim_v=32, sink=3, recent=9,
+                      dtype=torch.float16, block_sizes=(8, 4, 16), margins=ALIGNED, seed=14),
+    # Ten query heads per kv head: two blocks per kv head (8 + 2 heads).
+    "gqa10-keys-fp32": Case(lens=(7, 33), heads=10, kv_heads=1, dim=8, dim_v=8, sink=1,
+                            recent=5, share="keys", seed=15),
+    # Head dims over 128: rows of 32 lanes, aligned and not.
+    "wide-bf16": Case(lens=(6, 29), heads=4, kv_heads=2, dim=160, dim_v=136, sink=2, recent=7,
+                      dtype=torch.bfloat16, block_sizes=(4, 4, 4), margins=ALIGNED, seed=16),
+    "wide-gate-fp32": Case(lens=(20, 9), heads=2, kv_heads=2, dim=200, dim_v=256, sink=2,
+                           recent=4, gate_skip=True, seed=17),
+}
+# The split kernel each case runs (heads per block, lanes per row, 16-byte loads, blocks
+# per kv head), as the launcher documents its choice.
+VARIANTS = {
+    "aligned-bf16": (4, 16, 1, 1), "aligned-leader-fp32": (4, 16, 1, 1),
+    "gqa6-fp16": (8, 16, 1, 1), "gqa10-keys-fp32": (8, 16, 0, 2), "wide-bf16": (4, 32, 1, 1),
+    "wide-gate-fp32": (1, 32, 0, 1), "mha-fp32": (1, 16, 0, 1), "scores-fp32": (4, 16, 0, 1),
 }
 
 
@@ -267,11 +327,12 @@ def prepare(case: Case) -> Prepared:
                 recent=case.recent, share=case.share, gate_skip_threshold=tau)[-1]
     masks = [positions(len(s["k"]), case) for s in seqs]
     kp_bs, v_bs, kd_bs = case.block_sizes
-    k_prox = page([s["k"] for s in seqs], [m[0] for m in masks], kp_bs, case.dtype, gen)
+    k_prox = page([s["k"] for s in seqs], [m[0] for m in masks], kp_bs, case.dtype, gen,
+                  case.margins)
     v = page([s["v"] for s in seqs], [torch.ones(len(m[0]), dtype=torch.bool) for m in masks],
-             v_bs, case.dtype, gen)
+             v_bs, case.dtype, gen, case.margins)
     k_dist = None if leader else page([s["k_lead"] for s in seqs], [m[1] for m in masks],
-                                      kd_bs, case.dtype, gen)
+                                      kd_bs, case.dtype, gen, case.margins)
 
     def last_rows(key):  # decode queries [B, H, D] inside a wider [B, H + 3, D] buffer
         buf = torch.full((len(seqs), h + 3, d), math.nan)
@@ -287,10 +348,11 @@ def prepare(case: Case) -> Prepared:
 
 
 def run_host(lib, p: Prepared, splits: int, threads: int = 128, reverse: bool = False,
-             **override) -> torch.Tensor:
-    """The host build of the kernel; checks that it writes only out and its workspace."""
+             variant=None, **override) -> torch.Tensor:
+    """The host build of the kernel; checks that it writes only out and its workspace.
+    `variant` (a ctypes int array of 4, or None) receives the split kernel it ran."""
     return run_kernel(lib.layershare_pod_decode_host, lib, p, splits, "cpu",
-                      dict(threads=threads, reverse=int(reverse)), override)
+                      dict(threads=threads, reverse=int(reverse), variant=variant), override)
 
 
 def run_cuda(lib, p: Prepared, splits: int) -> torch.Tensor:
@@ -361,9 +423,8 @@ def test_cuda_pod_decode_wrapper(cuda_lib, prepared, name):
     """The torch-facing call (cuda_decode.cuda_pod_decode) on GPU tensors."""
     p = prepared(name)
     c = p.case
-    parts = [PagedPart(part.cache.cuda(), LO, LO + part.cache.shape[-1] - LO - EXTRA,
-                                   part.table.cuda(), part.block_size) if part else None
-             for part in p.parts]
+    parts = [PagedPart(part.cache.cuda(), part.lo, part.hi, part.table.cuda(), part.block_size)
+             if part else None for part in p.parts]
     out = torch.full((len(c.lens), c.heads, c.dim_v), math.nan, device="cuda")
     cuda_decode.cuda_pod_decode(
         cuda_lib, p.q.cuda(), parts[0], parts[1], p.seq_lens.cuda(), out, p.scale,
@@ -378,6 +439,10 @@ def test_host_kernel_matches_reference(host_lib, prepared, name):
     p = prepared(name)
     case = p.case
     tol = dict(atol=2e-5, rtol=2e-5)  # the reference sees the cache's rounded values
+    variant = (I32 * 4)()
+    run_host(host_lib, p, 1, variant=variant)
+    assert variant[2] == (case.margins == ALIGNED), "aligned rows are read 16 bytes at a time"
+    assert tuple(variant) == VARIANTS.get(name, tuple(variant)), "the launcher's choice"
     for splits in sorted({1, 3, max(case.lens), max(case.lens) + 5}):
         outs = [run_host(host_lib, p, splits, threads, reverse) for threads, reverse in SCHEDULES]
         for other in outs[1:]:

@@ -60,8 +60,9 @@ LEADER_SCORES_KEY = "layershare_leader_scores"
 # Oldest NVIDIA GPU generation the GPU kernels serve: Ampere.
 MIN_CAPABILITY = DeviceCapability(8, 0)
 # Which decode kernel runs on GPUs, and why (benchmarks/kernels.py, docs/benchmarks.md).
-GPU_KERNELS = ("Triton kernels (decode: Triton split over the context, 9x faster than "
-               "csrc's CUDA decode kernel on an H200 at 32K x 16, 0.87 vs 7.9 ms)")
+GPU_KERNELS = ("Triton kernels (decode: Triton split over the context; csrc's CUDA decode "
+               "kernel shares no scores, and its last timed version was 9x slower on an "
+               "H200 at 32K x 16)")
 # Forward calls with real metadata in this process: tests use it to prove this code ran.
 FORWARD_CALLS = 0
 

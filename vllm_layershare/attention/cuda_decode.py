@@ -4,9 +4,10 @@ The kernel includes no torch headers, so nvcc builds it in seconds into a plain 
 library: setup.py does so when a CUDA toolkit and a CUDA PyTorch are present
 (vllm_layershare/_pod_decode_cuda.so); tests and benchmarks/kernels.py build it on the
 spot with `build`. It computes one-query rows (decode) of a leader or of a follower whose
-distant branch reads the leader's keys; it has neither the shared decode scores nor the
-estimated mass of the Triton kernels, and on an H200 it is slower than they are
-(docs/benchmarks.md), so the backend decodes with Triton and says so at start-up.
+distant branch reads the leader's keys, head dims up to 256; it has neither the shared
+decode scores nor the estimated mass of the Triton kernels, and its first version was
+8-10x slower than they are on an H200 (docs/benchmarks.md; the current one, in row
+groups of lanes, is untimed), so the backend decodes with Triton and says so at start-up.
 """
 
 from __future__ import annotations
@@ -102,9 +103,10 @@ def cuda_pod_decode(lib: ctypes.CDLL, q: torch.Tensor, k_prox: PagedPart, v: Pag
                     sink: int = 0, recent: int = UNBOUNDED, gate_tau: float | None = None,
                     num_splits: int = 1, workspace: torch.Tensor | None = None) -> None:
     """Decode attention of one query per request: q, q_distant float32 [B, H, D], out
-    float32 [B, H, Dv], seq_lens int32 [B] (the query sits at seq_len - 1), on the
-    current stream. Without k_distant: plain attention over sinks and window (a leader:
-    sink 0, recent UNBOUNDED). `workspace`: float32, at least the library's bytes."""
+    float32 [B, H, Dv] (D, Dv <= 256), seq_lens int32 [B] (the query sits at seq_len -
+    1), on the current stream. Without k_distant: plain attention over sinks and window
+    (a leader: sink 0, recent UNBOUNDED). `workspace`: float32, at least the library's
+    bytes."""
     num_reqs, heads, dim = q.shape
     dim_v = v.hi - v.lo
     need = lib.layershare_pod_decode_workspace_bytes(num_reqs, heads, dim_v, num_splits)
