@@ -13,7 +13,7 @@ its time against the device's measured copy bandwidth, and follower / full. Kern
 times are GPU time alone (each call replayed from a CUDA graph); the last column times
 the calls eagerly, the host's launch work included. In decode
 it also times the CUDA kernel of csrc/ (built here with nvcc, when there is one) as a
-leader and as a follower that reads the leader's keys (it has no shared scores).
+leader and as a follower that reads the leader's shared scores, as the Triton one does.
 
     python benchmarks/kernels.py                 # on a GPU
     python benchmarks/kernels.py --sweep         # launch shapes compared (TritonConfig)
@@ -179,7 +179,8 @@ def kernel_ms(inputs: LayerInputs, starts: torch.Tensor, lens: torch.Tensor,
 
 def cuda_ms(lib, inputs: LayerInputs, lens: torch.Tensor, repeats: int,
             config: TritonConfig) -> float:
-    """csrc's decode kernel on the same caches (float32 queries and output)."""
+    """csrc's decode kernel on the same caches (float32 queries and output); a follower
+    reads the shared scores that the Triton leader left, as the Triton follower does."""
     q = inputs.q.float()
     out = torch.empty_like(q)
     num_reqs, kv_heads = q.shape[0], inputs.k_prox.cache.shape[1]
@@ -187,13 +188,14 @@ def cuda_ms(lib, inputs: LayerInputs, lens: torch.Tensor, repeats: int,
     splits = decode_splits(num_reqs, kv_heads, max_len, q.device, config)
     need = lib.layershare_pod_decode_workspace_bytes(num_reqs, q.shape[1], q.shape[2], splits)
     workspace = torch.empty(need // 4 + 1, device=q.device)
+    shared = inputs.shared_scores if inputs.k_distant is not None else None
     int32 = [dataclasses.replace(p, block_table=p.block_table.int()) if p else None
-             for p in (inputs.k_prox, inputs.v, inputs.k_distant)]
+             for p in (inputs.k_prox, inputs.v, None if shared else inputs.k_distant)]
     lens32 = lens.int()
     return device_ms(lambda: cuda_decode.cuda_pod_decode(
         lib, q, int32[0], int32[1], lens32, out, inputs.scale, q_distant=q, k_distant=int32[2],
-        sink=inputs.sink, recent=inputs.recent, num_splits=splits, workspace=workspace),
-        q.device, repeats)
+        sink=inputs.sink, recent=inputs.recent, num_splits=splits, workspace=workspace,
+        shared_scores=shared, scores_tile=config.decode_block_n), q.device, repeats)
 
 
 def cuda_library(device: torch.device):

@@ -4,6 +4,7 @@
 // One query token per request, at position i = seq_len - 1 (method.md):
 //   proximal  P = [0, min(n_s, i+1)) U [max(n_s, i-n_r+1), i]   s = scale q . k_prox[j]
 //   distant   D = [n_s, i-n_r]                                  s = scale q_distant . k_distant[j]
+// (or, share `scores`, s = log(term) + t from the leader's shared scores, no keys read);
 // both branches weight the layer's own values v[j]; per branch an online softmax gives
 // (o, lse); g = sigmoid(lse_P - lse_D) (1 when D is empty), g = 1 where tau > 0 and
 // g >= tau (gate skip), o = g o_P + (1-g) o_D. A leader (no k_distant) is the P branch
@@ -70,6 +71,24 @@ typedef struct LayersharePagedPart {
   int64_t table_stride;        // elements between block-table rows
   int32_t block_size;          // tokens per cache block
 } LayersharePagedPart;
+
+// A leader's shared decode scores (vllm_layershare/attention/paged.py SharedScores, as
+// triton_paged._shared_at reads them): float32 cells [pages, kv heads, cell floats]; for
+// query head g of kv head h's group, the term e^(scale s_n - t) of position n sits in
+// page block_table[n / block_size], cell h, at g * block_size + n % block_size in the
+// cache dtype, and t, the log-sum-exp of n's tile of `tile` positions (tiles start at
+// multiples of it), is the float at lse_first + (start % block_size) / tile * G + g in
+// the cell of the page of the tile's start. block_size and tile: powers of two.
+typedef struct LayershareSharedScores {
+  const void* cells;           // float32 cells
+  int64_t stride_page;         // floats between pages
+  int64_t stride_head;         // floats between kv heads
+  int64_t lse_first;           // float of a cell where the tiles' t begin
+  const int32_t* block_table;  // [num_reqs, >= pages of the request], int32
+  int64_t table_stride;        // elements between block-table rows
+  int32_t block_size;          // tokens per page
+  int32_t tile;                // positions per tile of the leader's pass
+} LayershareSharedScores;
 
 // Cache dtypes (k_prox, v and k_distant share one).
 enum { LAYERSHARE_F32 = 0, LAYERSHARE_BF16 = 1, LAYERSHARE_F16 = 2 };
@@ -191,6 +210,38 @@ inline Paged<T> make_paged(const LayersharePagedPart& p) {
           p.block_table, p.table_stride, p.block_size, log2_if_power_of_two(p.block_size)};
 }
 
+// A shared-scores cache with the terms' element type (every size a power of two).
+template <typename T>
+struct Scores {
+  const T* terms;     // the cells seen as T
+  const float* lse;   // the cells as floats
+  int64_t s_page, s_head;  // floats
+  int64_t lse_first;
+  const int32_t* table;
+  int64_t table_stride;
+  int32_t page_shift, tile;
+
+  // The leader's scale s_n at position pos for query head gl of kv head kvh's group of
+  // G: log(term) + t (-inf where the term is 0).
+  LS_HD float logit(int b, int kvh, int gl, int G, int32_t pos) const {
+    constexpr int per_float = 4 / static_cast<int>(sizeof(T));
+    const int32_t size = 1 << page_shift, start = pos & ~(tile - 1);
+    const int32_t* row = table + b * table_stride;
+    const int64_t cell = static_cast<int64_t>(row[pos >> page_shift]) * s_page + kvh * s_head;
+    const int64_t first = static_cast<int64_t>(row[start >> page_shift]) * s_page + kvh * s_head;
+    const float term = to_float(terms[cell * per_float + gl * size + (pos & (size - 1))]);
+    const float t = lse[first + lse_first + (start & (size - 1)) / tile * G + gl];
+    return term > 0.f ? logf(term) + t : kNegInf;
+  }
+};
+
+template <typename T>
+inline Scores<T> make_scores(const LayershareSharedScores& sc) {
+  return {static_cast<const T*>(sc.cells), static_cast<const float*>(sc.cells), sc.stride_page,
+          sc.stride_head, sc.lse_first, sc.block_table, sc.table_stride,
+          log2_if_power_of_two(sc.block_size), sc.tile};
+}
+
 // The launcher's arguments that every block reads.
 struct DecodeParams {
   float* out;
@@ -206,6 +257,7 @@ struct DecodeParams {
   float gate_tau;
   int num_splits;
   bool has_distant;
+  bool reads_scores;  // the distant branch weighs the leader's shared scores, no keys
   float* workspace;
 };
 
@@ -428,6 +480,39 @@ LS_HD void group_attend(const Group& grp, LanesT& lanes, const DecodeParams& p,
   }
 }
 
+// A row group's pass over its rows of `range` with the leader's shared scores as the
+// logits: no keys, no dot products, no sums across lanes (every lane reads the same
+// scores); the values are the layer's own.
+template <typename T, bool VEC, int HEADS, typename Group, typename LanesT>
+LS_HD void group_scores(const Group& grp, LanesT& lanes, const DecodeParams& p,
+                        const Scores<T>& sc, const Paged<T>& vals, int b, HeadSlice hs,
+                        Range range) {
+  using S = LaneState<T, HEADS>;
+  constexpr int LANES = Group::kLanes, GROUPS = kSplitThreads / LANES;
+  const int G = p.num_heads / p.num_kv_heads, first_head = hs.first - hs.kvh * G;
+  for (int64_t t0 = range.begin + grp.id * kRows; t0 < range.end; t0 += GROUPS * kRows) {
+    const int32_t first = static_cast<int32_t>(t0);
+    const int rows = static_cast<int>(min64(kRows, range.end - t0));
+    grp.each([&](int lane) {
+      S& st = lanes[lane];
+      LS_UNROLL
+      for (int u = 0; u < kRows; ++u) {
+        if (u < rows) {
+          load_row<T, VEC, LANES>(st.v[u], vals.data + vals.offset(b, hs.kvh, first + u), lane,
+                                  p.head_dim_v);
+        } else {
+          zero_row(st.v[u]);
+        }
+        LS_UNROLL
+        for (int g = 0; g < HEADS; ++g)
+          st.s[u][g] = u < rows && g < hs.count
+                           ? sc.logit(b, hs.kvh, first_head + g, G, first + u) : kNegInf;
+      }
+      softmax_step(st);
+    });
+  }
+}
+
 // Shared memory of a split block: every row group's (acc, m, l) per head, to combine.
 struct GroupStates {
   int groups;
@@ -503,16 +588,21 @@ LS_HD void combine_groups(const Block& blk, const DecodeParams& p, const GroupSt
 // in the workspace: each row group's pass, then the groups combined.
 template <typename T, bool VEC, int HEADS, int LANES, typename Block>
 LS_HD void branch_pass(const Block& blk, const DecodeParams& p, const float* q, int64_t s_req,
-                       int64_t s_head, const Paged<T>& keys, const Paged<T>& vals,
-                       const GroupStates& gs, int b, HeadSlice hs, Range first, Range second,
-                       int split, int branch) {
+                       int64_t s_head, const Paged<T>& keys, bool by_scores,
+                       const Scores<T>& scores,
+                       const Paged<T>& vals, const GroupStates& gs, int b, HeadSlice hs,
+                       Range first, Range second, int split, int branch) {
   blk.template groups<LANES>([&](const auto& grp) {
     typename std::remove_reference_t<decltype(grp)>::template Lanes<LaneState<T, HEADS>> lanes;
     grp.each([&](int lane) {
       start_pass<T, HEADS, LANES>(lanes[lane], p, q, s_req, s_head, b, hs, lane);
     });
-    group_attend<T, VEC, HEADS>(grp, lanes, p, keys, vals, b, hs.kvh, first);
-    group_attend<T, VEC, HEADS>(grp, lanes, p, keys, vals, b, hs.kvh, second);
+    if (by_scores) {  // `second` is empty in a distant branch
+      group_scores<T, VEC, HEADS>(grp, lanes, p, scores, vals, b, hs, first);
+    } else {
+      group_attend<T, VEC, HEADS>(grp, lanes, p, keys, vals, b, hs.kvh, first);
+      group_attend<T, VEC, HEADS>(grp, lanes, p, keys, vals, b, hs.kvh, second);
+    }
     stash_group<T, HEADS>(grp, lanes, gs, p.head_dim_v);
   });
   combine_groups<HEADS>(blk, p, gs, b, hs, split, branch);
@@ -521,20 +611,22 @@ LS_HD void branch_pass(const Block& blk, const DecodeParams& p, const float* q, 
 // The work of one block: both branches of request b, heads `hs` over chunk `split`.
 template <typename T, bool VEC, int HEADS, int LANES, typename Block>
 LS_HD void pod_decode_split(const Block& blk, const DecodeParams& p, const Paged<T>& k_prox,
-                            const Paged<T>& v, const Paged<T>& k_distant, const GroupStates& gs,
-                            int b, HeadSlice hs, int split) {
+                            const Paged<T>& v, const Paged<T>& k_distant, const Scores<T>& sc,
+                            const GroupStates& gs, int b, HeadSlice hs, int split) {
   const int64_t len = max64(p.seq_lens[b], 0);  // 0: a padded batch entry, reads nothing
   const Range chunk = split_chunk(len, p.num_splits, split);
   const PodRanges r = pod_ranges(len - 1, p.sink, p.recent, p.has_distant);
   const Range none = {0, 0};
   // Proximal branch: own keys over the sinks, then the recent window.
-  branch_pass<T, VEC, HEADS, LANES>(blk, p, p.q, p.q_s_req, p.q_s_head, k_prox, v, gs, b, hs,
-                                    intersect(r.sinks, chunk), intersect(r.window, chunk),
-                                    split, 0);
-  // Distant branch: the leader's keys, own values (a leader has none: empty, m = -inf).
-  const bool d = p.has_distant;
+  branch_pass<T, VEC, HEADS, LANES>(blk, p, p.q, p.q_s_req, p.q_s_head, k_prox, false, sc, v,
+                                    gs, b, hs, intersect(r.sinks, chunk),
+                                    intersect(r.window, chunk), split, 0);
+  // Distant branch: the leader's keys or its shared scores, own values (a leader has
+  // none: empty, m = -inf).
+  const bool d = p.has_distant && !p.reads_scores;
   branch_pass<T, VEC, HEADS, LANES>(blk, p, d ? p.qd : p.q, d ? p.qd_s_req : p.q_s_req,
-                                    d ? p.qd_s_head : p.q_s_head, k_distant, v, gs, b, hs,
+                                    d ? p.qd_s_head : p.q_s_head, k_distant,
+                                    p.reads_scores, sc, v, gs, b, hs,
                                     intersect(r.distant, chunk), none, split, 1);
 }
 
@@ -630,7 +722,8 @@ inline Variant variant_of(const DecodeParams& p, const LayersharePagedPart& k_pr
                           const LayersharePagedPart& v, const LayersharePagedPart* k_distant) {
   const bool vec = part_vectorizable<T>(k_prox, p.head_dim) &&
                    part_vectorizable<T>(v, p.head_dim_v) &&
-                   (!p.has_distant || part_vectorizable<T>(*k_distant, p.head_dim));
+                   (!p.has_distant || p.reads_scores ||
+                    part_vectorizable<T>(*k_distant, p.head_dim));
   return choose_variant(p.num_heads / p.num_kv_heads, p.head_dim, p.head_dim_v, vec);
 }
 
@@ -640,16 +733,23 @@ inline bool part_ok(const LayersharePagedPart* part) {
 
 // Argument checks shared by the launchers (the CUDA one and the host test's); 0 when the
 // call can run.
+inline bool scores_ok(const LayershareSharedScores* sc) {
+  return sc && sc->cells && sc->block_table && log2_if_power_of_two(sc->block_size) >= 0 &&
+         log2_if_power_of_two(sc->tile) >= 0 && sc->lse_first >= 0;
+}
+
 inline int check_args(const DecodeParams& p, int cache_dtype, size_t workspace_size,
                       const LayersharePagedPart* k_prox, const LayersharePagedPart* v,
-                      const LayersharePagedPart* k_distant) {
+                      const LayersharePagedPart* k_distant, const LayershareSharedScores* sc) {
+  const bool keys = p.has_distant && !p.reads_scores;
   if (p.num_reqs < 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 ||
       p.num_heads % p.num_kv_heads != 0 || p.head_dim <= 0 || p.head_dim_v <= 0 ||
       p.num_splits <= 0 || p.sink < 0 || p.recent < 0 || !p.out || !p.q || !p.seq_lens ||
-      (p.has_distant && !p.qd))
+      (keys && !p.qd))
     return LAYERSHARE_BAD_ARGS;
-  if (!part_ok(k_prox) || !part_ok(v) || (p.has_distant && !part_ok(k_distant)))
-    return LAYERSHARE_BAD_ARGS;
+  if (!part_ok(k_prox) || !part_ok(v) || (keys && !part_ok(k_distant)) ||
+      (p.reads_scores && (!scores_ok(sc) || (k_distant && k_distant->data))))
+    return LAYERSHARE_BAD_ARGS;  // the distant branch reads keys or scores, not both
   if (p.head_dim > kMaxChannels || p.head_dim_v > kMaxChannels) return LAYERSHARE_BAD_ARGS;
   const Variant v0 = choose_variant(p.num_heads / p.num_kv_heads, p.head_dim, p.head_dim_v, false);
   if (static_cast<int64_t>(p.num_kv_heads) * v0.slices > 65535 || p.num_reqs > 65535)
@@ -663,11 +763,12 @@ inline int check_args(const DecodeParams& p, int cache_dtype, size_t workspace_s
   return LAYERSHARE_OK;
 }
 
-// The launcher's flat arguments as DecodeParams (has_distant: k_distant given).
+// The launcher's flat arguments as DecodeParams (has_distant: k_distant or shared
+// scores given; reads_scores: the scores).
 inline DecodeParams make_params(float* out, int64_t out_s_req, int64_t out_s_head, const float* q,
                                 int64_t q_s_req, int64_t q_s_head, const float* q_distant,
                                 int64_t qd_s_req, int64_t qd_s_head, bool has_distant,
-                                const int32_t* seq_lens, int num_reqs, int num_heads,
+                                bool reads_scores, const int32_t* seq_lens, int num_reqs, int num_heads,
                                 int num_kv_heads, int head_dim, int head_dim_v, float scale,
                                 int64_t sink, int64_t recent, float gate_tau, int num_splits,
                                 void* workspace) {
@@ -693,6 +794,7 @@ inline DecodeParams make_params(float* out, int64_t out_s_req, int64_t out_s_hea
   p.gate_tau = gate_tau;
   p.num_splits = num_splits;
   p.has_distant = has_distant;
+  p.reads_scores = reads_scores;
   p.workspace = static_cast<float*>(workspace);
   return p;
 }

@@ -69,12 +69,13 @@ struct DeviceBlock {
 
 template <typename T, bool VEC, int HEADS, int LANES>
 __global__ void __launch_bounds__(kSplitThreads)
-    pod_split_kernel(DecodeParams p, Paged<T> k_prox, Paged<T> v, Paged<T> k_distant) {
+    pod_split_kernel(DecodeParams p, Paged<T> k_prox, Paged<T> v, Paged<T> k_distant,
+                     Scores<T> scores) {
   extern __shared__ __align__(16) unsigned char smem[];
   const GroupStates gs =
       carve_group_states(smem, kSplitThreads / LANES, HEADS, p.head_dim_v);
   const DeviceBlock blk{static_cast<int>(blockDim.x)};
-  pod_decode_split<T, VEC, HEADS, LANES>(blk, p, k_prox, v, k_distant, gs, blockIdx.z,
+  pod_decode_split<T, VEC, HEADS, LANES>(blk, p, k_prox, v, k_distant, scores, gs, blockIdx.z,
                                          head_slice(p, HEADS, blockIdx.y), blockIdx.x);
 }
 
@@ -85,10 +86,13 @@ __global__ void pod_merge_kernel(DecodeParams p) {
 
 template <typename T>
 int launch(const DecodeParams& p, const LayersharePagedPart& k_prox, const LayersharePagedPart& v,
-           const LayersharePagedPart* k_distant, cudaStream_t stream) {
+           const LayersharePagedPart* k_distant, const LayershareSharedScores* shared,
+           cudaStream_t stream) {
   const Variant variant = variant_of<T>(p, k_prox, v, k_distant);
   // A leader has no distant keys: its distant ranges are empty, the struct is never read.
-  const Paged<T> kd = p.has_distant ? make_paged<T>(*k_distant) : Paged<T>{};
+  const bool keys = p.has_distant && !p.reads_scores;
+  const Paged<T> kd = keys ? make_paged<T>(*k_distant) : Paged<T>{};
+  const Scores<T> sc = p.reads_scores ? make_scores<T>(*shared) : Scores<T>{};
   const dim3 grid(p.num_splits, p.num_kv_heads * variant.slices, p.num_reqs);
   // At most 8 groups x 8 heads x 130 floats (or 4 x 8 x 258): 33 KB, under the default 48.
   const size_t smem =
@@ -96,7 +100,7 @@ int launch(const DecodeParams& p, const LayersharePagedPart& k_prox, const Layer
   dispatch(variant, [&](auto shape) {
     using Sh = decltype(shape);
     pod_split_kernel<T, Sh::vec, Sh::heads, Sh::lanes><<<grid, kSplitThreads, smem, stream>>>(
-        p, make_paged<T>(k_prox), make_paged<T>(v), kd);
+        p, make_paged<T>(k_prox), make_paged<T>(v), kd, sc);
     return 0;
   });
   // Threads over channels of one head: a warp-rounded Dv, at most 256.
@@ -120,10 +124,12 @@ size_t layershare_pod_decode_workspace_bytes(int num_reqs, int num_heads, int he
 // seq_lens[b] - 1, written to out[b, h, :Dv] (float32). q and q_distant are float32
 // [num_reqs, num_heads, head_dim] with dense channels (q_distant may alias q; ignored
 // without k_distant). k_prox, v, k_distant: paged parts in one cache dtype (`cache_dtype`,
-// LAYERSHARE_F32/BF16/F16), head dims up to 256, read 8 or 16 bytes at a time where their
-// base and strides allow; k_distant NULL (or its data NULL) = a leader or
-// full-attention layer, which attends the proximal set alone (pass sink = 0 and a huge
-// recent for plain causal attention). gate_tau <= 0 turns the gate skip off. workspace:
+// LAYERSHARE_F32/BF16/F16), head dims up to 256, read 16 bytes at a time where their
+// base and strides allow. The distant branch weighs the layer's values by q_distant .
+// k_distant, or, where `shared` is given (its cells not NULL; k_distant then NULL), by
+// the leader's shared scores of this step (share `scores`: no keys read); both NULL = a
+// leader or full-attention layer, which attends the proximal set alone (pass sink = 0
+// and a huge recent for plain causal attention). gate_tau <= 0 turns the gate skip off. workspace:
 // device memory of at least layershare_pod_decode_workspace_bytes(num_reqs, num_heads,
 // head_dim_v, num_splits) bytes; nothing else is allocated, so the call can be captured
 // in a CUDA graph (the part structs are read on the host at launch; every pointer in
@@ -134,28 +140,30 @@ int layershare_pod_decode(float* out, int64_t out_stride_req, int64_t out_stride
                           const float* q, int64_t q_stride_req, int64_t q_stride_head,
                           const float* q_distant, int64_t qd_stride_req, int64_t qd_stride_head,
                           const LayersharePagedPart* k_prox, const LayersharePagedPart* v,
-                          const LayersharePagedPart* k_distant, int cache_dtype,
+                          const LayersharePagedPart* k_distant,
+                          const LayershareSharedScores* shared, int cache_dtype,
                           const int32_t* seq_lens, int num_reqs, int num_heads, int num_kv_heads,
                           int head_dim, int head_dim_v, float scale, int64_t sink,
                           int64_t recent, float gate_tau, int num_splits, void* workspace,
                           size_t workspace_size, void* stream) {
   using namespace layershare;
-  const bool has_distant = k_distant && k_distant->data;
+  const bool reads_scores = shared && shared->cells;
+  const bool has_distant = (k_distant && k_distant->data) || reads_scores;
   const DecodeParams p = make_params(
       out, out_stride_req, out_stride_head, q, q_stride_req, q_stride_head, q_distant,
-      qd_stride_req, qd_stride_head, has_distant, seq_lens, num_reqs, num_heads, num_kv_heads,
+      qd_stride_req, qd_stride_head, has_distant, reads_scores, seq_lens, num_reqs, num_heads, num_kv_heads,
       head_dim, head_dim_v, scale, sink, recent, gate_tau, num_splits, workspace);
-  const int status = check_args(p, cache_dtype, workspace_size, k_prox, v, k_distant);
+  const int status = check_args(p, cache_dtype, workspace_size, k_prox, v, k_distant, shared);
   if (status != LAYERSHARE_OK) return status;
   if (num_reqs == 0) return LAYERSHARE_OK;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (cache_dtype) {
     case LAYERSHARE_F32:
-      return launch<float>(p, *k_prox, *v, k_distant, s);
+      return launch<float>(p, *k_prox, *v, k_distant, shared, s);
     case LAYERSHARE_BF16:
-      return launch<bf16>(p, *k_prox, *v, k_distant, s);
+      return launch<bf16>(p, *k_prox, *v, k_distant, shared, s);
     default:
-      return launch<fp16>(p, *k_prox, *v, k_distant, s);
+      return launch<fp16>(p, *k_prox, *v, k_distant, shared, s);
   }
 }
 

@@ -67,7 +67,8 @@ struct HostBlock {
 
 template <typename T>
 void run_all(const DecodeParams& p, const LayersharePagedPart& k_prox, const LayersharePagedPart& v,
-             const LayersharePagedPart* k_distant, int threads, bool reverse, int* variant_out) {
+             const LayersharePagedPart* k_distant, const LayershareSharedScores* shared,
+             int threads, bool reverse, int* variant_out) {
   const Variant variant = variant_of<T>(p, k_prox, v, k_distant);
   if (variant_out) {
     variant_out[0] = variant.heads;
@@ -78,7 +79,8 @@ void run_all(const DecodeParams& p, const LayersharePagedPart& k_prox, const Lay
   const int groups = kSplitThreads / variant.lanes;
   std::vector<float> smem(split_smem_bytes(groups, variant.heads, p.head_dim_v) / sizeof(float));
   const GroupStates gs = carve_group_states(smem.data(), groups, variant.heads, p.head_dim_v);
-  const Paged<T> kd = p.has_distant ? make_paged<T>(*k_distant) : Paged<T>{};
+  const Paged<T> kd = p.has_distant && !p.reads_scores ? make_paged<T>(*k_distant) : Paged<T>{};
+  const Scores<T> sc = p.reads_scores ? make_scores<T>(*shared) : Scores<T>{};
   const HostBlock blk{threads, reverse};
   dispatch(variant, [&](auto shape) {
     using Sh = decltype(shape);
@@ -87,7 +89,7 @@ void run_all(const DecodeParams& p, const LayersharePagedPart& k_prox, const Lay
       for (int y = 0; y < p.num_kv_heads * variant.slices; ++y)
         for (int split = 0; split < p.num_splits; ++split)
           pod_decode_split<T, Sh::vec, Sh::heads, Sh::lanes>(
-              blk, p, make_paged<T>(k_prox), make_paged<T>(v), kd, gs, b,
+              blk, p, make_paged<T>(k_prox), make_paged<T>(v), kd, sc, gs, b,
               head_slice(p, Sh::heads, y), split);
     return 0;
   });
@@ -114,28 +116,29 @@ int layershare_pod_decode_host(float* out, int64_t out_stride_req, int64_t out_s
                                const float* q_distant, int64_t qd_stride_req,
                                int64_t qd_stride_head, const LayersharePagedPart* k_prox,
                                const LayersharePagedPart* v, const LayersharePagedPart* k_distant,
-                               int cache_dtype, const int32_t* seq_lens, int num_reqs,
+                               const LayershareSharedScores* shared, int cache_dtype, const int32_t* seq_lens, int num_reqs,
                                int num_heads, int num_kv_heads, int head_dim, int head_dim_v,
                                float scale, int64_t sink, int64_t recent, float gate_tau,
                                int num_splits, void* workspace, size_t workspace_size,
                                int threads, int reverse, int* variant_out) {
-  const bool has_distant = k_distant && k_distant->data;
+  const bool reads_scores = shared && shared->cells;
+  const bool has_distant = (k_distant && k_distant->data) || reads_scores;
   const DecodeParams p = make_params(
       out, out_stride_req, out_stride_head, q, q_stride_req, q_stride_head, q_distant,
-      qd_stride_req, qd_stride_head, has_distant, seq_lens, num_reqs, num_heads, num_kv_heads,
+      qd_stride_req, qd_stride_head, has_distant, reads_scores, seq_lens, num_reqs, num_heads, num_kv_heads,
       head_dim, head_dim_v, scale, sink, recent, gate_tau, num_splits, workspace);
-  const int status = check_args(p, cache_dtype, workspace_size, k_prox, v, k_distant);
+  const int status = check_args(p, cache_dtype, workspace_size, k_prox, v, k_distant, shared);
   if (status != LAYERSHARE_OK) return status;
   if (threads <= 0) return LAYERSHARE_BAD_ARGS;
   switch (cache_dtype) {
     case LAYERSHARE_F32:
-      run_all<float>(p, *k_prox, *v, k_distant, threads, reverse != 0, variant_out);
+      run_all<float>(p, *k_prox, *v, k_distant, shared, threads, reverse != 0, variant_out);
       break;
     case LAYERSHARE_BF16:
-      run_all<bf16>(p, *k_prox, *v, k_distant, threads, reverse != 0, variant_out);
+      run_all<bf16>(p, *k_prox, *v, k_distant, shared, threads, reverse != 0, variant_out);
       break;
     default:
-      run_all<fp16>(p, *k_prox, *v, k_distant, threads, reverse != 0, variant_out);
+      run_all<fp16>(p, *k_prox, *v, k_distant, shared, threads, reverse != 0, variant_out);
   }
   return LAYERSHARE_OK;
 }

@@ -4,10 +4,11 @@ The kernel includes no torch headers, so nvcc builds it in seconds into a plain 
 library: setup.py does so when a CUDA toolkit and a CUDA PyTorch are present
 (vllm_layershare/_pod_decode_cuda.so); tests and benchmarks/kernels.py build it on the
 spot with `build`. It computes one-query rows (decode) of a leader or of a follower whose
-distant branch reads the leader's keys, head dims up to 256; it has neither the shared
-decode scores nor the estimated mass of the Triton kernels, and its first version was
-8-10x slower than they are on an H200 (docs/benchmarks.md; the current one, in row
-groups of lanes, is untimed), so the backend decodes with Triton and says so at start-up.
+distant branch reads the leader's keys or the shared scores that the Triton leader
+wrote, head dims up to 256. It writes no shared scores and has no estimated mass; its
+first version was 8-10x slower than the Triton kernels on an H200 (docs/benchmarks.md;
+the current one, in row groups of lanes, is untimed), so the backend decodes with
+Triton and says so at start-up.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_layershare.attention.paged import UNBOUNDED, PagedPart
+from vllm_layershare.attention.paged import UNBOUNDED, PagedPart, SharedScores
 
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "pod_decode_cuda.cu"  # a checkout
 LIBRARY = Path(__file__).resolve().parents[1] / "_pod_decode_cuda.so"  # setup.py's build
@@ -36,13 +37,23 @@ class PagedPartC(ctypes.Structure):
                 ("block_size", ctypes.c_int32)]
 
 
+class SharedScoresC(ctypes.Structure):
+    """LayershareSharedScores of csrc/pod_decode.cuh."""
+
+    _fields_ = [("cells", ctypes.c_void_p), ("stride_page", ctypes.c_int64),
+                ("stride_head", ctypes.c_int64), ("lse_first", ctypes.c_int64),
+                ("block_table", ctypes.c_void_p), ("table_stride", ctypes.c_int64),
+                ("block_size", ctypes.c_int32), ("tile", ctypes.c_int32)]
+
+
 I64, I32, F32, PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 PART = ctypes.POINTER(PagedPartC)
+SCORES = ctypes.POINTER(SharedScoresC)
 DECODE_ARGS = [
     PTR, I64, I64,  # out, its strides (request, head)
     PTR, I64, I64,  # q
     PTR, I64, I64,  # q_distant
-    PART, PART, PART, I32,  # k_prox, v, k_distant, cache dtype
+    PART, PART, PART, SCORES, I32,  # k_prox, v, k_distant, shared scores, cache dtype
     PTR, I32, I32, I32, I32, I32,  # seq_lens, requests, heads, kv heads, D, Dv
     F32, I64, I64, F32, I32,  # scale, sink, recent, gate tau, splits
     PTR, ctypes.c_size_t,  # workspace, its bytes
@@ -97,16 +108,31 @@ def part_struct(part: PagedPart, table: torch.Tensor) -> PagedPartC:
                       table.data_ptr(), table.stride(0), part.block_size)
 
 
+def scores_struct(shared: SharedScores, table: torch.Tensor, group: int, dtype: torch.dtype,
+                  tile: int) -> SharedScoresC:
+    """The C view of a leader's shared scores as the Triton leader wrote them with key
+    tiles of `tile` positions (its decode_block_n): terms in the values' `dtype`, each
+    tile's log-sum-exp after them (triton_paged._shared_args); `table` is its block
+    table as int32 (kept alive by the caller)."""
+    cells = shared.cache
+    lse_first = -(-group * shared.block_size * dtype.itemsize // 4)
+    return SharedScoresC(cells.data_ptr(), cells.stride(0), cells.stride(1), lse_first,
+                         table.data_ptr(), table.stride(0), shared.block_size, tile)
+
+
 def cuda_pod_decode(lib: ctypes.CDLL, q: torch.Tensor, k_prox: PagedPart, v: PagedPart,
                     seq_lens: torch.Tensor, out: torch.Tensor, scale: float, *,
                     q_distant: torch.Tensor | None = None, k_distant: PagedPart | None = None,
                     sink: int = 0, recent: int = UNBOUNDED, gate_tau: float | None = None,
-                    num_splits: int = 1, workspace: torch.Tensor | None = None) -> None:
+                    num_splits: int = 1, workspace: torch.Tensor | None = None,
+                    shared_scores: SharedScores | None = None, scores_tile: int = 32) -> None:
     """Decode attention of one query per request: q, q_distant float32 [B, H, D], out
     float32 [B, H, Dv] (D, Dv <= 256), seq_lens int32 [B] (the query sits at seq_len -
     1), on the current stream. Without k_distant: plain attention over sinks and window
-    (a leader: sink 0, recent UNBOUNDED). `workspace`: float32, at least the library's
-    bytes."""
+    (a leader: sink 0, recent UNBOUNDED). With `shared_scores` (share `scores`, the
+    leader's pass of this step having written them with tiles of `scores_tile`
+    positions) the distant branch weighs V by them and reads no keys; k_distant is then
+    None. `workspace`: float32, at least the library's bytes."""
     num_reqs, heads, dim = q.shape
     dim_v = v.hi - v.lo
     need = lib.layershare_pod_decode_workspace_bytes(num_reqs, heads, dim_v, num_splits)
@@ -116,11 +142,18 @@ def cuda_pod_decode(lib: ctypes.CDLL, q: torch.Tensor, k_prox: PagedPart, v: Pag
     tables = [p.block_table.to(torch.int32) for p in parts]  # alive through the call
     structs = [part_struct(p, t) for p, t in zip(parts, tables, strict=True)]
     distant = ctypes.byref(structs[2]) if k_distant is not None else None
+    shared = None
+    if shared_scores is not None:
+        tables.append(shared_scores.block_table.to(torch.int32))
+        group = heads // k_prox.cache.shape[1]
+        structs.append(scores_struct(shared_scores, tables[-1], group, v.cache.dtype,
+                                     scores_tile))
+        shared = ctypes.byref(structs[-1])
     qd = q if q_distant is None else q_distant
     status = lib.layershare_pod_decode(
         out.data_ptr(), out.stride(0), out.stride(1), q.data_ptr(), q.stride(0), q.stride(1),
         qd.data_ptr(), qd.stride(0), qd.stride(1), ctypes.byref(structs[0]),
-        ctypes.byref(structs[1]), distant, DTYPE_CODES[k_prox.cache.dtype],
+        ctypes.byref(structs[1]), distant, shared, DTYPE_CODES[k_prox.cache.dtype],
         seq_lens.data_ptr(), num_reqs, heads, k_prox.cache.shape[1], dim, dim_v, scale, sink,
         min(recent, UNBOUNDED), -1.0 if gate_tau is None else gate_tau, num_splits,
         workspace.data_ptr(), workspace.numel() * 4, torch.cuda.current_stream().cuda_stream)
