@@ -110,6 +110,7 @@ constexpr int kChannels = 8;        // channels a lane holds of each row, query,
 constexpr int kRows = 2;            // rows a row group has in flight per step
 constexpr int kMaxHeads = 8;        // query heads one split block serves
 constexpr int kMaxChannels = 32 * kChannels;  // head dims the lanes cover: 256
+constexpr float kStaleMax = 8.f;    // nats a row may pass the running maximum by
 constexpr float kNegInf = -INFINITY;
 
 // Storage-only 16-bit types: only converted to float, so host and device agree.
@@ -401,7 +402,11 @@ LS_HD void start_pass(LaneState<T, HEADS>& st, const DecodeParams& p, const floa
 }
 
 // One online-softmax step of every head over the step's rows (logits s, masked rows at
-// -inf): rescales acc by exp(m_old - m_new) and adds p v.
+// -inf), adding p v to acc. The running maximum m lags: it moves only when a row passes
+// it by more than kStaleMax (then acc and l are rescaled by exp(m_old - m_new)), so a
+// term exp(s - m) stays below e^kStaleMax and most steps skip the rescale (a group's
+// lanes agree on m, so the branch does not diverge); acc and l share m, so the result
+// is the same.
 template <typename T, int HEADS>
 LS_HD void softmax_step(LaneState<T, HEADS>& st) {
   LS_UNROLL
@@ -409,20 +414,23 @@ LS_HD void softmax_step(LaneState<T, HEADS>& st) {
     float step_max = kNegInf;
     LS_UNROLL
     for (int u = 0; u < kRows; ++u) step_max = fmaxf(step_max, st.s[u][g]);
-    const float m_new = fmaxf(st.m[g], step_max);
-    if (m_new == kNegInf) continue;  // nothing seen yet: the state stays empty
-    const float corr = expf(st.m[g] - m_new);  // 0 on the first rows (m = -inf)
-    float p[kRows], sum = 0.f;
+    if (step_max == kNegInf) continue;  // every row masked: nothing to add
+    if (step_max > st.m[g] + kStaleMax) {  // also the first rows seen (m = -inf)
+      const float corr = expf(st.m[g] - step_max);  // 0 when m = -inf
+      st.l[g] *= corr;
+      LS_UNROLL
+      for (int j = 0; j < kChannels; ++j) st.acc[g][j] *= corr;
+      st.m[g] = step_max;
+    }
+    float p[kRows];
     LS_UNROLL
     for (int u = 0; u < kRows; ++u) {
-      p[u] = expf(st.s[u][g] - m_new);
-      sum += p[u];
+      p[u] = expf(st.s[u][g] - st.m[g]);
+      st.l[g] += p[u];
     }
-    st.l[g] = st.l[g] * corr + sum;
-    st.m[g] = m_new;
     LS_UNROLL
     for (int j = 0; j < kChannels; ++j) {
-      float a = st.acc[g][j] * corr;
+      float a = st.acc[g][j];
       LS_UNROLL
       for (int u = 0; u < kRows; ++u) a += p[u] * channel_of(st.v[u], j);
       st.acc[g][j] = a;

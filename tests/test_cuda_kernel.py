@@ -272,6 +272,7 @@ class Case:
     margins: tuple[int, int] = MISALIGNED
     scores: tuple[int, int] | None = None  # share `scores` read as the leader left them:
     # (page size, tile of the leader's pass); None: the leader's keys (or no distant branch)
+    key_scale: float = 1.0  # keys times this: logits far apart move the running maximum
 
 
 CASES = {
@@ -316,6 +317,11 @@ CASES = {
                              gate_skip=True, scores=(4, 8), seed=19),
     "shared-bf16": Case(lens=(9, 66), dtype=torch.bfloat16, block_sizes=(16, 16, 16),
                         margins=ALIGNED, scores=(16, 32), seed=20),
+    # Logits some tens of nats apart: the lagging maximum moves and rescales, in both
+    # branches and both distant sources.
+    "spread-keys-fp32": Case(lens=(70, 45), sink=4, recent=20, key_scale=12.0, seed=21),
+    "spread-shared-fp32": Case(lens=(70, 45), sink=4, recent=20, key_scale=12.0,
+                               scores=(8, 8), seed=22),
 }
 # The split kernel each case runs (heads per block, lanes per row, 16-byte loads, blocks
 # per kv head), as the launcher documents its choice.
@@ -381,9 +387,9 @@ def prepare(case: Case) -> Prepared:
 
     seqs = []
     for length in case.lens:
-        seqs.append(dict(q=rand(length, h, d), k=rounded(rand(length, hkv, d)),
+        seqs.append(dict(q=rand(length, h, d), k=rounded(case.key_scale * rand(length, hkv, d)),
                          v=rounded(rand(length, hkv, dv)), q_lead=rand(length, h, d),
-                         k_lead=rounded(rand(length, hkv, d))))
+                         k_lead=rounded(case.key_scale * rand(length, hkv, d))))
     leader = case.share is None
     for s in seqs:
         s["q_d"] = s["q"] if case.share == "keys" else s["q_lead"]
