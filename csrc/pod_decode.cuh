@@ -438,30 +438,42 @@ LS_HD void softmax_step(LaneState<T, HEADS>& st) {
   }
 }
 
-// A row group's pass over its rows of `range`: rows [t, t + kRows) for t = range.begin
-// + (step * groups + group) * kRows; the state in `lanes` is updated, not reset.
+// Calls step(first, rows) for each of a row group's steps over `range`: rows [first,
+// first + rows), rows <= kRows, first = range.begin + (step * groups + group) * kRows.
+template <typename Group, typename F>
+LS_HD void group_steps(const Group& grp, Range range, F&& step) {
+  constexpr int GROUPS = kSplitThreads / Group::kLanes;
+  for (int64_t t0 = range.begin + grp.id * kRows; t0 < range.end; t0 += GROUPS * kRows)
+    step(static_cast<int32_t>(t0), static_cast<int>(min64(kRows, range.end - t0)));
+}
+
+// Lane `lane`'s channels of rows [first, first + rows) of a part (n channels); the
+// slots past `rows` get zeros, not garbage: p = 0 must not meet a NaN.
+template <typename T, bool VEC, int LANES, int PACKS>
+LS_HD void load_rows(Pack<T> (&dst)[kRows][PACKS], const Paged<T>& part, int b, int kvh,
+                     int32_t first, int rows, int lane, int n) {
+  LS_UNROLL
+  for (int u = 0; u < kRows; ++u) {
+    if (u < rows)
+      load_row<T, VEC, LANES>(dst[u], part.data + part.offset(b, kvh, first + u), lane, n);
+    else
+      zero_row(dst[u]);
+  }
+}
+
+// A row group's pass over its rows of `range` (group_steps); the state in `lanes` is
+// updated, not reset.
 template <typename T, bool VEC, int HEADS, typename Group, typename LanesT>
 LS_HD void group_attend(const Group& grp, LanesT& lanes, const DecodeParams& p,
                         const Paged<T>& keys, const Paged<T>& vals, int b, int kvh, Range range) {
   using S = LaneState<T, HEADS>;
-  constexpr int LANES = Group::kLanes, GROUPS = kSplitThreads / LANES;
-  const int D = p.head_dim, Dv = p.head_dim_v;
-  for (int64_t t0 = range.begin + grp.id * kRows; t0 < range.end; t0 += GROUPS * kRows) {
-    const int32_t first = static_cast<int32_t>(t0);
-    const int rows = static_cast<int>(min64(kRows, range.end - t0));
+  constexpr int LANES = Group::kLanes;
+  group_steps(grp, range, [&](int32_t first, int rows) {
     // Every row's loads first (they are in flight together), then the partial dots.
     grp.each([&](int lane) {
       S& st = lanes[lane];
-      LS_UNROLL
-      for (int u = 0; u < kRows; ++u) {
-        if (u < rows) {
-          load_row<T, VEC, LANES>(st.k[u], keys.data + keys.offset(b, kvh, first + u), lane, D);
-          load_row<T, VEC, LANES>(st.v[u], vals.data + vals.offset(b, kvh, first + u), lane, Dv);
-        } else {  // zeros, not garbage: p = 0 must not meet a NaN
-          zero_row(st.k[u]);
-          zero_row(st.v[u]);
-        }
-      }
+      load_rows<T, VEC, LANES>(st.k, keys, b, kvh, first, rows, lane, p.head_dim);
+      load_rows<T, VEC, LANES>(st.v, vals, b, kvh, first, rows, lane, p.head_dim_v);
       LS_UNROLL
       for (int u = 0; u < kRows; ++u) {
         LS_UNROLL
@@ -478,14 +490,12 @@ LS_HD void group_attend(const Group& grp, LanesT& lanes, const DecodeParams& p,
       S& st = lanes[lane];
       LS_UNROLL
       for (int u = 0; u < kRows; ++u) {
-        if (u >= rows) {
-          LS_UNROLL
-          for (int g = 0; g < HEADS; ++g) st.s[u][g] = kNegInf;
-        }
+        LS_UNROLL
+        for (int g = 0; g < HEADS; ++g) st.s[u][g] = u < rows ? st.s[u][g] : kNegInf;
       }
       softmax_step(st);
     });
-  }
+  });
 }
 
 // A row group's pass over its rows of `range` with the leader's shared scores as the
@@ -496,21 +506,13 @@ LS_HD void group_scores(const Group& grp, LanesT& lanes, const DecodeParams& p,
                         const Scores<T>& sc, const Paged<T>& vals, int b, HeadSlice hs,
                         Range range) {
   using S = LaneState<T, HEADS>;
-  constexpr int LANES = Group::kLanes, GROUPS = kSplitThreads / LANES;
   const int G = p.num_heads / p.num_kv_heads, first_head = hs.first - hs.kvh * G;
-  for (int64_t t0 = range.begin + grp.id * kRows; t0 < range.end; t0 += GROUPS * kRows) {
-    const int32_t first = static_cast<int32_t>(t0);
-    const int rows = static_cast<int>(min64(kRows, range.end - t0));
+  group_steps(grp, range, [&](int32_t first, int rows) {
     grp.each([&](int lane) {
       S& st = lanes[lane];
+      load_rows<T, VEC, Group::kLanes>(st.v, vals, b, hs.kvh, first, rows, lane, p.head_dim_v);
       LS_UNROLL
       for (int u = 0; u < kRows; ++u) {
-        if (u < rows) {
-          load_row<T, VEC, LANES>(st.v[u], vals.data + vals.offset(b, hs.kvh, first + u), lane,
-                                  p.head_dim_v);
-        } else {
-          zero_row(st.v[u]);
-        }
         LS_UNROLL
         for (int g = 0; g < HEADS; ++g)
           st.s[u][g] = u < rows && g < hs.count
@@ -518,7 +520,7 @@ LS_HD void group_scores(const Group& grp, LanesT& lanes, const DecodeParams& p,
       }
       softmax_step(st);
     });
-  }
+  });
 }
 
 // Shared memory of a split block: every row group's (acc, m, l) per head, to combine.
