@@ -82,6 +82,8 @@ gpu-loan:
 	PYTHONPATH=. $(PY) -m pytest -q $(XDIST) tests/test_attention.py tests/test_cuda_kernel.py \
 		-k "triton or leaders_scores or cuda"
 	$(BENCH) --repeats 10 --contexts 4096 32768 131072 --batches 16 64
+	# csrc's split kernel with registers capped for 4 blocks per SM (its CUDA columns)
+	$(BENCH) --repeats 10 --contexts 32768 --batches 16 64 --cuda-define LAYERSHARE_MIN_BLOCKS=4
 	$(BENCH) --sweep $(SWEPT) --rounds 2 --repeats 10 --shapes $(LOAN_SHAPES)
 	$(BENCH) --no-cuda --repeats 10 --contexts 32768 131072 --batches 16 64 --config $(SWEPT)
 	$(BENCH) --steps --repeats 10

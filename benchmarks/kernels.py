@@ -198,11 +198,12 @@ def cuda_ms(lib, inputs: LayerInputs, lens: torch.Tensor, repeats: int,
         shared_scores=shared, scores_tile=config.decode_block_n), q.device, repeats)
 
 
-def cuda_library(device: torch.device):
-    """csrc's decode kernel built for this GPU, or None (no GPU, no nvcc)."""
+def cuda_library(device: torch.device, defines: list[str]):
+    """csrc's decode kernel built for this GPU with `defines`, or None (no GPU, no nvcc)."""
     if device.type != "cuda" or cuda_decode.find_nvcc() is None:
         return None
-    return cuda_decode.load(cuda_decode.build(Path(tempfile.mkdtemp()) / "pod_decode.so"))
+    return cuda_decode.load(cuda_decode.build(Path(tempfile.mkdtemp()) / "pod_decode.so",
+                                              defines=defines))
 
 
 def bytes_read(batch: int, context: int, queries: int, role: str, recent: int) -> int:
@@ -442,6 +443,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="*", help="only these decode batches")
     parser.add_argument("--no-cuda", action="store_true",
                         help="leave out csrc's CUDA decode kernel (no nvcc build)")
+    parser.add_argument("--cuda-define", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="build csrc's kernel with these, e.g. LAYERSHARE_MIN_BLOCKS=4")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -470,7 +473,7 @@ def main() -> None:
         if args.sweep != "-":
             Path(args.sweep).write_text(json.dumps(best))
         return
-    lib = None if args.no_cuda else cuda_library(device)
+    lib = None if args.no_cuda else cuda_library(device, args.cuda_define)
     print("\n| case | context | batch | full ms | full+share ms | follower ms | follower/full "
           "| SDPA ms | full GB/s (% copy) | follower GB/s (% copy) | CUDA full ms "
           "| CUDA follower ms | follower, estimated mass: ms (/ full) | its GB/s (% copy) "

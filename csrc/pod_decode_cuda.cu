@@ -67,8 +67,16 @@ struct DeviceBlock {
   }
 };
 
+// Split blocks a multiprocessor must be able to hold at once: ptxas caps the registers
+// to fit. 1 leaves them free (Llama-3-8B's variant takes 164 on sm_90: 3 blocks); 4 caps
+// them at 128 with a few spills. A build flag (-DLAYERSHARE_MIN_BLOCKS=4) until a GPU
+// shows which is faster (benchmarks/kernels.py --cuda-define).
+#ifndef LAYERSHARE_MIN_BLOCKS
+#define LAYERSHARE_MIN_BLOCKS 1
+#endif
+
 template <typename T, bool VEC, int HEADS, int LANES>
-__global__ void __launch_bounds__(kSplitThreads)
+__global__ void __launch_bounds__(kSplitThreads, LAYERSHARE_MIN_BLOCKS)
     pod_split_kernel(DecodeParams p, Paged<T> k_prox, Paged<T> v, Paged<T> k_distant,
                      Scores<T> scores) {
   extern __shared__ __align__(16) unsigned char smem[];

@@ -68,14 +68,17 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-def nvcc_command(nvcc: str, source: Path, out: Path, archs: list[str]) -> list[str]:
-    """nvcc's command line for the shared library; archs like "sm_90"."""
+def nvcc_command(nvcc: str, source: Path, out: Path, archs: list[str],
+                 defines: list[str] = ()) -> list[str]:
+    """nvcc's command line for the shared library; archs like "sm_90", defines like
+    "LAYERSHARE_MIN_BLOCKS=4"."""
     gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
-    return [nvcc, "-O3", "-std=c++17", *gencode, "-shared", "-Xcompiler", "-fPIC",
-            "-o", str(out), str(source)]
+    return [nvcc, "-O3", "-std=c++17", *gencode, *(f"-D{d}" for d in defines), "-shared",
+            "-Xcompiler", "-fPIC", "-o", str(out), str(source)]
 
 
-def build(out: Path, archs: list[str] | None = None, source: Path = SOURCE) -> Path:
+def build(out: Path, archs: list[str] | None = None, source: Path = SOURCE,
+          defines: list[str] = ()) -> Path:
     """Builds the library with nvcc for `archs` (default: this machine's GPU)."""
     nvcc = find_nvcc()
     if nvcc is None:
@@ -83,7 +86,7 @@ def build(out: Path, archs: list[str] | None = None, source: Path = SOURCE) -> P
     if archs is None:
         major, minor = torch.cuda.get_device_capability()
         archs = [f"sm_{major}{minor}"]
-    result = subprocess.run(nvcc_command(nvcc, source, out, archs), capture_output=True,
+    result = subprocess.run(nvcc_command(nvcc, source, out, archs, defines), capture_output=True,
                             text=True, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"nvcc failed:\n{result.stdout}{result.stderr}")
