@@ -211,6 +211,22 @@ inline Paged<T> make_paged(const LayersharePagedPart& p) {
           p.block_table, p.table_stride, p.block_size, log2_if_power_of_two(p.block_size)};
 }
 
+// One position's shared scores: query head g's term at term[g * stride], its tile's
+// log-sum-exp at lse[g].
+template <typename T>
+struct ScoreRow {
+  const T* term;
+  const float* lse;
+  int32_t stride;
+
+  // The leader's scale s_n for query head g of the group: log(term) + t (-inf where
+  // the term is 0).
+  LS_HD float logit(int g) const {
+    const float x = to_float(term[g * stride]);
+    return x > 0.f ? logf(x) + lse[g] : kNegInf;
+  }
+};
+
 // A shared-scores cache with the terms' element type (every size a power of two).
 template <typename T>
 struct Scores {
@@ -222,17 +238,17 @@ struct Scores {
   int64_t table_stride;
   int32_t page_shift, tile;
 
-  // The leader's scale s_n at position pos for query head gl of kv head kvh's group of
-  // G: log(term) + t (-inf where the term is 0).
-  LS_HD float logit(int b, int kvh, int gl, int G, int32_t pos) const {
+  // Position pos of request b, kv head kvh's group of G from query head first_head on:
+  // the page walks for its term and its tile's log-sum-exp, once for all heads.
+  LS_HD ScoreRow<T> row(int b, int kvh, int G, int first_head, int32_t pos) const {
     constexpr int per_float = 4 / static_cast<int>(sizeof(T));
     const int32_t size = 1 << page_shift, start = pos & ~(tile - 1);
-    const int32_t* row = table + b * table_stride;
-    const int64_t cell = static_cast<int64_t>(row[pos >> page_shift]) * s_page + kvh * s_head;
-    const int64_t first = static_cast<int64_t>(row[start >> page_shift]) * s_page + kvh * s_head;
-    const float term = to_float(terms[cell * per_float + gl * size + (pos & (size - 1))]);
-    const float t = lse[first + lse_first + (start & (size - 1)) / tile * G + gl];
-    return term > 0.f ? logf(term) + t : kNegInf;
+    const int32_t* pages = table + b * table_stride;
+    const int64_t cell = static_cast<int64_t>(pages[pos >> page_shift]) * s_page + kvh * s_head;
+    const int64_t first =
+        static_cast<int64_t>(pages[start >> page_shift]) * s_page + kvh * s_head;
+    return {terms + cell * per_float + first_head * size + (pos & (size - 1)),
+            lse + first + lse_first + (start & (size - 1)) / tile * G + first_head, size};
   }
 };
 
@@ -260,6 +276,9 @@ struct DecodeParams {
   bool has_distant;
   bool reads_scores;  // the distant branch weighs the leader's shared scores, no keys
   float* workspace;
+
+  // The distant branch reads the leader's keys (k_distant, with q_distant).
+  LS_HD bool reads_keys() const { return has_distant && !reads_scores; }
 };
 
 // Workspace: per (request, query head, split, branch) a partial accumulator acc[Dv]
@@ -513,10 +532,14 @@ LS_HD void group_scores(const Group& grp, LanesT& lanes, const DecodeParams& p,
       load_rows<T, VEC, Group::kLanes>(st.v, vals, b, hs.kvh, first, rows, lane, p.head_dim_v);
       LS_UNROLL
       for (int u = 0; u < kRows; ++u) {
-        LS_UNROLL
-        for (int g = 0; g < HEADS; ++g)
-          st.s[u][g] = u < rows && g < hs.count
-                           ? sc.logit(b, hs.kvh, first_head + g, G, first + u) : kNegInf;
+        if (u < rows) {
+          const ScoreRow<T> row = sc.row(b, hs.kvh, G, first_head, first + u);
+          LS_UNROLL
+          for (int g = 0; g < HEADS; ++g) st.s[u][g] = g < hs.count ? row.logit(g) : kNegInf;
+        } else {
+          LS_UNROLL
+          for (int g = 0; g < HEADS; ++g) st.s[u][g] = kNegInf;
+        }
       }
       softmax_step(st);
     });
@@ -599,9 +622,8 @@ LS_HD void combine_groups(const Block& blk, const DecodeParams& p, const GroupSt
 template <typename T, bool VEC, int HEADS, int LANES, typename Block>
 LS_HD void branch_pass(const Block& blk, const DecodeParams& p, const float* q, int64_t s_req,
                        int64_t s_head, const Paged<T>& keys, bool by_scores,
-                       const Scores<T>& scores,
-                       const Paged<T>& vals, const GroupStates& gs, int b, HeadSlice hs,
-                       Range first, Range second, int split, int branch) {
+                       const Scores<T>& scores, const Paged<T>& vals, const GroupStates& gs,
+                       int b, HeadSlice hs, Range first, Range second, int split, int branch) {
   blk.template groups<LANES>([&](const auto& grp) {
     typename std::remove_reference_t<decltype(grp)>::template Lanes<LaneState<T, HEADS>> lanes;
     grp.each([&](int lane) {
@@ -633,7 +655,7 @@ LS_HD void pod_decode_split(const Block& blk, const DecodeParams& p, const Paged
                                     intersect(r.window, chunk), split, 0);
   // Distant branch: the leader's keys or its shared scores, own values (a leader has
   // none: empty, m = -inf).
-  const bool d = p.has_distant && !p.reads_scores;
+  const bool d = p.reads_keys();
   branch_pass<T, VEC, HEADS, LANES>(blk, p, d ? p.qd : p.q, d ? p.qd_s_req : p.q_s_req,
                                     d ? p.qd_s_head : p.q_s_head, k_distant,
                                     p.reads_scores, sc, v, gs, b, hs,
@@ -732,8 +754,7 @@ inline Variant variant_of(const DecodeParams& p, const LayersharePagedPart& k_pr
                           const LayersharePagedPart& v, const LayersharePagedPart* k_distant) {
   const bool vec = part_vectorizable<T>(k_prox, p.head_dim) &&
                    part_vectorizable<T>(v, p.head_dim_v) &&
-                   (!p.has_distant || p.reads_scores ||
-                    part_vectorizable<T>(*k_distant, p.head_dim));
+                   (!p.reads_keys() || part_vectorizable<T>(*k_distant, p.head_dim));
   return choose_variant(p.num_heads / p.num_kv_heads, p.head_dim, p.head_dim_v, vec);
 }
 
@@ -741,17 +762,17 @@ inline bool part_ok(const LayersharePagedPart* part) {
   return part && part->data && part->block_table && part->block_size > 0;
 }
 
-// Argument checks shared by the launchers (the CUDA one and the host test's); 0 when the
-// call can run.
 inline bool scores_ok(const LayershareSharedScores* sc) {
   return sc && sc->cells && sc->block_table && log2_if_power_of_two(sc->block_size) >= 0 &&
          log2_if_power_of_two(sc->tile) >= 0 && sc->lse_first >= 0;
 }
 
+// Argument checks shared by the launchers (the CUDA one and the host test's); 0 when the
+// call can run.
 inline int check_args(const DecodeParams& p, int cache_dtype, size_t workspace_size,
                       const LayersharePagedPart* k_prox, const LayersharePagedPart* v,
                       const LayersharePagedPart* k_distant, const LayershareSharedScores* sc) {
-  const bool keys = p.has_distant && !p.reads_scores;
+  const bool keys = p.reads_keys();
   if (p.num_reqs < 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 ||
       p.num_heads % p.num_kv_heads != 0 || p.head_dim <= 0 || p.head_dim_v <= 0 ||
       p.num_splits <= 0 || p.sink < 0 || p.recent < 0 || !p.out || !p.q || !p.seq_lens ||
@@ -773,15 +794,17 @@ inline int check_args(const DecodeParams& p, int cache_dtype, size_t workspace_s
   return LAYERSHARE_OK;
 }
 
-// The launcher's flat arguments as DecodeParams (has_distant: k_distant or shared
-// scores given; reads_scores: the scores).
+// The launcher's flat arguments as DecodeParams: the distant branch reads the shared
+// scores where they are given (cells not NULL), else the leader's keys where k_distant
+// is (data not NULL), else nothing (a leader).
 inline DecodeParams make_params(float* out, int64_t out_s_req, int64_t out_s_head, const float* q,
                                 int64_t q_s_req, int64_t q_s_head, const float* q_distant,
-                                int64_t qd_s_req, int64_t qd_s_head, bool has_distant,
-                                bool reads_scores, const int32_t* seq_lens, int num_reqs, int num_heads,
-                                int num_kv_heads, int head_dim, int head_dim_v, float scale,
-                                int64_t sink, int64_t recent, float gate_tau, int num_splits,
-                                void* workspace) {
+                                int64_t qd_s_req, int64_t qd_s_head,
+                                const LayersharePagedPart* k_distant,
+                                const LayershareSharedScores* shared, const int32_t* seq_lens,
+                                int num_reqs, int num_heads, int num_kv_heads, int head_dim,
+                                int head_dim_v, float scale, int64_t sink, int64_t recent,
+                                float gate_tau, int num_splits, void* workspace) {
   DecodeParams p;
   p.out = out;
   p.out_s_req = out_s_req;
@@ -803,8 +826,8 @@ inline DecodeParams make_params(float* out, int64_t out_s_req, int64_t out_s_hea
   p.recent = recent;
   p.gate_tau = gate_tau;
   p.num_splits = num_splits;
-  p.has_distant = has_distant;
-  p.reads_scores = reads_scores;
+  p.reads_scores = shared && shared->cells;
+  p.has_distant = (k_distant && k_distant->data) || p.reads_scores;
   p.workspace = static_cast<float*>(workspace);
   return p;
 }

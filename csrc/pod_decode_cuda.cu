@@ -98,8 +98,7 @@ int launch(const DecodeParams& p, const LayersharePagedPart& k_prox, const Layer
            cudaStream_t stream) {
   const Variant variant = variant_of<T>(p, k_prox, v, k_distant);
   // A leader has no distant keys: its distant ranges are empty, the struct is never read.
-  const bool keys = p.has_distant && !p.reads_scores;
-  const Paged<T> kd = keys ? make_paged<T>(*k_distant) : Paged<T>{};
+  const Paged<T> kd = p.reads_keys() ? make_paged<T>(*k_distant) : Paged<T>{};
   const Scores<T> sc = p.reads_scores ? make_scores<T>(*shared) : Scores<T>{};
   const dim3 grid(p.num_splits, p.num_kv_heads * variant.slices, p.num_reqs);
   // At most 8 groups x 8 heads x 130 floats (or 4 x 8 x 258): 33 KB, under the default 48.
@@ -155,12 +154,10 @@ int layershare_pod_decode(float* out, int64_t out_stride_req, int64_t out_stride
                           int64_t recent, float gate_tau, int num_splits, void* workspace,
                           size_t workspace_size, void* stream) {
   using namespace layershare;
-  const bool reads_scores = shared && shared->cells;
-  const bool has_distant = (k_distant && k_distant->data) || reads_scores;
   const DecodeParams p = make_params(
       out, out_stride_req, out_stride_head, q, q_stride_req, q_stride_head, q_distant,
-      qd_stride_req, qd_stride_head, has_distant, reads_scores, seq_lens, num_reqs, num_heads, num_kv_heads,
-      head_dim, head_dim_v, scale, sink, recent, gate_tau, num_splits, workspace);
+      qd_stride_req, qd_stride_head, k_distant, shared, seq_lens, num_reqs, num_heads,
+      num_kv_heads, head_dim, head_dim_v, scale, sink, recent, gate_tau, num_splits, workspace);
   const int status = check_args(p, cache_dtype, workspace_size, k_prox, v, k_distant, shared);
   if (status != LAYERSHARE_OK) return status;
   if (num_reqs == 0) return LAYERSHARE_OK;

@@ -4,9 +4,9 @@
 // every split block and every merge block, emulating the GPU: a row group's
 // lane-parallel sections run lane 0..LANES-1 (or in reverse), its shuffle sums are the
 // same butterfly over the lanes' copies of the state, the row groups of a block run one
-// after another (or in reverse), and each block phase runs for thread 0..threads-1 (or in reverse), which is
-// what the barrier after it guarantees on the GPU. Build: g++ -O2 -std=c++17 -shared
-// -fPIC pod_decode_host_test.cpp -o libpod_decode_host.so
+// after another (or in reverse), and each block phase runs for thread 0..threads-1 (or
+// in reverse), which is what the barrier after it guarantees on the GPU. Build: g++ -O2
+// -std=c++17 -shared -fPIC pod_decode_host_test.cpp -o libpod_decode_host.so
 
 #include <array>
 #include <vector>
@@ -79,7 +79,7 @@ void run_all(const DecodeParams& p, const LayersharePagedPart& k_prox, const Lay
   const int groups = kSplitThreads / variant.lanes;
   std::vector<float> smem(split_smem_bytes(groups, variant.heads, p.head_dim_v) / sizeof(float));
   const GroupStates gs = carve_group_states(smem.data(), groups, variant.heads, p.head_dim_v);
-  const Paged<T> kd = p.has_distant && !p.reads_scores ? make_paged<T>(*k_distant) : Paged<T>{};
+  const Paged<T> kd = p.reads_keys() ? make_paged<T>(*k_distant) : Paged<T>{};
   const Scores<T> sc = p.reads_scores ? make_scores<T>(*shared) : Scores<T>{};
   const HostBlock blk{threads, reverse};
   dispatch(variant, [&](auto shape) {
@@ -116,17 +116,16 @@ int layershare_pod_decode_host(float* out, int64_t out_stride_req, int64_t out_s
                                const float* q_distant, int64_t qd_stride_req,
                                int64_t qd_stride_head, const LayersharePagedPart* k_prox,
                                const LayersharePagedPart* v, const LayersharePagedPart* k_distant,
-                               const LayershareSharedScores* shared, int cache_dtype, const int32_t* seq_lens, int num_reqs,
-                               int num_heads, int num_kv_heads, int head_dim, int head_dim_v,
+                               const LayershareSharedScores* shared, int cache_dtype,
+                               const int32_t* seq_lens, int num_reqs, int num_heads,
+                               int num_kv_heads, int head_dim, int head_dim_v,
                                float scale, int64_t sink, int64_t recent, float gate_tau,
                                int num_splits, void* workspace, size_t workspace_size,
                                int threads, int reverse, int* variant_out) {
-  const bool reads_scores = shared && shared->cells;
-  const bool has_distant = (k_distant && k_distant->data) || reads_scores;
   const DecodeParams p = make_params(
       out, out_stride_req, out_stride_head, q, q_stride_req, q_stride_head, q_distant,
-      qd_stride_req, qd_stride_head, has_distant, reads_scores, seq_lens, num_reqs, num_heads, num_kv_heads,
-      head_dim, head_dim_v, scale, sink, recent, gate_tau, num_splits, workspace);
+      qd_stride_req, qd_stride_head, k_distant, shared, seq_lens, num_reqs, num_heads,
+      num_kv_heads, head_dim, head_dim_v, scale, sink, recent, gate_tau, num_splits, workspace);
   const int status = check_args(p, cache_dtype, workspace_size, k_prox, v, k_distant, shared);
   if (status != LAYERSHARE_OK) return status;
   if (threads <= 0) return LAYERSHARE_BAD_ARGS;

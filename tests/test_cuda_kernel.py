@@ -3,11 +3,11 @@
 1. nvcc compiles it for sm_80 and sm_90 (skipped only where nvcc is absent).
    ptxas's report lists every variant of the split kernel, and Llama-3-8B's spills nothing.
 2. Its math, csrc/pod_decode.cuh, which the kernel and the host build share (page
-   walk, per-warp online softmax, shuffle sums, warp and split merges, gate), is built
-   with g++ into a shared library that runs the kernel's schedule block by block,
-   emulating a warp's lanes section by section (the shuffles as the same butterfly over
-   the lanes' copies) and a block's threads phase by phase, in forward and reverse order
-   (the outputs must be bit-identical); through ctypes it must equal the dense reference
+   walk, per-row-group online softmax, shuffle sums, group and split merges, gate), is
+   built with g++ into a shared library that runs the kernel's schedule block by block,
+   emulating a row group's lanes section by section (the shuffles as the same butterfly
+   over the lanes' copies) and a block's threads phase by phase, in forward and reverse
+   order (the outputs must be bit-identical); through ctypes it must equal the dense reference
    (vllm_layershare/attention/reference.py) on paged caches with shuffled block tables.
    Cache slots the kernel must not read (a follower's freed keys, the leader's keys
    outside the distant set, channels outside [lo, hi)) hold NaN, so a stray read shows;
@@ -137,7 +137,7 @@ def host_lib(tmp_path_factory):
         PTR, I32, I32, I32, I32, I32,  # seq_lens, reqs, heads, kv heads, D, Dv
         F32, I64, I64, F32, I32,  # scale, sink, recent, tau, splits
         PTR, ctypes.c_size_t, I32, I32,  # workspace, its bytes, threads, reverse
-        ctypes.POINTER(I32),  # the variant it ran: heads, channels per lane, vec, slices
+        ctypes.POINTER(I32),  # the variant it ran: heads, lanes per row, vec, slices
     ]
     return lib
 
@@ -321,6 +321,9 @@ CASES = {
                              gate_skip=True, scores=(4, 8), seed=19),
     "shared-bf16": Case(lens=(9, 66), dtype=torch.bfloat16, block_sizes=(16, 16, 16),
                         margins=ALIGNED, scores=(16, 32), seed=20),
+    # Ten query heads per kv head: the second block's heads start at the group's ninth.
+    "shared-gqa10-fp32": Case(lens=(5, 37), heads=10, kv_heads=1, dim=8, dim_v=8, sink=2,
+                              recent=6, scores=(8, 4), seed=23),
     # Logits some tens of nats apart: the lagging maximum moves and rescales, in both
     # branches and both distant sources.
     "spread-keys-fp32": Case(lens=(70, 45), sink=4, recent=20, key_scale=12.0, seed=21),
@@ -334,6 +337,7 @@ VARIANTS = {
     "gqa6-fp16": (8, 16, 1, 1), "gqa10-keys-fp32": (8, 16, 0, 2), "wide-bf16": (4, 32, 1, 1),
     "wide-gate-fp32": (1, 32, 0, 1), "mha-fp32": (1, 16, 0, 1), "scores-fp32": (4, 16, 0, 1),
     "shared-gate-fp32": (8, 16, 0, 1), "shared-bf16": (4, 16, 1, 1),
+    "shared-gqa10-fp32": (8, 16, 0, 2),
 }
 # bf16 terms round each distant softmax weight by up to 2^-9 (the issue's bound: 1e-2).
 SHARED_BF16_TOLERANCE = dict(atol=1e-2, rtol=1e-2)
