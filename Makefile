@@ -68,25 +68,10 @@ gpu-check:
 	# the host's share of an eager decode call (vLLM's piecewise graphs run attention eagerly)
 	PYTHONPATH=. $(PY) benchmarks/host_overhead.py
 
-# One short device loan (about 5 minutes on an H200, of the 15 a session is lent): the
-# Triton tests compiled and csrc's CUDA kernel built and tested, the kernel table at
-# 4K-128K (prefill rows and csrc's CUDA decode included), the decode shapes not yet
-# timed on the GPU alone swept against the defaults (the fastest, programs per SM apart
-# for followers reading shared scores, to $(SWEPT)), and the decode rows again with
-# those (docs/benchmarks.md: a follower's decode at 32K x 16 is near the issue limit),
-# and whole decode steps, eager (host-bound at small batches) and replayed.
-LOAN_SHAPES := '[{}, {"decode_block_n": 64}, {"programs_per_sm": 16}, {"programs_per_sm": 8}]'
-XDIST := $(shell $(PY) -c "import xdist" 2>/dev/null && echo "-n 8")
+# One short device loan (about 5 minutes on an H200): tools/gpu_loan.sh says what it runs;
+# a script, since the device machines may have no make.
 gpu-loan:
-	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-loan needs a GPU')"
-	PYTHONPATH=. $(PY) -m pytest -q $(XDIST) tests/test_attention.py tests/test_cuda_kernel.py \
-		-k "triton or leaders_scores or cuda"
-	$(BENCH) --repeats 10 --contexts 4096 32768 131072 --batches 16 64
-	# csrc's split kernel with registers capped for 4 blocks per SM (its CUDA columns)
-	$(BENCH) --repeats 10 --contexts 32768 --batches 16 64 --cuda-define LAYERSHARE_MIN_BLOCKS=4
-	$(BENCH) --sweep $(SWEPT) --rounds 2 --repeats 10 --shapes $(LOAN_SHAPES)
-	$(BENCH) --no-cuda --repeats 10 --contexts 32768 131072 --batches 16 64 --config $(SWEPT)
-	$(BENCH) --steps --repeats 10
+	PY=$(PY) SWEPT=$(SWEPT) bash tools/gpu_loan.sh
 
 # docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock
 # attention through vLLM (about 3 h on a 2-core CPU machine).

@@ -333,9 +333,10 @@ def decode_step(batch: int, context: int, followers: int, device: torch.device, 
                 recent: int, config: TritonConfig = DEFAULT_CONFIG, estimated: bool = False):
     """A decode step through 1 + followers layers as the backend runs them, every launch
     included: each layer writes its new key and value at the token's slot, then attends;
-    with followers the first layer keeps its queries and writes the shared scores, and
-    the others read them (share scores); `estimated`: the followers also write their
-    completed mean keys and weigh by their own estimated mass (the default mode).
+    with followers the first layer writes the shared scores and the others read them
+    (share scores; in decode steps the leader's queries are neither kept nor read);
+    `estimated`: the followers also write their completed mean keys and weigh by their
+    own estimated mass (the default mode).
     followers=0 repeats full layers instead: the stock step of as many layers. Returns
     the step as a function."""
     leader, values, table, q, starts, lens = paged_layer(batch, context, 1, device, dtype)
@@ -344,16 +345,14 @@ def decode_step(batch: int, context: int, followers: int, device: torch.device, 
     new_k, new_v = (torch.randn(batch, KV_HEADS, DIM, device=device, dtype=dtype)
                     for _ in range(2))
     scores = scores_cache(table, dtype)
-    kept = torch.empty_like(q)
     out = torch.empty_like(q)
     workspace = decode_workspace(batch, HEADS, KV_HEADS, DIM, context, device, config)
-    first = layer_inputs(leader, values, table, kept, "writing" if followers else "full",
+    first = layer_inputs(leader, values, table, q, "writing" if followers else "full",
                          recent, scores)
     summary = summaries(batch, context, device, dtype) if estimated else None
     role = ("estimated" if estimated else "follower") if followers else "full"
     others = layer_inputs(leader, values, table, q, role, recent, scores, summary)
-    if followers:
-        others.q_distant = kept
+    others.q_distant = None  # as the backend's followers in decode steps
 
     def attend(inputs: LayerInputs) -> None:
         # as the backend: a follower's decode kernel writes its completed mean keys
@@ -365,8 +364,6 @@ def decode_step(batch: int, context: int, followers: int, device: torch.device, 
     def step() -> None:
         triton_write_slots((leader[..., :DIM], slots, BLOCK, new_k),
                            (leader[..., DIM:], slots, BLOCK, new_v))
-        if followers:
-            kept.copy_(q)
         attend(first)
         for _ in range(followers or GROUP_FOLLOWERS):
             # a follower's key window: the leader's cache stands in (layer_inputs)

@@ -803,6 +803,7 @@ def test_decode_followers_read_the_leaders_scores(bound, score_page, split_len, 
     and decode mixed in steps. Scores pages of 5 tokens (a 16-position tile spans
     several) and of 32 (two tiles per page, decode chunks of three tiles); the cache
     starts as NaN, so any value the follower reads and the leader did not write shows.
+    In steps of one-query rows the follower has no leader's queries, as in the backend.
     Rising logits (rising_logits) make the follower's running maximum move mid-scan."""
     impl = triton_impl(bound=bound, split_len=split_len)
     gen = torch.Generator().manual_seed(41)
@@ -850,7 +851,8 @@ def test_decode_followers_read_the_leaders_scores(bound, score_page, split_len, 
         follower = LayerInputs(
             q=torch.cat([seqs[r]["q"][a:b] for r, a, b in spans]), scale=SCALE,
             k_prox=batch.part(rows, own_keys), v=leader.v, sink=sink, recent=recent,
-            q_distant=leader.q, k_distant=batch.part(rows, follower_view),
+            q_distant=None if all(b - a == 1 for _, a, b in spans) else leader.q,
+            k_distant=batch.part(rows, follower_view),
             shared_scores=SharedScores(scores, score_pages.block_table[rows], score_page, sink,
                                        recent, write=False))
         out = torch.zeros(loc[-1], HEADS, DIM)
@@ -865,6 +867,28 @@ def test_decode_followers_read_the_leaders_scores(bound, score_page, split_len, 
         torch.testing.assert_close(lead_out.double(), plain, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(out.double(), reference(seq, sink=sink, recent=recent),
                                    atol=2e-5, rtol=1e-4)
+
+
+def test_follower_without_leader_queries_is_refused_where_it_needs_them():
+    """A share-`scores` follower may go without its leader's queries only in a step of
+    one-query rows that reads the leader's shared scores: a row of several queries
+    recomputes the distant logits from them, so the call refuses it by name."""
+    from vllm_layershare.attention.triton_paged import triton_pod_attention
+
+    gen = torch.Generator().manual_seed(5)
+    seq = random_sequence(20, gen)
+    batch = PagedBatch([20], 8, gen)
+    cell = SharedScores.cell_floats(HEADS // KV_HEADS, 8, torch.float32)
+    scores = SharedScores(torch.zeros(batch.num_blocks, KV_HEADS, cell), batch.block_table,
+                          8, 3, 7, write=False)
+    part = batch.part([0], [seq["k"]])
+    for shared in (scores, None):
+        follower = LayerInputs(q=seq["q"][16:20], scale=SCALE, k_prox=part,
+                               v=batch.part([0], [seq["v"]]), sink=3, recent=7,
+                               k_distant=part, shared_scores=shared)
+        with pytest.raises(ValueError, match="leader's queries"):
+            triton_pod_attention(int32_tables(follower), [0, 4], [20],
+                                 torch.zeros(4, HEADS, DIM))
 
 
 def test_shared_scores_cells_too_small_are_refused():

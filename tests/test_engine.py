@@ -169,7 +169,10 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
     builders made from the scheduler's limits; the builders never read a device
     tensor on the host (on a GPU, a wait for the device every step); the prefill step
     told the kernels it has no decode rows (they then launch no decode kernels); in
-    steps of one-query rows the followers' decode kernels wrote their summaries."""
+    steps of one-query rows the followers' decode kernels wrote their summaries, and the
+    leaders neither kept their queries nor did the followers read them."""
+    from vllm.forward_context import get_forward_context
+
     from vllm_layershare.attention import triton_paged
     from vllm_layershare.tools.tiny_model import build_tiny_llama
 
@@ -179,7 +182,7 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
     prompts = random_prompts(2, 60, seed=4)
     _, expected = greedy_with_logprobs(model, grouping, prompts)  # the CPU kernel
     shared_calls, page_sizes, workspaces, decode_rows = [], set(), set(), set()
-    summary_writes = set()
+    summary_writes, leader_queries = set(), set()
     real = triton_paged.triton_pod_attention
 
     def spying(inputs, *args, **kwargs):
@@ -188,6 +191,12 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
         if inputs.shared_scores is not None:
             shared_calls.append(inputs.shared_scores.write)
             page_sizes.add(inputs.shared_scores.block_size)
+            kept = {key for key in get_forward_context().additional_kwargs
+                    if key[0] == backend.LEADER_QUERY_KEY}
+            # (decode step, role, leader's queries there: kept by it / given to a follower)
+            leader_queries.add((max(queries) == 1, inputs.shared_scores.write,
+                                bool(kept) if inputs.shared_scores.write
+                                else inputs.q_distant is not None))
         workspaces.add(kwargs["workspace"].data_ptr())
         summary_writes.add((inputs.summary is not None and max(queries) == 1,
                             kwargs["write_summaries"]))
@@ -205,6 +214,8 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
     assert all(flag == (1 in queries) for queries, flag in decode_rows), decode_rows
     assert {flag for _, flag in decode_rows} == {True, False}, decode_rows
     assert summary_writes == {(True, True), (False, False)}, summary_writes
+    assert leader_queries == {(True, True, False), (True, False, False), (False, True, True),
+                              (False, False, True)}, leader_queries
     assert_same_greedy(got, expected)
 
 

@@ -398,7 +398,7 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         if role.leader is None:
             write_cache([(kv_cache[..., :d], key, attn_metadata),
                          (kv_cache[..., d:], value, attn_metadata)], self.path)
-            if role.shares_scores:
+            if role.shares_scores and self._followers_read_leader_queries(attn_metadata):
                 kept = attn_metadata.leader_queries[:n]
                 kept.copy_(query)
                 ctx.additional_kwargs[(LEADER_QUERY_KEY, name)] = kept
@@ -462,10 +462,10 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         write_cache([(kv_cache, value, meta), (key_cache[..., : self.head_size], key, key_meta)],
                     self.path)
         config = self.config
-        q_distant = (
-            ctx.additional_kwargs[(LEADER_QUERY_KEY, role.leader)]
-            if config.share == "scores" else query
-        )
+        q_distant = query
+        if config.share == "scores":  # None: the shared scores stand in for them
+            q_distant = (ctx.additional_kwargs[(LEADER_QUERY_KEY, role.leader)]
+                         if self._followers_read_leader_queries(meta) else None)
         own_keys = self._part(key_cache, 0, self.head_size, key_meta)
         summary = None
         if role.summary_cache is not None:
@@ -494,6 +494,12 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             summary=summary,
             shared_scores=self._shared_with(ctx, role),
         )
+
+    def _followers_read_leader_queries(self, meta: LayershareMetadata) -> bool:
+        """Whether share-`scores` followers need their leader's queries this step: not on
+        the Triton path in a step of one-query rows, whose followers read the leader's
+        shared scores instead; the leader then skips a copy launch per step."""
+        return self.path != "triton" or meta.max_query_len > 1
 
     @staticmethod
     def _kernel_writes_summaries(summary: SummaryPart | None, meta: LayershareMetadata) -> bool:

@@ -113,7 +113,9 @@ class LayerInputs:
     scale: float
     sink: int = 0
     recent: int = UNBOUNDED
-    q_distant: torch.Tensor | None = None  # leader's (scores) or own (keys) queries
+    # The leader's (share scores) or own (keys) queries; None in a decode step whose
+    # follower reads the leader's shared scores instead (Triton kernels).
+    q_distant: torch.Tensor | None = None
     k_distant: PagedPart | None = None  # the leader's keys
     gate_skip_threshold: float | None = None
     # The follower's mean keys: with them the distant branch is weighted by the

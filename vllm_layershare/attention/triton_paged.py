@@ -1096,6 +1096,11 @@ def triton_pod_attention(
     distant = kd is not None
     estimated = distant and summary is not None
     qd = inputs.q_distant if distant else q
+    if qd is None:  # share `scores`, decode: the shared scores replace q_distant . k_distant
+        if max_query_len > 1 or inputs.shared_scores is None or inputs.shared_scores.write:
+            raise ValueError("layershare: a follower without its leader's queries needs the "
+                             "leader's shared scores, in steps of one-query rows only")
+        qd = q  # passed, never read (READ_SCORES)
     q, qd = _as(q, kp.cache.dtype), _as(qd, kp.cache.dtype)  # tl.dot takes one input type
     kp_args, v_args = _paged_args(kp), _paged_args(v)  # once: every launch below takes them
     kd_args = _paged_args(kd) if distant else kp_args
