@@ -55,10 +55,9 @@ from vllm_layershare.attention.paged import (  # noqa: E402
     SummaryPart,
 )
 from vllm_layershare.attention.triton_paged import TritonConfig, interpreted  # noqa: E402
+from vllm_layershare.attention.waves import resident_programs  # noqa: E402
 
-# Per multiprocessor on sm_80 and sm_90: registers, warps, programs; shared memory
-# (KiB) and what the driver reserves per program (bytes).
-REGISTERS, MAX_WARPS, MAX_PROGRAMS, RESERVED_SHARED = 65536, 64, 32, 1024
+# Shared memory per multiprocessor (KiB) by architecture.
 SHARED_KIB = {80: 164, 86: 100, 89: 100, 90: 228}
 BLOCK, SUMMARY_TOKENS, SINK, RECENT = 16, 64, 16, 1008
 # (name, query heads, KV heads, head dim, dtype)
@@ -89,11 +88,9 @@ class Compiled:
     @property
     def programs_per_sm(self) -> int:
         """Programs resident on one multiprocessor, as registers, shared memory and
-        warps allow (registers are given out 256 per warp at a time)."""
-        per_warp = -(-self.registers * 32 // 256) * 256
-        by_registers = REGISTERS // per_warp // self.warps
-        by_shared = SHARED_KIB[self.arch] * 1024 // (self.shared + RESERVED_SHARED)
-        return min(by_registers, by_shared, MAX_WARPS // self.warps, MAX_PROGRAMS)
+        warps allow."""
+        return resident_programs(self.registers, self.warps, self.shared,
+                                 SHARED_KIB[self.arch] * 1024)
 
 
 class _CompileOnlyDriver:

@@ -322,6 +322,74 @@ def test_decode_split_lengths_fill_the_gpu_and_no_more(monkeypatch):
         TritonConfig(scores_programs_per_sm=0)
 
 
+def test_resident_programs_and_whole_waves():
+    """The occupancy arithmetic: registers go out 256 per warp at a time (100 registers
+    x 4 warps: 4 programs, not 5), shared memory and warps bind where they are the
+    scarcer, 32 programs at most, 0 where one does not fit. Wave filling: 33 chunks x
+    128 (request, KV head) pairs on 660 slots are 6.4 waves (7 run) and become 30 (5.8,
+    6 run); a grid that ends in a nearly full wave, or fits in one, keeps its chunks;
+    never more chunks."""
+    from vllm_layershare.attention.waves import resident_programs, whole_wave_splits
+
+    sm = 228 * 1024
+    for registers, warps, shared, expected in [
+            (80, 4, 16384, 6), (96, 4, 16384, 5), (100, 4, 0, 4), (128, 4, 0, 4),
+            (142, 4, 0, 3), (96, 4, 100 * 1024, 2), (16, 24, 0, 2), (16, 1, 0, 32), (16, 1, sm, 0)]:
+        assert resident_programs(registers, warps, shared, sm) == expected, registers
+    assert whole_wave_splits(33, 128, 660) == 30
+    assert whole_wave_splits(9, 512, 660) == 9  # 6.98 waves
+    assert whole_wave_splits(3, 2048, 660) == 3  # fewer chunks: more waves per chunk
+    assert whole_wave_splits(33, 128, 10_000) == 33  # one wave
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        splits, pairs, slots = (int(torch.randint(1, n, (1,), generator=gen))
+                                for n in (80, 600, 3000))
+        chosen = whole_wave_splits(splits, pairs, slots)
+        waves = [-(-pairs * s // slots) / s for s in range(1, splits + 1)]
+        assert 1 <= chosen <= splits and waves[chosen - 1] <= min(waves) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("whole_waves", [False, True])
+def test_decode_chunks_cut_to_whole_waves(monkeypatch, whole_waves):
+    """TritonConfig.whole_waves inside the decode call: once a split kernel's residency
+    is known (here 1 program on each of 11 SMs), each launch takes the chunk count that
+    fills its waves (for 3 requests x 2 KV heads 5, not decode_splits' 6) and the
+    outputs still equal the dense reference; without it, decode_splits' count."""
+    from vllm_layershare.attention import triton_paged
+    from vllm_layershare.attention.waves import whole_wave_splits
+
+    class GridSpy:  # records each launch's grid
+        def __init__(self, kernel):
+            self.kernel, self.grids = kernel, []
+
+        def __getitem__(self, grid):
+            self.grids.append(grid)
+            return self.kernel[grid]
+
+    spy = GridSpy(triton_paged._decode_split_kernel)
+    monkeypatch.setattr(triton_paged, "_decode_split_kernel", spy)
+    monkeypatch.setattr(triton_paged, "_multiprocessors", lambda device: 11)
+    monkeypatch.setattr(triton_paged, "_resident_programs", lambda variant: 1)
+    gen = torch.Generator().manual_seed(6)
+    lengths = [37, 20, 51]
+    seqs = [random_sequence(n, gen) for n in lengths]
+    config = dict(split_len=None, min_split_len=16, programs_per_sm=3)
+    impl = triton_impl(bound=200, whole_waves=whole_waves, **config)
+    outs = run_paged(impl, seqs, [FEEDS["prefill_then_decode"](n) for n in lengths], 4, gen,
+                     sink=3, recent=9, share="keys")
+    plain = triton_paged.TritonConfig(decode_block_n=16, **config)
+    cut = 0
+    for reqs, _, chunks in spy.grids:
+        splits = triton_paged.decode_splits(reqs, KV_HEADS, 200, torch.device("cpu"), plain)
+        expected = whole_wave_splits(splits, reqs * KV_HEADS, 11) if whole_waves else splits
+        assert chunks == expected, (reqs, chunks, splits)
+        cut += chunks < splits
+    assert (cut > 0) == whole_waves and (5 in {g[2] for g in spy.grids}) == whole_waves
+    for seq, out in zip(seqs, outs, strict=True):
+        torch.testing.assert_close(out.double(), reference(seq, sink=3, recent=9, share="keys"),
+                                   atol=2e-5, rtol=1e-4)
+
+
 def test_leader_queries_with_their_own_strides(impl):
     """A follower's distant queries are its leader's: another layer's tensor, with
     strides of its own (here a view into a wider buffer, NaN around it)."""

@@ -16,7 +16,8 @@
 set -uo pipefail
 PY=${PY:-python3}
 SWEPT=${SWEPT:-/tmp/layershare-swept.json}
-SHAPES='[{}, {"decode_block_n": 64}, {"programs_per_sm": 16}, {"programs_per_sm": 8}]'
+SHAPES='[{}, {"decode_block_n": 64}, {"programs_per_sm": 16}, {"programs_per_sm": 8},
+         {"whole_waves": true}, {"whole_waves": true, "programs_per_sm": 16}]'
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 failed=()
 

@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 from vllm_layershare.attention.paged import LayerInputs, PagedPart, SharedScores, SummaryPart
+from vllm_layershare.attention.waves import SM_REGISTERS, resident_programs, whole_wave_splits
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NEG_BIG = tl.constexpr(-1.0e30)  # finite start for running maxima: exp(-inf - NEG_BIG) = 0
@@ -941,6 +942,10 @@ class TritonConfig:
     # (table and metadata loads before the first tile, the partials) weigh twice as much.
     scores_programs_per_sm: int | None = None
     min_split_len: int = 256
+    # Decode: fewer chunks per (request, KV head) where the grid would end in a part-filled
+    # wave of programs (waves.whole_wave_splits, from the residency of the compiled split
+    # kernel, known from its first launch on). Off until a GPU has timed it.
+    whole_waves: bool = False
     # Splits whose partial states a merge program loads per step, as one tile per branch
     # (sm_90: 48-64 registers at 32; a 128K context at batch 1 has 512 splits).
     merge_splits: int = 32
@@ -982,6 +987,40 @@ def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Decode split programs per multiprocessor, per compiled variant (TritonConfig.whole_waves).
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _note_residency(variant: tuple, compiled, device: torch.device) -> None:
+    """Keep how many programs of a just-launched split kernel an SM holds (the
+    interpreter returns no compiled kernel)."""
+    registers = getattr(compiled, "n_regs", None)
+    if registers is None or variant in _RESIDENT:
+        return
+    props = torch.cuda.get_device_properties(device)
+    _RESIDENT[variant] = resident_programs(
+        registers, compiled.metadata.num_warps, compiled.metadata.shared,
+        props.shared_memory_per_multiprocessor,
+        getattr(props, "regs_per_multiprocessor", SM_REGISTERS),
+        props.max_threads_per_multi_processor // 32)
+
+
+def _resident_programs(variant: tuple) -> int | None:
+    """Programs per SM of a split-kernel variant launched before; None before that."""
+    return _RESIDENT.get(variant)
+
+
+def _filled_waves(splits: int, pairs: int, device: torch.device, variant: tuple,
+                  config: TritonConfig) -> int:
+    """decode_splits' `splits`, or fewer where whole_waves finds the grid fills its waves
+    better; never more (the workspace is sized for decode_splits'). The estimated
+    mass's programs, short and started first, are left out of the count."""
+    resident = _resident_programs(variant) if config.whole_waves else None
+    if not resident:
+        return splits
+    return whole_wave_splits(splits, pairs, resident * _multiprocessors(device))
 
 
 def decode_splits(num_reqs: int, kv_heads: int, max_seq_len: int, device: torch.device,
@@ -1172,7 +1211,15 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, paged
     group = heads // kv_heads
     write = shared is not None and shared.write
     read = shared is not None and not shared.write and inputs.k_distant is not None
-    num_splits = decode_splits(num_reqs, kv_heads, max_seq_len, q.device, config, read)
+    stages = config.scores_decode_stages if read else config.decode_stages
+    registers = config.scores_write_registers if write else None
+    mass_program = int(summary_tokens > 0 and inputs.k_distant is not None)
+    variant = (q.device, write, read, inputs.k_distant is not None, mass_program, group, dim,
+               v.cache.dtype, stages, registers, config.decode_block_n, config.decode_warps,
+               config.decode_fixed_slots)
+    num_splits = _filled_waves(
+        decode_splits(num_reqs, kv_heads, max_seq_len, q.device, config, read),
+        num_reqs * kv_heads, q.device, variant, config)
     chunks = (num_splits, config.split_len or 0, config.min_split_len)
     partial_acc, partial_ml = _partials(workspace, num_reqs * num_splits * heads, dim,
                                         q.device)
@@ -1180,12 +1227,10 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, paged
         sc_args, lse_first = _shared_args(shared, group, v.cache.dtype, config.decode_block_n)
     else:
         sc_args, lse_first = (output, 0, 0, output, 0, 0, kp.block_table, 0, 1, 0, 0), 0
-    stages = config.scores_decode_stages if read else config.decode_stages
     both = dict(NUM_HEADS=heads, BLOCK_N=config.decode_block_n, SUMMARY=summary_tokens,
                 HAS_DISTANT=inputs.k_distant is not None, num_warps=config.decode_warps)
     # With the estimated mass, one program more per (request, KV head) computes it.
-    mass_program = int(summary_tokens > 0 and inputs.k_distant is not None)
-    _decode_split_kernel[(num_reqs, kv_heads, num_splits + mass_program)](
+    compiled = _decode_split_kernel[(num_reqs, kv_heads, num_splits + mass_program)](
         partial_acc, partial_ml, *chunks,
         q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
         *kp_args, *v_args, *kd_args,
@@ -1193,7 +1238,9 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, paged
         GROUP=group, BLOCK_M=max(16, _pow2(group)), WRITE_SCORES=write,
         READ_SCORES=read, SC_LSE=lse_first, FIXED_SLOTS=config.decode_fixed_slots,
         num_stages=stages,
-        maxnreg=config.scores_write_registers if write else None, **both, **common)
+        maxnreg=registers, **both, **common)
+    if config.whole_waves:
+        _note_residency(variant, compiled, q.device)
     _decode_merge_kernel[(num_reqs, heads)](
         output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
         starts, lens, tau, *kp_args, *s_args, GROUP=group, D=dim,
