@@ -71,7 +71,7 @@ gpu-check:
 # One short device loan (about 5 minutes on an H200): tools/gpu_loan.sh says what it runs;
 # a script, since the device machines may have no make.
 gpu-loan:
-	PY=$(PY) SWEPT=$(SWEPT) bash tools/gpu_loan.sh
+	PY=$(PY) bash tools/gpu_loan.sh
 
 # docs/quality.md: calibrate SmolLM2-135M, then measure every grouping against stock
 # attention through vLLM (about 3 h on a 2-core CPU machine).

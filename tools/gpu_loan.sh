@@ -15,7 +15,7 @@
 # exits non-zero if any failed.
 set -uo pipefail
 PY=${PY:-python3}
-SWEPT=${SWEPT:-/tmp/layershare-swept.json}
+SWEPT=${SWEPT:-${OUT:-/tmp}/layershare-swept.json}  # under the device tool's $OUT: it comes back
 SHAPES='[{}, {"decode_block_n": 64}, {"programs_per_sm": 16}, {"programs_per_sm": 8},
          {"whole_waves": true}, {"whole_waves": true, "programs_per_sm": 16}]'
 export PYTHONPATH=. PYTHONUNBUFFERED=1
