@@ -1012,12 +1012,13 @@ def _resident_programs(variant: tuple) -> int | None:
     return _RESIDENT.get(variant)
 
 
-def _filled_waves(splits: int, pairs: int, device: torch.device, variant: tuple,
-                  config: TritonConfig) -> int:
-    """decode_splits' `splits`, or fewer where whole_waves finds the grid fills its waves
-    better; never more (the workspace is sized for decode_splits'). The estimated
-    mass's programs, short and started first, are left out of the count."""
-    resident = _resident_programs(variant) if config.whole_waves else None
+def _filled_waves(splits: int, pairs: int, device: torch.device, variant: tuple | None
+                  ) -> int:
+    """decode_splits' `splits`, or fewer where the grid then fills its waves better
+    (whole_waves: a variant, launched before); never more (the workspace is sized for
+    decode_splits'). The estimated mass's programs, short and started first, are left
+    out of the count."""
+    resident = None if variant is None else _resident_programs(variant)
     if not resident:
         return splits
     return whole_wave_splits(splits, pairs, resident * _multiprocessors(device))
@@ -1214,12 +1215,14 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, paged
     stages = config.scores_decode_stages if read else config.decode_stages
     registers = config.scores_write_registers if write else None
     mass_program = int(summary_tokens > 0 and inputs.k_distant is not None)
-    variant = (q.device, write, read, inputs.k_distant is not None, mass_program, group, dim,
-               v.cache.dtype, stages, registers, config.decode_block_n, config.decode_warps,
-               config.decode_fixed_slots)
+    variant = None  # what the split kernel compiles to, for whole_waves
+    if config.whole_waves:
+        variant = (q.device, write, read, inputs.k_distant is not None, mass_program, group,
+                   dim, v.cache.dtype, stages, registers, config.decode_block_n,
+                   config.decode_warps, config.decode_fixed_slots)
     num_splits = _filled_waves(
         decode_splits(num_reqs, kv_heads, max_seq_len, q.device, config, read),
-        num_reqs * kv_heads, q.device, variant, config)
+        num_reqs * kv_heads, q.device, variant)
     chunks = (num_splits, config.split_len or 0, config.min_split_len)
     partial_acc, partial_ml = _partials(workspace, num_reqs * num_splits * heads, dim,
                                         q.device)
@@ -1239,7 +1242,7 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, paged
         READ_SCORES=read, SC_LSE=lse_first, FIXED_SLOTS=config.decode_fixed_slots,
         num_stages=stages,
         maxnreg=registers, **both, **common)
-    if config.whole_waves:
+    if variant is not None:
         _note_residency(variant, compiled, q.device)
     _decode_merge_kernel[(num_reqs, heads)](
         output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
