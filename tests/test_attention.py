@@ -350,11 +350,13 @@ def test_resident_programs_and_whole_waves():
 
 
 @pytest.mark.parametrize("whole_waves", [False, True])
-def test_decode_chunks_cut_to_whole_waves(monkeypatch, whole_waves):
+def test_triton_decode_chunks_cut_to_whole_waves(monkeypatch, whole_waves):
     """TritonConfig.whole_waves inside the decode call: once a split kernel's residency
     is known (here 1 program on each of 11 SMs), each launch takes the chunk count that
     fills its waves (for 3 requests x 2 KV heads 5, not decode_splits' 6) and the
-    outputs still equal the dense reference; without it, decode_splits' count."""
+    outputs still equal the dense reference; without it, decode_splits' count. On a GPU
+    the launches also note their compiled kernel's residency (the interpreter has no
+    compiled kernel)."""
     from vllm_layershare.attention import triton_paged
     from vllm_layershare.attention.waves import whole_wave_splits
 
@@ -370,6 +372,7 @@ def test_decode_chunks_cut_to_whole_waves(monkeypatch, whole_waves):
     monkeypatch.setattr(triton_paged, "_decode_split_kernel", spy)
     monkeypatch.setattr(triton_paged, "_multiprocessors", lambda device: 11)
     monkeypatch.setattr(triton_paged, "_resident_programs", lambda variant: 1)
+    monkeypatch.setattr(triton_paged, "_RESIDENT", {})
     gen = torch.Generator().manual_seed(6)
     lengths = [37, 20, 51]
     seqs = [random_sequence(n, gen) for n in lengths]
@@ -385,6 +388,9 @@ def test_decode_chunks_cut_to_whole_waves(monkeypatch, whole_waves):
         assert chunks == expected, (reqs, chunks, splits)
         cut += chunks < splits
     assert (cut > 0) == whole_waves and (5 in {g[2] for g in spy.grids}) == whole_waves
+    noted = triton_paged._RESIDENT.values()
+    assert bool(noted) == (whole_waves and torch.cuda.is_available()), noted
+    assert all(1 <= programs <= 32 for programs in noted), noted
     for seq, out in zip(seqs, outs, strict=True):
         torch.testing.assert_close(out.double(), reference(seq, sink=3, recent=9, share="keys"),
                                    atol=2e-5, rtol=1e-4)
