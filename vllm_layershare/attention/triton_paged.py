@@ -1215,11 +1215,10 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, paged
     stages = config.scores_decode_stages if read else config.decode_stages
     registers = config.scores_write_registers if write else None
     mass_program = int(summary_tokens > 0 and inputs.k_distant is not None)
-    variant = None  # what the split kernel compiles to, for whole_waves
+    variant = None  # what the split kernel compiles to (the config is frozen), for whole_waves
     if config.whole_waves:
         variant = (q.device, write, read, inputs.k_distant is not None, mass_program, group,
-                   dim, v.cache.dtype, stages, registers, config.decode_block_n,
-                   config.decode_warps, config.decode_fixed_slots)
+                   dim, v.cache.dtype, config)
     num_splits = _filled_waves(
         decode_splits(num_reqs, kv_heads, max_seq_len, q.device, config, read),
         num_reqs * kv_heads, q.device, variant)
