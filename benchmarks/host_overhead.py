@@ -9,11 +9,13 @@ Llama-3-8B heads, one request of 4K context, the roles of benchmarks/kernels.py.
 
     python benchmarks/host_overhead.py            # on a GPU: whole calls
     python benchmarks/host_overhead.py --stub     # the backend's Python only (any machine)
+    python benchmarks/host_overhead.py --config '{"fused_merge": true}'   # no merge launch
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -39,7 +41,8 @@ class NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def host_us(role: str, device: torch.device, calls: int) -> float:
+def host_us(role: str, device: torch.device, calls: int,
+            config: triton_paged.TritonConfig = triton_paged.DEFAULT_CONFIG) -> float:
     """Median host microseconds of one decode call of `role` (synchronised between calls,
     so that no call waits behind a full launch queue)."""
     dtype = torch.bfloat16
@@ -49,14 +52,14 @@ def host_us(role: str, device: torch.device, calls: int) -> float:
     inputs = bench.layer_inputs(leader, values, table, q, role, bench.RECENT, scores, summary)
     out = torch.empty_like(q)
     workspace = triton_paged.decode_workspace(1, bench.HEADS, bench.KV_HEADS, bench.DIM,
-                                              CONTEXT, device)
+                                              CONTEXT, device, config)
     times = []
     for _ in range(calls + 1):  # the first compiles
         if device.type == "cuda":
             torch.cuda.synchronize()
         begin = time.perf_counter()
-        triton_paged.triton_pod_attention(inputs, starts, lens, out, 1, CONTEXT,
-                                          triton_paged.DEFAULT_CONFIG, workspace, True)
+        triton_paged.triton_pod_attention(inputs, starts, lens, out, 1, CONTEXT, config,
+                                          workspace, True)
         times.append(time.perf_counter() - begin)
     return statistics.median(times[1:]) * 1e6
 
@@ -66,7 +69,12 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stub", action="store_true", help="no-op launches (no GPU needed)")
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--config", metavar="JSON", help="TritonConfig fields, as "
+                        "benchmarks/kernels.py --config")
     args = parser.parse_args()
+    config = triton_paged.DEFAULT_CONFIG
+    if args.config:
+        config = triton_paged.TritonConfig(**json.loads(args.config))
     gpu = torch.cuda.is_available()
     stub = args.stub or not gpu
     if stub:
@@ -75,9 +83,9 @@ def main() -> None:
     device = torch.device("cuda" if gpu else "cpu")
     what = "the backend's Python, launches stubbed" if stub else "whole calls"
     print(f"{torch.cuda.get_device_name() if gpu else 'CPU'}; host us per decode call "
-          f"({what}), median of {args.calls}\n\n| role | host us |\n|---|---|")
+          f"({what}), median of {args.calls}; {config}\n\n| role | host us |\n|---|---|")
     for role in ("full", "writing", "follower", "estimated"):
-        print(f"| {role} | {host_us(role, device, args.calls):.1f} |", flush=True)
+        print(f"| {role} | {host_us(role, device, args.calls, config):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

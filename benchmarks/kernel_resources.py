@@ -271,7 +271,8 @@ def tile_instructions(cubin: bytes) -> list[tuple[int, int]]:
             predicated, opcode, operands = instructions[at]
             count += 1
             jump = target(operands) if opcode.startswith("BRA") and at < last else None
-            if jump is not None and first < jump <= last and (take_predicated or not predicated):
+            # Forward only: a backward branch inside the span (an inner loop) would cycle.
+            if jump is not None and at < jump <= last and (take_predicated or not predicated):
                 at = jump
             else:
                 at += 1

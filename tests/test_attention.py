@@ -65,6 +65,7 @@ def triton_impl(bound: int | None = None, **config):
     run = on_gpu(run) if gpu else run
     run.write_summaries = on_gpu(write_summaries) if gpu else write_summaries
     run.decode_writes_summaries = True  # triton_pod_attention(write_summaries=True)
+    run.workspaces = workspaces
     return run
 
 
@@ -394,6 +395,48 @@ def test_triton_decode_chunks_cut_to_whole_waves(monkeypatch, whole_waves):
     for seq, out in zip(seqs, outs, strict=True):
         torch.testing.assert_close(out.double(), reference(seq, sink=3, recent=9, share="keys"),
                                    atol=2e-5, rtol=1e-4)
+
+
+class NoMergeKernel:
+    """Stands in for the decode merge kernel where none may be launched."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the merge kernel was launched")
+
+
+def fused_counts(workspace: torch.Tensor) -> torch.Tensor:
+    """The fused merge's counts at the end of a decode workspace (decode_workspace)."""
+    return workspace[-MAX_REQS * KV_HEADS:].view(torch.int32)
+
+
+@pytest.mark.parametrize("case", ["scores", "keys_gate_skip", "estimated_mass"])
+def test_triton_fused_merge_equals_the_dense_reference(monkeypatch, case):
+    """TritonConfig.fused_merge: no merge kernel is launched; the last split program of a
+    (request, KV head) to finish merges its query heads (and, with the estimated mass,
+    writes the summary block the query completes), after an atomic count of the
+    programs that reach its context (requests of different lengths: different counts;
+    the mass's program counts too). One workspace serves every step, as in a CUDA
+    graph: a count not set back to 0 would leave a later step's rows unmerged (0)."""
+    from vllm_layershare.attention import triton_paged
+
+    monkeypatch.setattr(triton_paged, "_decode_merge_kernel", NoMergeKernel())
+    gen = torch.Generator().manual_seed(17)
+    lengths = [37, 20, 51]
+    seqs = [random_sequence(n, gen) for n in lengths]
+    impl = triton_impl(bound=200, split_len=None, min_split_len=16, fused_merge=True)
+    feed = [FEEDS["prefill_then_decode"](n) for n in lengths]
+    if case == "estimated_mass":  # one-query steps: the kernel writes the summaries
+        feed = [FEEDS["token_by_token"](n) for n in lengths]
+        outs, _ = run_estimated(impl, seqs, feed, 8, gen, sink=3, recent=9, size=4)
+        expected = [estimated_reference(seq, sink=3, recent=9, size=4) for seq in seqs]
+    else:
+        share, tau = ("scores", None) if case == "scores" else ("keys", 0.6)
+        outs = run_paged(impl, seqs, feed, 4, gen, sink=3, recent=9, share=share, tau=tau)
+        expected = [reference(seq, sink=3, recent=9, share=share, tau=tau) for seq in seqs]
+    for out, ref in zip(outs, expected, strict=True):
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    (workspace,) = impl.workspaces.values()
+    assert fused_counts(workspace).eq(0).all()
 
 
 def test_leader_queries_with_their_own_strides(impl):
@@ -965,10 +1008,11 @@ def test_follower_without_leader_queries_is_refused_where_it_needs_them():
                                  torch.zeros(4, HEADS, DIM))
 
 
-def test_shared_scores_cells_too_small_are_refused():
+def test_triton_refuses_shared_scores_cells_too_small():
     """A shared-scores cache whose cells cannot hold a page's terms and its tiles'
     log-sum-exps (fewer floats than SharedScores.cell_floats asks) is refused with a
-    message that names the need, before any kernel writes past a cell."""
+    message that names the need, before any kernel writes past a cell. (On a GPU the
+    call that fits runs there.)"""
     from vllm_layershare.attention.triton_paged import triton_pod_attention
 
     gen = torch.Generator().manual_seed(2)
@@ -982,7 +1026,9 @@ def test_shared_scores_cells_too_small_are_refused():
         leader = LayerInputs(q=seq["qa"][19:20], scale=SCALE,
                              k_prox=batch.part([0], [seq["ka"]]),
                              v=batch.part([0], [seq["v"]]), shared_scores=scores)
-        call = functools.partial(triton_pod_attention, int32_tables(leader), [0, 1], [20],
+        launch = on_gpu(triton_pod_attention) if torch.cuda.is_available() else (
+            triton_pod_attention)
+        call = functools.partial(launch, int32_tables(leader), [0, 1], [20],
                                  torch.zeros(1, HEADS, DIM))
         if ok:
             call()
@@ -991,7 +1037,8 @@ def test_shared_scores_cells_too_small_are_refused():
                 call()
 
 
-def test_decode_step_replays_on_static_tensors():
+@pytest.mark.parametrize("fused_merge", [False, True], ids=["merge_kernel", "fused_merge"])
+def test_triton_decode_step_replays_in_a_cuda_graph(fused_merge):
     """A decode step as a full CUDA graph runs it: a leader writing its followers'
     logits and a follower reading them, launched on static tensors (queries, lengths,
     outputs, one workspace, a static bound on the context), then replayed for later
@@ -1001,7 +1048,8 @@ def test_decode_step_replays_on_static_tensors():
     vLLM pads a batch to a captured size (no query, no context, block-table row 0), and
     from step 3 a second one (a request that finished). On a GPU the launches are
     captured in a CUDA graph and replayed; without one the same calls are repeated
-    (interpreter)."""
+    (interpreter). With fused_merge, the merge's counts are back at 0 after every step.
+    """
     from vllm_layershare.attention.triton_paged import (
         TritonConfig,
         decode_workspace,
@@ -1042,7 +1090,8 @@ def test_decode_step_replays_on_static_tensors():
                            shared_scores=replace(scores, write=False))
     # Under the interpreter (one "SM") the follower runs one chunk, the leader 4: it reads
     # the leader's scores per tile, whichever chunk wrote them.
-    config = TritonConfig(decode_block_n=16, min_split_len=16, scores_programs_per_sm=8)
+    config = TritonConfig(decode_block_n=16, min_split_len=16, scores_programs_per_sm=8,
+                          fused_merge=fused_merge)
     workspace = decode_workspace(4, HEADS, KV_HEADS, DIM, bound, device, config)
     size, per_page, summary_pages = 4, 8, PagedBatch(lengths, 8, gen)
     summary = SummaryPart(torch.full((summary_pages.num_blocks, KV_HEADS, 2, DIM), float("nan"),
@@ -1094,6 +1143,7 @@ def test_decode_step_replays_on_static_tensors():
                 page = summary_pages.block_table[r, b * size // per_page]
                 means[page, :, b % 2] = seq["k"][b * size:(b + 1) * size].mean(0)
         torch.testing.assert_close(summary.cache, means, equal_nan=True)
+        assert fused_counts(workspace).eq(0).all()
 
 
 def test_host_integer_helpers_match_tritons():

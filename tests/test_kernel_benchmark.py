@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
@@ -105,11 +106,16 @@ def test_sweep_gives_followers_reading_shared_scores_their_own_stages_and_splits
     assert kernels.fastest(prefill, decode=False) == {"prefill_stages": 3}
 
 
-def test_host_overhead_benchmark_runs_with_stubbed_launches():
-    """benchmarks/host_overhead.py --stub: the backend's Python per decode call, each role."""
+@pytest.mark.parametrize("config", [[], ["--config", '{"fused_merge": true}']],
+                         ids=["defaults", "fused_merge"])
+def test_host_overhead_benchmark_runs_with_stubbed_launches(config):
+    """benchmarks/host_overhead.py --stub: the backend's Python per decode call, each role,
+    with the default launch shapes or a given config."""
     done = subprocess.run([sys.executable, str(SCRIPT.parent / "host_overhead.py"), "--stub",
-                           "--calls", "20"], capture_output=True, text=True, timeout=300)
+                           "--calls", "20", *config], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"fused_merge={bool(config)}" in done.stdout, done.stdout
     rows = [[cell.strip() for cell in line.split("|")[1:-1]]
             for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row[0] for row in rows[1:]] == ["full", "writing", "follower", "estimated"], rows

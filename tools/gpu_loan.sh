@@ -10,14 +10,17 @@
 #    fastest, programs per SM apart for followers reading shared scores, to $SWEPT), the
 #    decode rows again with those (a follower's decode at 32K x 16 is near the issue's
 #    limit: docs/benchmarks.md);
-# 4. whole decode steps, eager (host-bound at small batches) and replayed.
+# 4. whole decode steps, eager (host-bound at small batches) and replayed, and the host
+#    time of one eager decode call, with the merge kernel and with the merge fused.
 # A failing step does not stop the later ones (their timings still inform); the script
 # exits non-zero if any failed.
 set -uo pipefail
 PY=${PY:-python3}
 SWEPT=${SWEPT:-${OUT:-/tmp}/layershare-swept.json}  # under the device tool's $OUT: it comes back
 SHAPES='[{}, {"decode_block_n": 64}, {"programs_per_sm": 16}, {"programs_per_sm": 8},
-         {"whole_waves": true}, {"whole_waves": true, "programs_per_sm": 16}]'
+         {"whole_waves": true}, {"whole_waves": true, "programs_per_sm": 16},
+         {"fused_merge": true}, {"fused_merge": true, "merge_splits": 8}]'
+FUSED='{"fused_merge": true}'
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 failed=()
 
@@ -39,6 +42,9 @@ step bench --repeats 10 --contexts 32768 --batches 16 64 --cuda-define LAYERSHAR
 step bench --sweep "$SWEPT" --rounds 2 --repeats 10 --shapes "$SHAPES"
 step bench --no-cuda --repeats 10 --contexts 32768 131072 --batches 16 64 --config "$SWEPT"
 step bench --steps --repeats 10
+step bench --steps --repeats 10 --config "$FUSED"
+step "$PY" benchmarks/host_overhead.py --calls 1000
+step "$PY" benchmarks/host_overhead.py --calls 1000 --config "$FUSED"
 if ((${#failed[@]})); then
     printf 'failed: %s\n' "${failed[@]}"
     exit 1

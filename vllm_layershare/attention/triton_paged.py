@@ -21,7 +21,9 @@ scan runs first and the proximal scan continues its state, one [M, D] accumulato
 live at a time, as in a full layer; only the optional gate skip (g = 1 where g >=
 tau) keeps the branches apart. No score matrix is materialised; freed key blocks are
 never read. In decode that mass takes one program more per (request, KV head), and
-the merge writes the summary block a query completes (no writer launch).
+the merge writes the summary block a query completes (no writer launch); with
+TritonConfig.fused_merge the last split program of a (request, KV head) to finish
+merges (after an atomic count), and no merge kernel is launched.
 A key tile that every row of the program keeps whole (in a long prefill all but a few
 at the edges of the rows' causal range and window) skips the masks; the softmax runs
 on exp2 with the scale folded into one multiply-add, page sizes are compile-time
@@ -632,6 +634,7 @@ def _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N: tl.conste
 @triton.jit
 def _decode_split_kernel(
     acc_ptr, ml_ptr, num_splits, split_len, min_split_len,
+    out_ptr, o_st, o_sh, count_ptr, gate_tau,
     q_ptr, q_st, q_sh, qd_ptr, qd_st, qd_sh,
     query_start_loc, seq_lens,
     kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs: tl.constexpr,
@@ -645,7 +648,8 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DISTANT: tl.constexpr,
     SUMMARY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     WRITE_SCORES: tl.constexpr, READ_SCORES: tl.constexpr, SC_LSE: tl.constexpr,
-    FIXED_SLOTS: tl.constexpr,
+    FIXED_SLOTS: tl.constexpr, MERGE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
+    GATE: tl.constexpr, WRITE_SUMMARY: tl.constexpr, SUMMARY_TILE: tl.constexpr,
 ):
     """Both branches of one decode query over context chunk [lo, hi): unnormalised
     (m, l, acc) per branch and head into the partials. With SUMMARY the grid has one
@@ -653,7 +657,9 @@ def _decode_split_kernel(
     estimated mass over the whole context (_estimated_mass), into split 0's MASS slot.
     A program of its own, as the mass's loads wait on one another (query, table,
     summaries) while no value is in flight: in every chunk's program that wait had
-    added to each program's time."""
+    added to each program's time. MERGE (TritonConfig.fused_merge): the last program of
+    a (request, KV head) to finish also merges its query heads (_merge_if_last), so
+    that no merge kernel is launched."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     # Last chunk first: a follower's holds the window, whose keys it reads too (about
@@ -675,6 +681,14 @@ def _decode_split_kernel(
                     FIXED_SLOTS)
                 _store_partial(acc_ptr, ml_ptr, m_s, l_s, 0.0, row, 0, MASS, num_splits, head,
                                row_ok, d, q_mask, NUM_HEADS, D, False)
+                if MERGE:
+                    _merge_if_last(
+                        count_ptr, row, kv_head, seq_len, num_splits, split_len,
+                        min_split_len, query_start_loc, out_ptr, o_st, o_sh, acc_ptr, ml_ptr,
+                        gate_tau, kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride,
+                        kp_bs, s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride,
+                        tokens_per_page, NUM_HEADS, GROUP, D, BLOCK_N, BLOCK_D, MERGE_SPLITS,
+                        HAS_DISTANT, SUMMARY, GATE, WRITE_SUMMARY, SUMMARY_TILE)
             return
     length = _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N)
     lo = split * length
@@ -732,6 +746,51 @@ def _decode_split_kernel(
                                     PRECISION, False, GROUP, 0, FIXED_SLOTS)
         _store_partial(acc_ptr, ml_ptr, m_d, l_d, acc_d, row, split, 1, num_splits, head,
                        row_ok, d, q_mask, NUM_HEADS, D, True)
+    if MERGE:
+        _merge_if_last(count_ptr, row, kv_head, seq_len, num_splits, split_len, min_split_len,
+                       query_start_loc, out_ptr, o_st, o_sh, acc_ptr, ml_ptr, gate_tau,
+                       kp_ptr, kp_sb, kp_sh, kp_ss, kp_table, kp_table_stride, kp_bs,
+                       s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+                       NUM_HEADS, GROUP, D, BLOCK_N, BLOCK_D, MERGE_SPLITS, HAS_DISTANT,
+                       SUMMARY, GATE, WRITE_SUMMARY, SUMMARY_TILE)
+
+
+@triton.jit
+def _merge_if_last(count_ptr, row, kv_head, seq_len, num_splits, split_len, min_split_len,
+                   query_start_loc, out_ptr, o_st, o_sh, acc_ptr, ml_ptr, gate_tau,
+                   k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
+                   s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page,
+                   NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+                   HAS_DISTANT: tl.constexpr, SUMMARY: tl.constexpr, GATE: tl.constexpr,
+                   WRITE_SUMMARY: tl.constexpr, SUMMARY_TILE: tl.constexpr):
+    """A decode split program that has stored its partials counts itself in for its
+    (request, KV head); the last of them (the chunks that reach the context, and the
+    estimated mass's program) merges the GROUP query heads (_merge_head) and writes the
+    summary block the query completes, as the merge kernel would, and sets the count
+    back to 0 for the next launch (a CUDA graph replays this one)."""
+    length = _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N)
+    used = tl.cdiv(seq_len, length)
+    expected = used
+    if HAS_DISTANT and SUMMARY > 0:
+        expected += 1
+    # Every thread's stores before the count: the atomic (acq_rel, GPU scope) then
+    # publishes them to the program that merges, as a grid-wide barrier does.
+    tl.debug_barrier()
+    counter = count_ptr + row * tl.num_programs(1) + kv_head
+    if tl.atomic_add(counter, 1, sem="acq_rel") == expected - 1:
+        tl.store(counter, 0)
+        q_begin = _index(query_start_loc, row)
+        for h in range(GROUP):
+            _merge_head(out_ptr, o_st, o_sh, acc_ptr, ml_ptr, num_splits, used, row,
+                        kv_head * GROUP + h, q_begin, gate_tau, NUM_HEADS, D, BLOCK_D, SPLITS,
+                        HAS_DISTANT, SUMMARY, GATE)
+        if WRITE_SUMMARY:
+            if seq_len % SUMMARY == 0:
+                _summarise_block(row, kv_head, seq_len // SUMMARY - 1,
+                                 k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs,
+                                 s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride,
+                                 tokens_per_page, SUMMARY, SUMMARY_TILE, D, BLOCK_D)
 
 
 @triton.jit
@@ -740,8 +799,9 @@ def _combine_block(m_i, l_i, acc, acc_ptr, ml_ptr, row, split, ok, branch, num_s
     """(m [1], l [1], acc [1, BLOCK_D]) of query head `head` continued over one branch's
     partials of the splits `split` [SPLITS] where ok, loaded as one tile."""
     at = _partial_index(row, split, branch, num_splits, head, NUM_HEADS, 3)
-    m = tl.load(ml_ptr + 2 * at, mask=ok, other=NEG_BIG)
-    l_s = tl.load(ml_ptr + 2 * at + 1, mask=ok, other=0.0)
+    # .cg (L2, not L1): in a fused merge, other programs of the same launch wrote them.
+    m = tl.load(ml_ptr + 2 * at, mask=ok, other=NEG_BIG, cache_modifier=".cg")
+    l_s = tl.load(ml_ptr + 2 * at + 1, mask=ok, other=0.0, cache_modifier=".cg")
     m_new = tl.maximum(m_i, tl.max(m, 0))
     alpha = tl.exp(m_i - m_new)
     beta = tl.exp(m - m_new)  # [SPLITS]
@@ -749,39 +809,22 @@ def _combine_block(m_i, l_i, acc, acc_ptr, ml_ptr, row, split, ok, branch, num_s
     if WITH_ACC:
         at = _partial_index(row, split, branch, num_splits, head, NUM_HEADS, 2)
         a = tl.load(acc_ptr + at[:, None] * D + d[None, :],
-                    mask=ok[:, None] & (d[None, :] < D), other=0.0)
+                    mask=ok[:, None] & (d[None, :] < D), other=0.0, cache_modifier=".cg")
         acc = acc * alpha[:, None] + tl.sum(a * beta[:, None], 0)[None, :]
     return m_new, l_i, acc
 
 
 @triton.jit
-def _decode_merge_kernel(
-    out_ptr, o_st, o_sh, acc_ptr, ml_ptr, num_splits, split_len, min_split_len,
-    query_start_loc, seq_lens, gate_tau,
-    k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs: tl.constexpr,
-    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page: tl.constexpr,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, HAS_DISTANT: tl.constexpr,
-    SUMMARY: tl.constexpr, GATE: tl.constexpr, WRITE_SUMMARY: tl.constexpr,
-    SUMMARY_TILE: tl.constexpr,
-):
-    """One query head's decode output from its splits' partials: each branch (proximal,
-    distant, the estimated mass) combined over the splits, SPLITS at a time, all three
-    in one loop (their loads are independent: one memory round trip per step, not one
-    per branch; a long context has hundreds of splits), then merged as in the prefill
-    kernel: g o_P + (1 - g) o_D (_merge; without the gate skip that equals _as_prior's
-    continuation). Rows of one element, so that _merge applies. WRITE_SUMMARY: the
-    program of a KV head's first query head then writes the summary block that the
-    query completes, if it does (no later read in this step: it ends in the window);
-    here, not in the split kernel, where ptxas then gave a follower 26 more registers."""
-    row = tl.program_id(0)
-    head = tl.program_id(1)
-    q_begin = _index(query_start_loc, row)
-    if _index(query_start_loc, row + 1) - q_begin != 1:
-        return
-    seq_len = _index(seq_lens, row)
-    length = _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N)
-    used = tl.cdiv(seq_len, length)
+def _merge_head(out_ptr, o_st, o_sh, acc_ptr, ml_ptr, num_splits, used, row, head, q_begin,
+                gate_tau, NUM_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                SPLITS: tl.constexpr, HAS_DISTANT: tl.constexpr, SUMMARY: tl.constexpr,
+                GATE: tl.constexpr):
+    """Query head `head`'s decode output from the partials of its row's `used` splits:
+    each branch (proximal, distant, the estimated mass) combined over the splits, SPLITS
+    at a time, all three in one loop (their loads are independent: one memory round trip
+    per step, not one per branch; a long context has hundreds of splits), then merged as
+    in the prefill kernel: g o_P + (1 - g) o_D (_merge; without the gate skip that
+    equals _as_prior's continuation). Rows of one element, so that _merge applies."""
     d = tl.arange(0, BLOCK_D)
     m_p = tl.full([1], NEG_BIG, tl.float32)
     l_p = tl.zeros([1], tl.float32)
@@ -800,7 +843,8 @@ def _decode_merge_kernel(
         if SUMMARY > 0:  # the whole context's, from its own program (split 0's slot)
             at = _partial_index(row, 0, MASS, num_splits, head, NUM_HEADS, 3)
             at += tl.zeros([1], tl.int32)  # a row of one, as the states
-            lse_d = _log_sum(tl.load(ml_ptr + 2 * at), tl.load(ml_ptr + 2 * at + 1))
+            lse_d = _log_sum(tl.load(ml_ptr + 2 * at, cache_modifier=".cg"),
+                             tl.load(ml_ptr + 2 * at + 1, cache_modifier=".cg"))
         else:
             lse_d = _log_sum(m_d, l_d)
         lse_d = tl.where(l_d > 0, lse_d, float("-inf"))  # no distant values: g = 1
@@ -810,6 +854,34 @@ def _decode_merge_kernel(
         out = _merge(out, m_p, l_p, acc_d, l_d, lse_d, tau)
     at = out_ptr + q_begin * o_st + head * o_sh + d[None, :]
     tl.store(at, out.to(out_ptr.dtype.element_ty), mask=d[None, :] < D)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    out_ptr, o_st, o_sh, acc_ptr, ml_ptr, num_splits, split_len, min_split_len,
+    query_start_loc, seq_lens, gate_tau,
+    k_ptr, k_sb, k_sh, k_ss, k_table, k_table_stride, k_bs: tl.constexpr,
+    s_ptr, s_sb, s_sh, s_ss, s_table, s_table_stride, tokens_per_page: tl.constexpr,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, HAS_DISTANT: tl.constexpr,
+    SUMMARY: tl.constexpr, GATE: tl.constexpr, WRITE_SUMMARY: tl.constexpr,
+    SUMMARY_TILE: tl.constexpr,
+):
+    """One query head's decode output from its splits' partials (_merge_head).
+    WRITE_SUMMARY: the program of a KV head's first query head then writes the summary
+    block that the query completes, if it does (no later read in this step: it ends in
+    the window); here, not in the split kernel, where ptxas then gave a follower 26 more
+    registers."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    q_begin = _index(query_start_loc, row)
+    if _index(query_start_loc, row + 1) - q_begin != 1:
+        return
+    seq_len = _index(seq_lens, row)
+    length = _chunk_len(seq_len, num_splits, split_len, min_split_len, BLOCK_N)
+    _merge_head(out_ptr, o_st, o_sh, acc_ptr, ml_ptr, num_splits, tl.cdiv(seq_len, length),
+                row, head, q_begin, gate_tau, NUM_HEADS, D, BLOCK_D, SPLITS, HAS_DISTANT,
+                SUMMARY, GATE)
     if WRITE_SUMMARY:
         if (head % GROUP == 0) & (seq_len % SUMMARY == 0):
             _summarise_block(row, head // GROUP, seq_len // SUMMARY - 1,
@@ -946,6 +1018,11 @@ class TritonConfig:
     # wave of programs (waves.whole_wave_splits, from the residency of the compiled split
     # kernel, known from its first launch on). Off until a GPU has timed it.
     whole_waves: bool = False
+    # Decode: the last split program of a (request, KV head) to finish merges its query
+    # heads, after an atomic count, so no merge kernel is launched (one launch fewer per
+    # layer and step: tens of microseconds of host time in an eager call). Off until a
+    # GPU has timed it: the merge then runs in the grid's tail, GROUP heads a program.
+    fused_merge: bool = False
     # Splits whose partial states a merge program loads per step, as one tile per branch
     # (sm_90: 48-64 registers at 32; a 128K context at batch 1 has 512 splits).
     merge_splits: int = 32
@@ -1055,12 +1132,17 @@ def decode_workspace(max_reqs: int, heads: int, kv_heads: int, head_size: int,
                      max_seq_len: int, device: torch.device,
                      config: TritonConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """Scratch for the decode partials of any step within the scheduler's limits (up to
-    max_reqs requests of up to max_seq_len positions): allocated once, passed to every
-    call, so a decode step allocates nothing (CUDA graphs need static buffers)."""
+    max_reqs requests of up to max_seq_len positions), and at its end the fused merge's
+    counts, one per (request, KV head), zeroed (each merge sets its count back to 0):
+    allocated once, passed to every call, so a decode step allocates nothing (CUDA
+    graphs need static buffers)."""
     programs = max(reqs * decode_splits(reqs, kv_heads, max_seq_len, device, config, reads)
                    for reqs in range(1, max_reqs + 1) for reads in (False, True))
-    return torch.empty(_partials_size(programs * heads, head_size), dtype=torch.float32,
-                       device=device)
+    counts = max_reqs * kv_heads
+    workspace = torch.empty(_partials_size(programs * heads, head_size) + counts,
+                            dtype=torch.float32, device=device)
+    workspace[-counts:].zero_()
+    return workspace
 
 
 def _partials_size(rows: int, head_size: int) -> int:
@@ -1069,20 +1151,24 @@ def _partials_size(rows: int, head_size: int) -> int:
     return rows * (2 * head_size + 3 * 2)
 
 
-def _partials(workspace: torch.Tensor | None, rows: int, head_size: int,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _partials(workspace: torch.Tensor | None, rows: int, head_size: int, pairs: int,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views of the decode partials of `rows` (request, split, query head) in the
     workspace (or a fresh buffer without one): acc [2 rows, head_size], (m, l) [3 rows,
-    2] (_partial_index)."""
+    2] (_partial_index); and the fused merge's counts of `pairs` (request, KV head),
+    int32, from the workspace's end (decode_workspace zeroes them)."""
     need = _partials_size(rows, head_size)
     if workspace is None:
-        workspace = torch.empty(need, dtype=torch.float32, device=device)
-    elif workspace.numel() < need:
+        workspace = torch.empty(need + pairs, dtype=torch.float32, device=device)
+        workspace[need:].zero_()
+    elif workspace.numel() < need + pairs:
         raise ValueError(f"layershare: decode workspace of {workspace.numel()} floats, this "
-                         f"step needs {need}: it was sized for smaller scheduler limits")
+                         f"step needs {need + pairs}: it was sized for smaller scheduler "
+                         "limits")
     accs = 2 * rows * head_size
     return (workspace[:accs].view(2 * rows, head_size),
-            workspace[accs:need].view(3 * rows, 2))
+            workspace[accs:need].view(3 * rows, 2),
+            workspace[workspace.numel() - pairs:].view(torch.int32))
 
 
 def triton_pod_attention(
@@ -1203,8 +1289,9 @@ def _shared_args(shared: SharedScores, group: int, dtype: torch.dtype, block_n: 
 def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, paged_args, s_args,
             log_w, recent, tau, summary_tokens, config: TritonConfig, common: dict,
             workspace: torch.Tensor | None, write_summaries: bool) -> None:
-    """The one-query rows of the step: split kernel, then merge kernel. paged_args: the
-    kernel arguments of k_prox, v and k_distant (_paged_args)."""
+    """The one-query rows of the step: split kernel, then merge kernel (or none, with
+    fused_merge). paged_args: the kernel arguments of k_prox, v and k_distant
+    (_paged_args)."""
     kp, v, shared = inputs.k_prox, inputs.v, inputs.shared_scores
     kp_args, v_args, kd_args = paged_args
     num_reqs, heads, dim = lens.shape[0], q.shape[1], q.shape[2]
@@ -1223,32 +1310,37 @@ def _decode(inputs: LayerInputs, q, qd, starts, lens, output, max_seq_len, paged
         decode_splits(num_reqs, kv_heads, max_seq_len, q.device, config, read),
         num_reqs * kv_heads, q.device, variant)
     chunks = (num_splits, config.split_len or 0, config.min_split_len)
-    partial_acc, partial_ml = _partials(workspace, num_reqs * num_splits * heads, dim,
-                                        q.device)
+    partial_acc, partial_ml, counts = _partials(workspace, num_reqs * num_splits * heads,
+                                                dim, num_reqs * kv_heads, q.device)
     if shared is not None:
         sc_args, lse_first = _shared_args(shared, group, v.cache.dtype, config.decode_block_n)
     else:
         sc_args, lse_first = (output, 0, 0, output, 0, 0, kp.block_table, 0, 1, 0, 0), 0
     both = dict(NUM_HEADS=heads, BLOCK_N=config.decode_block_n, SUMMARY=summary_tokens,
                 HAS_DISTANT=inputs.k_distant is not None, num_warps=config.decode_warps)
+    merge = dict(GATE=tau > 0, WRITE_SUMMARY=write_summaries,
+                 SUMMARY_TILE=min(config.decode_block_n, _pow2(max(summary_tokens, 1))))
+    # The split kernel takes the merge's constants only where it merges: elsewhere they
+    # would compile copies of one kernel.
+    fused = merge if config.fused_merge else dict(GATE=False, WRITE_SUMMARY=False,
+                                                  SUMMARY_TILE=1)
     # With the estimated mass, one program more per (request, KV head) computes it.
     compiled = _decode_split_kernel[(num_reqs, kv_heads, num_splits + mass_program)](
-        partial_acc, partial_ml, *chunks,
-        q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
+        partial_acc, partial_ml, *chunks, output, output.stride(0), output.stride(1), counts,
+        tau, q, q.stride(0), q.stride(1), qd, qd.stride(0), qd.stride(1), starts, lens,
         *kp_args, *v_args, *kd_args,
         inputs.scale, inputs.sink, recent, *sc_args, *s_args, log_w,
         GROUP=group, BLOCK_M=max(16, _pow2(group)), WRITE_SCORES=write,
         READ_SCORES=read, SC_LSE=lse_first, FIXED_SLOTS=config.decode_fixed_slots,
-        num_stages=stages,
-        maxnreg=registers, **both, **common)
+        MERGE=config.fused_merge, MERGE_SPLITS=config.merge_splits if config.fused_merge else 1,
+        num_stages=stages, maxnreg=registers, **fused, **both, **common)
     if variant is not None:
         _note_residency(variant, compiled, q.device)
-    _decode_merge_kernel[(num_reqs, heads)](
-        output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
-        starts, lens, tau, *kp_args, *s_args, GROUP=group, D=dim,
-        BLOCK_D=common["BLOCK_D"], SPLITS=config.merge_splits, GATE=tau > 0,
-        WRITE_SUMMARY=write_summaries,
-        SUMMARY_TILE=min(config.decode_block_n, _pow2(max(summary_tokens, 1))), **both)
+    if not config.fused_merge:
+        _decode_merge_kernel[(num_reqs, heads)](
+            output, output.stride(0), output.stride(1), partial_acc, partial_ml, *chunks,
+            starts, lens, tau, *kp_args, *s_args, GROUP=group, D=dim,
+            BLOCK_D=common["BLOCK_D"], SPLITS=config.merge_splits, **merge, **both)
 
 
 @triton.jit
