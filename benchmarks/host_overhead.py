@@ -15,7 +15,6 @@ Llama-3-8B heads, one request of 4K context, the roles of benchmarks/kernels.py.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -72,9 +71,7 @@ def main() -> None:
     parser.add_argument("--config", metavar="JSON", help="TritonConfig fields, as "
                         "benchmarks/kernels.py --config")
     args = parser.parse_args()
-    config = triton_paged.DEFAULT_CONFIG
-    if args.config:
-        config = triton_paged.TritonConfig(**json.loads(args.config))
+    config = bench.config_from(args.config)
     gpu = torch.cuda.is_available()
     stub = args.stub or not gpu
     if stub:

@@ -45,7 +45,10 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a bare checkout
+
+from kernels import config_from  # noqa: E402
 
 from vllm_layershare.attention import triton_paged  # noqa: E402
 from vllm_layershare.attention.paged import (  # noqa: E402
@@ -329,10 +332,7 @@ def main() -> None:
     args = parser.parse_args()
     if interpreted():
         sys.exit("kernel_resources.py compiles for a GPU: run it without TRITON_INTERPRET")
-    config = TritonConfig()
-    if args.config:
-        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
-        config = TritonConfig(**json.loads(text))
+    config = config_from(args.config)
     rows = compile_all(args.arch, config, tuple(args.only), getattr(torch, args.metadata))
     print(f"Triton {triton.__version__}; {config}\n\n| arch | heads | variant | kernel | warps "
           "| registers | spilled bytes | shared KiB | dots | copy buffers | programs per SM "

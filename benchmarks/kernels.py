@@ -68,6 +68,14 @@ STEP_CASES = [(ctx, batch) for ctx in (4096, 32768) for batch in (1, 16, 64)]
 SMOKE_STEP_CASES = [(200, 3)]
 
 
+def config_from(text: str | None) -> TritonConfig:
+    """A --config argument (TritonConfig fields as JSON, or a file of it, such as a
+    sweep's result) as a config; the defaults without one."""
+    if not text:
+        return DEFAULT_CONFIG
+    return TritonConfig(**json.loads(Path(text).read_text() if Path(text).is_file() else text))
+
+
 def timed_ms(fn, device: torch.device, repeats: int) -> float:
     """Median milliseconds of fn() after one warm-up call."""
     fn()
@@ -452,10 +460,7 @@ def main() -> None:
     recent = 64 if args.smoke else RECENT  # the smoke contexts must have distant tokens
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
     bandwidth = copy_bandwidth_gbs(device, 4 if args.smoke else 2048)
-    config = DEFAULT_CONFIG
-    if args.config:
-        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
-        config = TritonConfig(**json.loads(text))
+    config = config_from(args.config)
     print(f"{name}; copy bandwidth {bandwidth:.0f} GB/s; {HEADS} query / {KV_HEADS} KV heads, "
           f"head dim {DIM}, {dtype}, block {BLOCK}; follower: share scores, sink {SINK}, "
           f"recent {recent}; {config if not args.sweep else 'launch shapes below'}")
