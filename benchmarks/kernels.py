@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a bare checkout
 
-from vllm_layershare.attention import cuda_decode  # noqa: E402
+from vllm_layershare.attention import cuda_decode, tuning  # noqa: E402
 from vllm_layershare.attention.paged import (  # noqa: E402
     LayerInputs,
     PagedPart,
@@ -68,12 +68,13 @@ STEP_CASES = [(ctx, batch) for ctx in (4096, 32768) for batch in (1, 16, 64)]
 SMOKE_STEP_CASES = [(200, 3)]
 
 
-def config_from(text: str | None) -> TritonConfig:
+def config_from(text: str | None, device: torch.device | None = None) -> TritonConfig:
     """A --config argument (TritonConfig fields as JSON, or a file of it, such as a
-    sweep's result) as a config; the defaults without one."""
-    if not text:
-        return DEFAULT_CONFIG
-    return TritonConfig(**json.loads(Path(text).read_text() if Path(text).is_file() else text))
+    sweep's result) as a config; without one, what the backend would launch on `device`
+    (tuning.py: VLLM_LAYERSHARE_TRITON_CONFIG, this GPU's tuned file, or the defaults)."""
+    if text:
+        return tuning.from_setting(text, "--config")
+    return tuning.device_launch_config(device or torch.device("cpu"))[0]
 
 
 def timed_ms(fn, device: torch.device, repeats: int) -> float:
@@ -253,7 +254,9 @@ def fits(batch: int, context: int, device: torch.device) -> bool:
 # (kernel_resources.py). Tiles of 64 and 128 positions were no faster on the H200.
 SWEEP_DECODE = [dict(decode_block_n=n, decode_warps=w, decode_stages=st, programs_per_sm=p)
                 for n, w, st, p in [(32, 4, 2, 32), (32, 4, 2, 16), (32, 4, 3, 32), (32, 4, 3, 16),
-                                    (32, 4, 4, 32), (32, 4, 4, 16)]]
+                                    (32, 4, 4, 32), (32, 4, 4, 16)]] + [
+    dict(decode_block_n=32, decode_warps=4, decode_stages=3, programs_per_sm=32, **option)
+    for option in ({"fused_merge": True}, {"whole_waves": True})]
 SWEEP_PREFILL = [dict(prefill_block_m=m, prefill_block_n=n, prefill_warps=w,
                       prefill_stages=st)
                  for m, n, w, st in [(64, 32, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3)]]
@@ -274,26 +277,35 @@ def shape_config(shape: dict) -> TritonConfig:
 
 
 def fastest(totals: dict[str, dict[str, float]], decode: bool) -> dict:
-    """Of the shapes (JSON) and their times per role: for prefill, the least time over
-    every role; for decode, the least over the roles that take decode_stages and
-    programs_per_sm (a leader, alone or writing), with scores_decode_stages and
-    scores_programs_per_sm from the followers reading its shared scores (estimated mass
-    or not), fastest among the shapes that differ from that one in those fields only."""
+    """Of the shapes (JSON) and their times per role, the least time over every role.
+    For prefill, one shape's. For decode, shapes that differ in decode_stages and
+    programs_per_sm alone form a family: a leader (alone or writing shared scores) takes
+    its fastest member's, the followers reading shared scores (estimated mass or not)
+    theirs (as scores_decode_stages and scores_programs_per_sm); the family's other
+    fields (the tile, fused_merge, ...) apply to every role, so it is timed as the sum."""
     shapes = {key: json.loads(key) for key in totals}
-    roles = ("full", "writing") if decode else SWEEP_ROLES
-    best = min(totals, key=lambda key: sum(totals[key][role] for role in roles))
     if not decode:
-        return shapes[best]
+        return shapes[min(totals, key=lambda key: sum(totals[key].values()))]
 
     def whole(key: str) -> dict:  # a shape's follower fields, defaults where it has none
         return {**{f: getattr(DEFAULT_CONFIG, f) for f in FOLLOWER_FIELDS}, **shapes[key]}
 
-    def others(key: str) -> dict:
-        return {f: v for f, v in whole(key).items() if f not in FOLLOWER_FIELDS}
+    def others(key: str) -> str:
+        return json.dumps({f: v for f, v in whole(key).items() if f not in FOLLOWER_FIELDS},
+                          sort_keys=True)
 
-    follower = min((key for key in totals if others(key) == others(best)),
-                   key=lambda key: totals[key]["follower"] + totals[key]["estimated"])
-    return dict(shapes[best], **{own: whole(follower)[f] for f, own in FOLLOWER_FIELDS.items()})
+    def ms(key: str, roles: tuple[str, ...]) -> float:
+        return sum(totals[key][role] for role in roles)
+
+    families: dict[str, list[str]] = {}
+    for key in totals:
+        families.setdefault(others(key), []).append(key)
+    picks = [(min(family, key=lambda k: ms(k, ("full", "writing"))),
+              min(family, key=lambda k: ms(k, ("follower", "estimated"))))
+             for family in families.values()]
+    leader, follower = min(picks, key=lambda pick: ms(pick[0], ("full", "writing"))
+                           + ms(pick[1], ("follower", "estimated")))
+    return dict(shapes[leader], **{own: whole(follower)[f] for f, own in FOLLOWER_FIELDS.items()})
 
 
 def sweep(cases, device: torch.device, dtype, repeats: int, recent: int,
@@ -440,7 +452,8 @@ def main() -> None:
                         "(a JSON list of TritonConfig fields) instead of SWEEP_DECODE")
     parser.add_argument("--rounds", type=int, default=3, help="--sweep: interleaved rounds")
     parser.add_argument("--config", metavar="JSON", help="TritonConfig fields, as a JSON "
-                        "object or a file (what --sweep wrote); default: the defaults")
+                        "object or a file (what --sweep wrote); default: the backend's "
+                        "launch shapes on this GPU (vllm_layershare/attention/tuning.py)")
     parser.add_argument("--steps", action="store_true",
                         help="whole decode steps of a group, eager and in a CUDA graph")
     parser.add_argument("--repeats", type=int, default=20)
@@ -460,7 +473,7 @@ def main() -> None:
     recent = 64 if args.smoke else RECENT  # the smoke contexts must have distant tokens
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
     bandwidth = copy_bandwidth_gbs(device, 4 if args.smoke else 2048)
-    config = config_from(args.config)
+    config = config_from(args.config, device)
     print(f"{name}; copy bandwidth {bandwidth:.0f} GB/s; {HEADS} query / {KV_HEADS} KV heads, "
           f"head dim {DIM}, {dtype}, block {BLOCK}; follower: share scores, sink {SINK}, "
           f"recent {recent}; {config if not args.sweep else 'launch shapes below'}")
@@ -473,7 +486,10 @@ def main() -> None:
         best = sweep(SMOKE_CASES if args.smoke else SWEEP_CASES, device, dtype, repeats, recent,
                      shapes, 1 if args.smoke else args.rounds)
         if args.sweep != "-":
-            Path(args.sweep).write_text(json.dumps(best))
+            Path(args.sweep).write_text(json.dumps(best, indent=1) + "\n")
+            print(f"\nwritten to {args.sweep}: for every GPU as {tuning.ENV}={args.sweep}, or "
+                  f"for this one as vllm_layershare/attention/tuned/"
+                  f"{tuning.tuned_file_name(name)}")
         return
     lib = None if args.no_cuda else cuda_library(device, args.cuda_define)
     print("\n| case | context | batch | full ms | full+share ms | follower ms | follower/full "

@@ -321,6 +321,12 @@ def test_decode_split_lengths_fill_the_gpu_and_no_more(monkeypatch):
     assert decode_splits(4, kv_heads, 131072, gpu, config, True) == lead  # None: the leader's
     with pytest.raises(ValueError, match="scores_programs_per_sm"):
         TritonConfig(scores_programs_per_sm=0)
+    with pytest.raises(ValueError, match="decode_warps must be a power of two"):
+        TritonConfig(decode_warps=6)
+    with pytest.raises(ValueError, match="scores_decode_stages"):
+        TritonConfig(scores_decode_stages=0)
+    with pytest.raises(ValueError, match="scores_write_registers"):
+        TritonConfig(scores_write_registers=300)
 
 
 def test_resident_programs_and_whole_waves():

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 
 import pytest
+import torch
 from conftest import close_llm, make_llm, write_grouping
 from hf_reference import reference_logprobs
 from vllm import SamplingParams
@@ -250,6 +252,45 @@ def test_decode_steps_replay_the_metadata_of_their_first_step(tiny_model, tmp_pa
     assert {65, 70, 72} <= replayed_lens, replayed_lens  # positions 64, 69 and 71
     # fp32: the kernels agree to 1e-6 here; a summary left unwritten moves them 1e-4
     assert_same_greedy(got, expected, tolerance=1e-5)
+
+
+def test_launch_shapes_from_the_setting_reach_the_kernels(tiny_model, tmp_path, monkeypatch):
+    """VLLM_LAYERSHARE_TRITON_CONFIG sets the Triton kernels' launch shapes inside vLLM
+    (interpreted here): every layer's call gets them, the one decode workspace is sized
+    for them (more splits than the defaults), and with the merge fused into the split
+    kernel over 32-position chunks, two per merge step, tokens and logprobs are still the
+    CPU kernel's. A mistake in the setting stops start-up with its message."""
+    from vllm_layershare.attention import triton_paged
+
+    grouping = write_grouping(tmp_path / "g.yaml")  # share scores, estimated mass
+    prompts = random_prompts(2, 60, seed=5)
+    _, expected = greedy_with_logprobs(tiny_model, grouping, prompts)  # the CPU kernel
+    fields = {"fused_merge": True, "split_len": 32, "merge_splits": 2}
+    launch = triton_paged.TritonConfig(**fields)
+    configs, workspaces = set(), set()
+    real = triton_paged.triton_pod_attention
+
+    def spying(inputs, *args, **kwargs):
+        configs.add(kwargs["config"])
+        workspaces.add(kwargs["workspace"].numel())
+        return real(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(triton_paged, "triton_pod_attention", spying)
+    monkeypatch.setenv("VLLM_LAYERSHARE_KERNELS", "triton")
+    monkeypatch.setenv("VLLM_LAYERSHARE_TRITON_CONFIG", json.dumps(fields))
+    _, got = greedy_with_logprobs(tiny_model, grouping, prompts)
+    assert configs == {launch}, configs
+    # the tiny model's heads (4 query, 2 KV, dim 32); the engine's 4 requests of 1024
+    sized = [triton_paged.decode_workspace(4, 4, 2, 32, 1024, torch.device("cpu"),
+                                           config).numel()
+             for config in (launch, triton_paged.DEFAULT_CONFIG)]
+    assert workspaces == {sized[0]} and sized[0] > sized[1], (workspaces, sized)
+    assert_same_greedy(got, expected)
+
+    monkeypatch.setenv("VLLM_LAYERSHARE_TRITON_CONFIG", '{"fused_merge": 1}')
+    with pytest.raises(Exception, match="VLLM_LAYERSHARE_TRITON_CONFIG: TritonConfig."
+                                        "fused_merge must be bool, not 1"):
+        engine_config(tiny_model, grouping)
 
 
 def engine_config(model, grouping):

@@ -64,6 +64,11 @@ def test_sweep_writes_the_fastest_shapes_that_the_benchmark_takes(tmp_path):
     assert set(best) == {"decode_block_n", "decode_warps", "decode_stages", "programs_per_sm",
                          "scores_decode_stages", "scores_programs_per_sm", "prefill_block_m",
                          "prefill_block_n", "prefill_warps", "prefill_stages"}, best
+    # the file is a launch setting the backend takes (VLLM_LAYERSHARE_TRITON_CONFIG)
+    from vllm_layershare.attention import tuning
+
+    config = tuning.from_setting(str(swept))
+    assert {field: getattr(config, field) for field in best} == best, (config, best)
     assert len(smoke_rows("--config", str(swept), starts=("| decode",))) == 1
     steps = smoke_rows("--steps", "--config", str(swept), starts=("| 200 |",))
     assert len(steps) == 1 and ratio(steps[0][4]) > 0, steps
@@ -71,11 +76,11 @@ def test_sweep_writes_the_fastest_shapes_that_the_benchmark_takes(tmp_path):
 
 def test_sweep_gives_followers_reading_shared_scores_their_own_stages_and_splits():
     """The sweep times each decode shape with one pipeline depth and one number of
-    programs per SM for every role; the fastest keeps the shape the leader runs fastest
-    with (alone and writing shared scores), and the stages and programs per SM the
-    followers reading shared scores (estimated mass or not) run fastest with among the
-    shapes that differ from it in those two fields only (the others, the tile above
-    all, are shared by every role). A shape that leaves a field out has the default."""
+    programs per SM for every role. Among shapes that differ in those two fields only, a
+    leader (alone and writing shared scores) takes the stages and programs per SM it runs
+    fastest with, the followers reading shared scores (estimated mass or not) theirs;
+    the other fields (the tile, the fused merge) are shared by every role, so they are
+    chosen by all the roles' time. A shape that leaves a field out has the default."""
     sys.path.insert(0, str(SCRIPT.parent))
     import kernels
 
@@ -90,12 +95,17 @@ def test_sweep_gives_followers_reading_shared_scores_their_own_stages_and_splits
 
     totals = {shape(2, 32): [1.0, 1.1, 0.9, 0.8], shape(3, 32): [1.1, 1.1, 0.7, 0.7],
               shape(4, 16): [1.05, 1.1, 0.5, 0.5], shape(2, 16): [1.2, 1.1, 0.9, 0.8],
-              shape(2, 32, 64): [1.3, 1.3, 0.1, 0.1]}
+              shape(2, 32, 64): [1.5, 1.5, 0.4, 0.4]}  # 3.8 ms against 2.1 + 1.0
     best = kernels.fastest(times(totals), decode=True)
     assert best == dict(json.loads(shape(2, 32)), scores_decode_stages=4,
                         scores_programs_per_sm=16)
+    # a shared option slower for the leaders wins by its followers: 2.15 + 0.6 ms
+    fused = dict(json.loads(shape(3, 32)), fused_merge=True)
+    totals[json.dumps(fused)] = [1.05, 1.1, 0.3, 0.3]
+    assert kernels.fastest(times(totals), decode=True) == dict(
+        fused, scores_decode_stages=3, scores_programs_per_sm=32)
     partial = {"{}": [1.0, 1.0, 0.8, 0.8], '{"programs_per_sm": 16}': [1.1, 1.1, 0.6, 0.6],
-               '{"decode_block_n": 64}': [1.2, 1.2, 0.1, 0.1]}
+               '{"decode_block_n": 64}': [1.5, 1.5, 0.4, 0.4]}
     assert kernels.fastest(times(partial), decode=True) == {
         "scores_decode_stages": kernels.DEFAULT_CONFIG.decode_stages,
         "scores_programs_per_sm": 16}

@@ -7,7 +7,8 @@
 # 2. the kernel table at 4K-128K (prefill rows and csrc's CUDA decode included), and the
 #    CUDA columns again with the split kernel's registers capped for 4 blocks per SM;
 # 3. the decode shapes not yet timed on the GPU alone swept against the defaults (the
-#    fastest, programs per SM apart for followers reading shared scores, to $SWEPT), the
+#    fastest, programs per SM apart for followers reading shared scores, to $SWEPT: named
+#    as this GPU's tuned file, vllm_layershare/attention/tuned/, should it be kept), the
 #    decode rows again with those (a follower's decode at 32K x 16 is near the issue's
 #    limit: docs/benchmarks.md);
 # 4. whole decode steps, eager (host-bound at small batches) and replayed, and the host
@@ -16,7 +17,6 @@
 # exits non-zero if any failed.
 set -uo pipefail
 PY=${PY:-python3}
-SWEPT=${SWEPT:-${OUT:-/tmp}/layershare-swept.json}  # under the device tool's $OUT: it comes back
 SHAPES='[{}, {"decode_block_n": 64}, {"programs_per_sm": 16}, {"programs_per_sm": 8},
          {"whole_waves": true}, {"whole_waves": true, "programs_per_sm": 16},
          {"fused_merge": true}, {"fused_merge": true, "merge_splits": 8}]'
@@ -33,6 +33,9 @@ bench() { "$PY" benchmarks/kernels.py "$@"; }
 
 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'needs a GPU')" \
     || exit 1
+TUNED=$("$PY" -c "import torch; from vllm_layershare.attention.tuning import tuned_file_name
+print(tuned_file_name(torch.cuda.get_device_name()))") || exit 1
+SWEPT=${SWEPT:-${OUT:-/tmp}/$TUNED}  # under the device tool's $OUT: it comes back
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
 step "$PY" -m pytest -q "${xdist[@]}" tests/test_attention.py tests/test_cuda_kernel.py \

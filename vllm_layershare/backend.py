@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
@@ -49,6 +49,9 @@ from vllm_layershare.settings import (
     full_decode_graphs,
 )
 
+if TYPE_CHECKING:
+    from vllm_layershare.attention.triton_paged import TritonConfig
+
 logger = init_logger("vllm." + __name__)  # under vLLM's log handlers
 
 # Name under which vLLM knows this backend: the CUSTOM slot (see integration.py).
@@ -75,10 +78,20 @@ def triton_kernels():
     return triton_paged
 
 
-def describe_path(path: str) -> str:
+def launch_shapes(device: torch.device) -> tuple[TritonConfig, str]:
+    """The Triton kernels' launch shapes on this device and where they come from (the
+    user's setting, a file tuned for this GPU, or the defaults: tuning.py)."""
+    from vllm_layershare.attention import tuning
+
+    return tuning.device_launch_config(device)
+
+
+def describe_path(path: str, device: torch.device) -> str:
     """The start-up line's words for an attention path."""
     if path == "triton":
-        return GPU_KERNELS
+        from vllm_layershare.attention import tuning
+
+        return f"{GPU_KERNELS}; {tuning.describe(*launch_shapes(device))}"
     return native.describe() if path == "native" else "portable PyTorch path"
 
 
@@ -161,11 +174,11 @@ def shared_leader_queries(device: torch.device, tokens: int, heads: int, head_si
 
 @functools.cache
 def shared_decode_workspace(device: torch.device, max_reqs: int, heads: int, kv_heads: int,
-                            head_size: int, max_len: int) -> torch.Tensor:
+                            head_size: int, max_len: int, launch: TritonConfig) -> torch.Tensor:
     """One Triton decode workspace per device, for every layer and KV-cache group:
-    layers run one after another."""
+    layers run one after another. Its size depends on the launch shapes (splits)."""
     workspace = triton_kernels().decode_workspace(max_reqs, heads, kv_heads, head_size,
-                                                  max_len, device)
+                                                  max_len, device, launch)
     logger.info("layershare: decode workspace of %.1f MiB (up to %d requests of %d tokens)",
                 workspace.numel() * 4 / 2**20, max_reqs, max_len)
     return workspace
@@ -207,7 +220,8 @@ class LayershareMetadataBuilder(AttentionMetadataBuilder[LayershareMetadata]):
         if self.runs_triton:
             self.decode_workspace = shared_decode_workspace(
                 device, vllm_config.scheduler_config.max_num_seqs, heads,
-                model.get_num_kv_heads(parallel), model.get_head_size(), model.max_model_len)
+                model.get_num_kv_heads(parallel), model.get_head_size(), model.max_model_len,
+                launch_shapes(device)[0])
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config: VllmConfig,
@@ -340,6 +354,7 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
         self.summary_log_weight: torch.Tensor | None = None  # [H] on the layer's device
         self.score_buffer: torch.Tensor | None = None  # a leader's SharedScores buffer
         self.path: str | None = None  # attention_path, fixed at the first forward
+        self.launch: TritonConfig | None = None  # the Triton path's, with the path
         forced_path()  # a bad setting stops start-up here, not at the first request
 
     def _role(self, layer_name: str) -> LayerRole:
@@ -384,11 +399,13 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             return output.fill_(0)
         if self.path is None:
             self.path = attention_path(query.device, self.head_size)
+            if self.path == "triton":  # the builder sized the workspace for the same shapes
+                self.launch = launch_shapes(query.device)[0]
         global FORWARD_CALLS
         FORWARD_CALLS += 1
         if FORWARD_CALLS == 1:
             logger.info("layershare: attention impl running in this process, %s",
-                        describe_path(self.path))
+                        describe_path(self.path, query.device))
         name = layer.layer_name
         role = self._role(name)
         n = attn_metadata.num_actual_tokens
@@ -419,7 +436,7 @@ class LayershareImpl(AttentionImpl[LayershareMetadata]):
             triton_kernels().triton_pod_attention(
                 inputs, attn_metadata.query_start_loc_device, attn_metadata.seq_lens_device,
                 output[:n], attn_metadata.max_query_len, attn_metadata.max_seq_len,
-                workspace=attn_metadata.decode_workspace,
+                config=self.launch, workspace=attn_metadata.decode_workspace,
                 decode_rows=attn_metadata.decode_rows,
                 write_summaries=self._kernel_writes_summaries(inputs.summary, attn_metadata))
         else:

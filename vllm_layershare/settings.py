@@ -31,6 +31,9 @@ PATHS = ("native", "triton", "portable")
 # "1": let vLLM capture decode steps whole in CUDA graphs on the Triton path
 # (experimental: the replay is tested on CPU, not yet inside vLLM on a GPU).
 FULL_GRAPHS_ENV = "VLLM_LAYERSHARE_FULL_CUDA_GRAPHS"
+# The Triton kernels' launch shapes: TritonConfig fields as JSON, or a file of them
+# (benchmarks/kernels.py --sweep writes one); attention/tuning.py says what else applies.
+TRITON_CONFIG_ENV = "VLLM_LAYERSHARE_TRITON_CONFIG"
 # vLLM's switch between its model runners; the backend's KV-cache layout is wired into V1.
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
@@ -128,6 +131,7 @@ def check_vllm_config(vllm_config: VllmConfig) -> LayershareConfig:
         cache_config.enable_prefix_caching = False
     _use_v1_model_runner(vllm_config)
     _check_full_graphs(vllm_config)
+    _check_launch_shapes(vllm_config)
     logger.info(config.describe(model_config.max_model_len, score_fraction(vllm_config)))
     return config
 
@@ -165,6 +169,21 @@ def _check_full_graphs(vllm_config: VllmConfig) -> None:
     compilation.cudagraph_num_of_warmups = max(1, compilation.cudagraph_num_of_warmups)
     logger.warning("layershare: decode steps may be captured whole in CUDA graphs "
                    "(experimental: tested by replay on CPU, not yet inside vLLM on a GPU).")
+
+
+def _check_launch_shapes(vllm_config: VllmConfig) -> None:
+    """Read TRITON_CONFIG_ENV at start-up, so that a mistake in it stops `vllm serve` with
+    its message before any model loads; the workers read it again (tuning.py)."""
+    setting = os.environ.get(TRITON_CONFIG_ENV)
+    if not setting:
+        return
+    if not runs_triton(vllm_config):
+        logger.warning("layershare: %s has no effect: attention does not run the Triton "
+                       "kernels on this platform.", TRITON_CONFIG_ENV)
+        return
+    from vllm_layershare.attention import tuning
+
+    tuning.from_setting(setting, TRITON_CONFIG_ENV)
 
 
 def score_fraction(vllm_config: VllmConfig) -> float:

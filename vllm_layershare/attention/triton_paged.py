@@ -1035,9 +1035,18 @@ class TritonConfig:
         if self.merge_splits < 1 or self.merge_splits & (self.merge_splits - 1):
             raise ValueError(f"TritonConfig.merge_splits must be a power of two, not "
                              f"{self.merge_splits}")
-        for name in ("programs_per_sm", "scores_programs_per_sm"):
+        for name in ("prefill_warps", "decode_warps"):
+            warps = getattr(self, name)
+            if not 1 <= warps <= 32 or warps & (warps - 1):  # Triton's num_warps
+                raise ValueError(f"TritonConfig.{name} must be a power of two <= 32, not {warps}")
+        for name in ("programs_per_sm", "scores_programs_per_sm", "prefill_stages",
+                     "decode_stages", "scores_decode_stages", "min_split_len"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"TritonConfig.{name} must be >= 1")
+        registers = self.scores_write_registers
+        if registers is not None and not 16 <= registers <= 255:  # ptxas's register range
+            raise ValueError(f"TritonConfig.scores_write_registers must be 16-255 or None, "
+                             f"not {registers}")
         if self.split_len is not None and (self.split_len < 1
                                            or self.split_len % self.decode_block_n):
             raise ValueError(f"TritonConfig.split_len must be a positive multiple of "
