@@ -13,7 +13,7 @@ from conftest import close_llm, make_llm, write_grouping
 from hf_reference import reference_logprobs
 from vllm import SamplingParams
 
-from vllm_layershare import backend
+from vllm_layershare import backend, integration
 from vllm_layershare.config import load_config
 
 
@@ -301,6 +301,26 @@ def engine_config(model, grouping):
                       attention_backend="layershare",
                       additional_config={"layershare": {"config": str(grouping)}},
                       ).create_engine_config()
+
+
+def test_vllm_knows_the_plugins_environment_variables(tiny_model, tmp_path, monkeypatch):
+    """vLLM checks every VLLM_* variable it sees (a warning each; an error with
+    --fail-on-environ-validation): ours are declared to it, so such a start-up passes,
+    and a misspelt one is still caught."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    ours = {"VLLM_LAYERSHARE_CONFIG": str(write_grouping(tmp_path / "g.yaml")),
+            "VLLM_LAYERSHARE_KERNELS": "portable", "VLLM_LAYERSHARE_FULL_CUDA_GRAPHS": "0",
+            "VLLM_LAYERSHARE_TRITON_CONFIG": "{}"}
+    for name, value in ours.items():
+        monkeypatch.setenv(name, value)
+    args = EngineArgs(model=str(tiny_model), dtype="float32", max_model_len=1024,
+                      block_size=32, attention_backend="layershare",
+                      fail_on_environ_validation=True)
+    assert integration.selected(args.create_engine_config())  # the grouping from the variable
+    monkeypatch.setenv("VLLM_LAYERSHARE_KERNEL", "portable")
+    with pytest.raises(ValueError, match="detected: VLLM_LAYERSHARE_KERNEL$"):
+        args.create_engine_config()
 
 
 def test_full_decode_graphs_only_when_asked_on_the_triton_path(tiny_model, tmp_path,

@@ -6,6 +6,7 @@ Each patch is idempotent, wraps one vLLM function, and says why no hook exists.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Any
 
@@ -46,6 +47,17 @@ def _register_name() -> None:
     # before plugins load there; an alias of CUSTOM does (docs/vllm-0.32.md).
     AttentionBackendEnum._member_map_[ALIAS] = AttentionBackendEnum.CUSTOM
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+
+
+def _register_environment() -> None:
+    # vLLM warns about every VLLM_* variable missing from envs.environment_variables, and
+    # refuses it with --fail-on-environ-validation; plugins have no hook to declare theirs.
+    from vllm import envs
+
+    from vllm_layershare.settings import ENVIRONMENT
+
+    for name in ENVIRONMENT:
+        envs.environment_variables.setdefault(name, functools.partial(os.environ.get, name))
 
 
 def _patch_cpu_backend_choice() -> None:
@@ -133,6 +145,7 @@ def _patch_kv_cache_grouping() -> None:
 def register() -> None:
     """vllm.general_plugins entry point; runs in every vLLM process."""
     _register_name()
+    _register_environment()
     from vllm_layershare.layout import register_specs
 
     register_specs()

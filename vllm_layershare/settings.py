@@ -12,6 +12,7 @@ from vllm.logger import init_logger
 
 from vllm_layershare.attention import native
 from vllm_layershare.config import (
+    ENV_VAR,
     LayershareConfig,
     LayershareConfigError,
     config_path_from,
@@ -34,6 +35,8 @@ FULL_GRAPHS_ENV = "VLLM_LAYERSHARE_FULL_CUDA_GRAPHS"
 # The Triton kernels' launch shapes: TritonConfig fields as JSON, or a file of them
 # (benchmarks/kernels.py --sweep writes one); attention/tuning.py says what else applies.
 TRITON_CONFIG_ENV = "VLLM_LAYERSHARE_TRITON_CONFIG"
+# Ours, declared to vLLM (integration.py), which checks every VLLM_* variable it sees.
+ENVIRONMENT = (ENV_VAR, KERNELS_ENV, FULL_GRAPHS_ENV, TRITON_CONFIG_ENV)
 # vLLM's switch between its model runners; the backend's KV-cache layout is wired into V1.
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
