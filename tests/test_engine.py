@@ -307,8 +307,12 @@ def test_vllm_knows_the_plugins_environment_variables(tiny_model, tmp_path, monk
     """vLLM checks every VLLM_* variable it sees (a warning each; an error with
     --fail-on-environ-validation): ours are declared to it, so such a start-up passes,
     and a misspelt one is still caught."""
+    from vllm import envs
     from vllm.engine.arg_utils import EngineArgs
 
+    for name in list(os.environ):  # left by earlier engines here (vLLM's VLLM_DIST_IDENT)
+        if name.startswith("VLLM_") and name not in envs.environment_variables:
+            monkeypatch.delenv(name)
     ours = {"VLLM_LAYERSHARE_CONFIG": str(write_grouping(tmp_path / "g.yaml")),
             "VLLM_LAYERSHARE_KERNELS": "portable", "VLLM_LAYERSHARE_FULL_CUDA_GRAPHS": "0",
             "VLLM_LAYERSHARE_TRITON_CONFIG": "{}"}

@@ -112,18 +112,31 @@ def test_concurrent_requests(server):
         assert list(pool.map(ask, range(6))) == [20] * 6
 
 
-def test_bad_grouping_file_stops_serve_with_one_message(tiny_model, tmp_path):
-    """`vllm serve` with a wrong file: one clear error line, no traceback, exit code 1."""
+@pytest.mark.parametrize("case", ["grouping", "kernels", "launch_shapes"])
+def test_bad_setting_stops_serve_with_one_message(tiny_model, tmp_path, case):
+    """`vllm serve` with a wrong grouping file, or a wrong value in one of the backend's
+    variables: one clear error line, no traceback, exit code 1."""
+    good = write_grouping(tmp_path / "good.yaml")
     bad = write_grouping(tmp_path / "bad.yaml", share="values")
+    grouping, env, message = {
+        "grouping": (bad, {}, f"layershare config {bad}: key 'share' must be one of scores, "
+                              "keys"),
+        "kernels": (good, {"VLLM_LAYERSHARE_KERNELS": "cuda"},
+                    "VLLM_LAYERSHARE_KERNELS='cuda': expected one of native, triton"),
+        "launch_shapes": (good, {"VLLM_LAYERSHARE_KERNELS": "triton", "TRITON_INTERPRET": "1",
+                                 "VLLM_LAYERSHARE_TRITON_CONFIG": '{"decode_warps": 3}'},
+                          "VLLM_LAYERSHARE_TRITON_CONFIG: TritonConfig.decode_warps must be a "
+                          "power of two <= 32, not 3"),
+    }[case]
     vllm = Path(sys.executable).parent / "vllm"
     proc = subprocess.run(
         [str(vllm), "serve", str(tiny_model), "--attention-backend", "layershare",
          "--max-model-len", "256", "--additional-config",
-         json.dumps({"layershare": {"config": str(bad)}})],
+         json.dumps({"layershare": {"config": str(grouping)}})],
         capture_output=True, text=True, timeout=180,
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **env},
     )
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 1
-    assert "Traceback" not in output
-    assert f"layershare config {bad}: key 'share' must be one of scores, keys" in output
+    assert proc.returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert message in output, output[-3000:]

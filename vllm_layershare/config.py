@@ -41,7 +41,7 @@ DEFAULT_SUMMARY_TOKENS = 32
 
 
 class LayershareConfigError(ValueError):
-    """A grouping file (or the way it was given) cannot be used."""
+    """A grouping file (or the way it was given), or a layershare setting, cannot be used."""
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ def forced_path() -> str | None:
     """KERNELS_ENV's path, checked; None when it is not set."""
     forced = os.environ.get(KERNELS_ENV) or None
     if forced is not None and forced not in PATHS:
-        raise ValueError(f"{KERNELS_ENV}={forced!r}: expected one of {', '.join(PATHS)}.")
+        raise LayershareConfigError(f"{KERNELS_ENV}={forced!r}: expected one of "
+                                    f"{', '.join(PATHS)}.")
     return forced
 
 
@@ -76,7 +77,7 @@ def full_graphs_requested() -> bool:
     """FULL_GRAPHS_ENV, checked."""
     value = os.environ.get(FULL_GRAPHS_ENV, "0")
     if value not in ("0", "1"):
-        raise ValueError(f"{FULL_GRAPHS_ENV}={value!r}: expected 0 or 1.")
+        raise LayershareConfigError(f"{FULL_GRAPHS_ENV}={value!r}: expected 0 or 1.")
     return value == "1"
 
 
@@ -186,7 +187,10 @@ def _check_launch_shapes(vllm_config: VllmConfig) -> None:
         return
     from vllm_layershare.attention import tuning
 
-    tuning.from_setting(setting, TRITON_CONFIG_ENV)
+    try:
+        tuning.from_setting(setting, TRITON_CONFIG_ENV)
+    except ValueError as error:  # `vllm serve` prints a LayershareConfigError as one line
+        raise LayershareConfigError(str(error)) from None
 
 
 def score_fraction(vllm_config: VllmConfig) -> float:
