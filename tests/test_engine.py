@@ -119,15 +119,21 @@ def test_preemption_recompute_gives_same_outputs(tiny_model, tmp_path, monkeypat
 
 def greedy_with_logprobs(model, grouping, prompts, **engine_args):
     """(vLLM's compilation mode, each prompt's 6 greedy tokens with their logprobs)."""
-    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
     llm = make_llm(model, grouping, **{"max_num_batched_tokens": 48, "max_num_seqs": 4,
                                        **engine_args})
     mode = llm.llm_engine.vllm_config.compilation_config.mode
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    got = greedy_of(llm, prompts)
     close_llm(llm)
-    return mode, [[(t, d[t].logprob) for t, d in zip(o.outputs[0].token_ids,
-                                                     o.outputs[0].logprobs, strict=True)]
-                  for o in outs]
+    return mode, got
+
+
+def greedy_of(llm, prompts):
+    """Each prompt's 6 greedy tokens with their logprobs, from an engine."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    return [[(t, d[t].logprob) for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs,
+                                                strict=True)]
+            for o in outs]
 
 
 def assert_same_greedy(got, expected, tolerance: float = 1e-3) -> None:
@@ -218,6 +224,43 @@ def test_gpu_path_inside_vllm_equals_cpu_kernel(tiny_model, tmp_path, monkeypatc
     assert summary_writes == {(True, True), (False, False)}, summary_writes
     assert leader_queries == {(True, True, False), (True, False, False), (False, True, True),
                               (False, False, True)}, leader_queries
+    assert_same_greedy(got, expected)
+
+
+def test_triton_kernels_run_before_the_first_request(tiny_model, tmp_path, monkeypatch):
+    """vLLM runs a dummy batch through attention before serving for FlashInfer alone; the
+    plugin wraps that step (gpu_worker.kernel_warmup, which CPU workers lack: called
+    here) to run the Triton kernels in a mixed and a decode-only dummy batch, so that
+    they compile at start-up: every layer, leaders and followers, both kinds of step.
+    The dummy batches leave the caches as they were: the tokens and logprobs afterwards
+    are the CPU kernel's."""
+    from vllm.v1.worker import gpu_worker
+
+    from vllm_layershare.attention import triton_paged
+
+    grouping = write_grouping(tmp_path / "g.yaml")  # share scores, estimated mass
+    prompts = random_prompts(2, 60, seed=9)
+    _, expected = greedy_with_logprobs(tiny_model, grouping, prompts)  # the CPU kernel
+    assert getattr(gpu_worker.kernel_warmup, "_layershare_patched", False)  # plugin loaded
+    calls = []
+    real = triton_paged.triton_pod_attention
+
+    def spying(inputs, *args, **kwargs):
+        queries = set(args[0].diff().tolist())
+        step = "decode" if queries == {1} else "mixed" if 1 in queries else "prefill"
+        calls.append((step, "follower" if inputs.k_distant is not None else "leader"))
+        return real(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(triton_paged, "triton_pod_attention", spying)
+    monkeypatch.setenv("VLLM_LAYERSHARE_KERNELS", "triton")
+    llm = make_llm(tiny_model, grouping, max_num_batched_tokens=48, max_num_seqs=4)
+    assert not calls  # vLLM's own start-up ran no attention
+    llm.collective_rpc(integration.warm_up_triton_kernels)
+    assert sorted(calls) == sorted(
+        [(step, role) for step in ("mixed", "decode")
+         for role in ["leader"] * 2 + ["follower"] * 4]), calls  # 2 groups of 3 layers
+    got = greedy_of(llm, prompts)
+    close_llm(llm)
     assert_same_greedy(got, expected)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from typing import Any
 
 from vllm.logger import init_logger
@@ -153,3 +154,43 @@ def register() -> None:
     _patch_config_check()
     _patch_kv_cache_specs()
     _patch_kv_cache_grouping()
+    _patch_kernel_warmup()
+
+
+def _patch_kernel_warmup() -> None:
+    # gpu_worker.kernel_warmup runs a batch through attention before CUDA-graph capture
+    # for FlashInfer alone (it checks the backend's name), so without this the Triton
+    # kernels would compile at the first request, tens of seconds on a fresh machine.
+    from vllm.v1.worker import gpu_worker
+
+    def make(original):
+        def kernel_warmup(worker, *args, **kwargs):
+            original(worker, *args, **kwargs)
+            if selected(worker.vllm_config):
+                warm_up_triton_kernels(worker)
+        return kernel_warmup
+
+    _wrap(gpu_worker, "kernel_warmup", make)
+
+
+def warm_up_triton_kernels(worker: Any) -> None:
+    """Compile the backend's Triton kernels at start-up (nothing on other paths): a
+    dummy batch of prefill chunks and decode rows, then one of decode rows alone, whose
+    followers take other kernels (the leader's shared scores only, summaries written in
+    the decode merge). Dummy batches write no cache slot (vLLM's slot mapping is -1)."""
+    from vllm.config import CUDAGraphMode
+
+    from vllm_layershare.settings import runs_triton
+
+    runner = worker.model_runner
+    if runner.is_pooling_model or not runs_triton(worker.vllm_config):
+        return
+    scheduler = worker.vllm_config.scheduler_config
+    tokens = min(16, scheduler.max_num_batched_tokens, worker.model_config.max_model_len)
+    start = time.perf_counter()
+    for batch in (dict(num_tokens=tokens, create_mixed_batch=True),
+                  dict(num_tokens=min(tokens, scheduler.max_num_seqs), uniform_decode=True)):
+        runner._dummy_run(**batch, cudagraph_runtime_mode=CUDAGraphMode.NONE,
+                          force_attention=True, is_profile=True, skip_eplb=True)
+    logger.info("layershare: Triton kernels compiled and run in %.1f s (a mixed and a "
+                "decode batch)", time.perf_counter() - start)
