@@ -11,7 +11,8 @@ key per 64 tokens: the default mode), of PyTorch's scaled_dot_product_attention 
 the same data laid out densely (a sanity line), the bytes each kernel must read over
 its time against the device's measured copy bandwidth, and follower / full. Kernel
 times are GPU time alone (each call replayed from a CUDA graph); the last column times
-the calls eagerly, the host's launch work included. In decode
+the calls eagerly, the host's launch work included. A last table checks the issue's
+targets on the rows (follower / full, share of the copy bandwidth). In decode
 it also times the CUDA kernel of csrc/ (built here with nvcc, when there is one) as a
 leader and as a follower that reads the leader's shared scores, as the Triton one does.
 
@@ -215,7 +216,8 @@ def cuda_library(device: torch.device, defines: list[str]):
                                               defines=defines))
 
 
-def bytes_read(batch: int, context: int, queries: int, role: str, recent: int) -> int:
+def bytes_read(batch: int, context: int, queries: int, role: str, recent: int,
+               tile: int = DEFAULT_CONFIG.decode_block_n) -> int:
     """Bytes a kernel must read once: K and V of every token (bf16); a decoding
     follower reads V, its own window's keys, and the leader's shared scores (a bf16 term
     per query head and token, a float per query head and key tile) instead of the
@@ -226,8 +228,56 @@ def bytes_read(batch: int, context: int, queries: int, role: str, recent: int) -
     near = min(context, SINK + recent)
     mean_keys = context // SUMMARY * KV_HEADS * DIM * 2 if role == "estimated" else 0
     distant = context - near
-    shared = distant * HEADS * 2 + -(-distant // DEFAULT_CONFIG.decode_block_n) * HEADS * 4
+    shared = distant * HEADS * 2 + -(-distant // tile) * HEADS * 4
     return batch * (full // 2 + near * KV_HEADS * DIM * 2 + shared + mean_keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One of the issue's speed targets: `measure` of the rows of `case` at contexts in
+    [min_context, max_context] and batches >= min_batch, at most (or at least) `limit`."""
+
+    name: str
+    case: str
+    measure: str
+    limit: float
+    at_most: bool
+    min_context: int = 0
+    max_context: int = 1 << 30
+    min_batch: int = 1
+
+
+AT_32K = dict(min_context=32768, max_context=32768, min_batch=16)
+TARGETS = [
+    Target("follower decode <= 0.6x full, 32K, batch >= 16", "decode", "follower/full", 0.6,
+           True, **AT_32K),
+    Target("follower decode with the estimated mass <= 0.6x full, 32K, batch >= 16",
+           "decode", "estimated/full", 0.6, True, **AT_32K),
+    Target("full decode >= 70% of copy bandwidth, 32K, batch >= 16", "decode", "full % copy",
+           70, False, **AT_32K),
+    Target("follower decode >= 70% of copy bandwidth, 32K, batch >= 16", "decode",
+           "follower % copy", 70, False, **AT_32K),
+    Target("follower prefill <= 1.3x full", "prefill", "follower/full", 1.3, True),
+    Target("follower prefill with the estimated mass <= 1.3x full", "prefill",
+           "estimated/full", 1.3, True),
+]
+
+
+def target_table(rows: list[dict]) -> list[str]:
+    """A markdown table of TARGETS against the measured rows (case, context, batch and
+    each measure): the worst row of each, and whether it meets the target."""
+    lines = ["| target | rows | worst | met |", "|---|---|---|---|"]
+    for t in TARGETS:
+        values = [r[t.measure] for r in rows if r["case"] == t.case and r["batch"] >= t.min_batch
+                  and t.min_context <= r["context"] <= t.max_context]
+        if not values:
+            lines.append(f"| {t.name} | 0 | - | not in this run |")
+            continue
+        worst = max(values) if t.at_most else min(values)
+        met = worst <= t.limit if t.at_most else worst >= t.limit
+        shown = f"{worst:.2f}x" if "/" in t.measure else f"{worst:.0f}%"
+        lines.append(f"| {t.name} | {len(values)} | {shown} | {'yes' if met else 'no'} |")
+    return lines
 
 
 def sdpa_ms(batch, context, queries, device, dtype, repeats) -> float:
@@ -492,6 +542,7 @@ def main() -> None:
                   f"{tuning.tuned_file_name(name)}")
         return
     lib = None if args.no_cuda else cuda_library(device, args.cuda_define)
+    measured: list[dict] = []
     print("\n| case | context | batch | full ms | full+share ms | follower ms | follower/full "
           "| SDPA ms | full GB/s (% copy) | follower GB/s (% copy) | CUDA full ms "
           "| CUDA follower ms | follower, estimated mass: ms (/ full) | its GB/s (% copy) "
@@ -522,14 +573,21 @@ def main() -> None:
         del leader, values, scores, summary, inputs
         sdpa = sdpa_ms(batch, context, queries, device, dtype, repeats)
         rates = []
+        measured.append({"case": case, "context": context, "batch": batch,
+                         "follower/full": ms["follower"] / ms["full"],
+                         "estimated/full": ms["estimated"] / ms["full"]})
         for role in ("full", "follower", "estimated"):
-            gbs = bytes_read(batch, context, queries, role, recent) / ms[role] / 1e6
+            gbs = (bytes_read(batch, context, queries, role, recent, config.decode_block_n)
+                   / ms[role] / 1e6)
             rates.append(f"{gbs:.0f} ({100 * gbs / bandwidth:.0f}%)")
+            measured[-1][f"{role} % copy"] = 100 * gbs / bandwidth
         print(f"| {case} | {context} | {batch} | {ms['full']:.3f} | {ms['writing']:.3f} | "
               f"{ms['follower']:.3f} | {ms['follower'] / ms['full']:.2f}x | {sdpa:.3f} | "
               f"{rates[0]} | {rates[1]} | {cuda[0]} | {cuda[1]} | {ms['estimated']:.3f} "
               f"({ms['estimated'] / ms['full']:.2f}x) | {rates[2]} | "
               + ", ".join(f"{t:.3f}" for t in eager) + " |", flush=True)
+    print("\nThe issue's targets on these rows (the worst row counts)\n")
+    print("\n".join(target_table(measured)))
 
 
 if __name__ == "__main__":

@@ -33,11 +33,42 @@ def ratio(cell: str) -> float:
 
 
 def test_kernel_benchmark_smoke_runs():
-    rows = smoke_rows(starts=("| decode", "| prefill"))
-    assert len(rows) == 2, rows
-    for row in rows:
+    rows = smoke_rows(starts=("| decode", "| prefill", "| follower", "| full"))
+    measured, targets = rows[:2], {row[0]: row[1:] for row in rows[2:]}
+    assert [row[0] for row in measured] == ["decode", "prefill"], rows
+    for row in measured:
         assert ratio(row[6]) > 0, row  # follower / full
         assert ratio(row[12].split("(")[1].rstrip(")")) > 0, row  # estimated mass / full
+    # the issue's targets: the smoke shapes have no 32K rows, one prefill row
+    assert len(targets) == 6, targets
+    assert targets["follower decode <= 0.6x full, 32K, batch >= 16"] == [
+        "0", "-", "not in this run"], targets
+    worst = targets["follower prefill <= 1.3x full"]
+    assert worst == ["1", measured[1][6], "yes" if ratio(worst[1]) <= 1.3 else "no"], targets
+
+
+def test_targets_take_the_worst_of_their_rows():
+    """The issue's targets are read off the benchmark's rows: a target holds if its
+    worst row does; rows outside its contexts and batches do not count."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import kernels
+
+    def row(case, context, batch, follower, copy=80.0):
+        return {"case": case, "context": context, "batch": batch, "follower/full": follower,
+                "estimated/full": follower + 0.05, "full % copy": copy,
+                "follower % copy": copy - 10}
+
+    rows = [row("decode", 32768, 16, 0.58), row("decode", 32768, 64, 0.55, copy=78),
+            row("decode", 32768, 1, 0.9, copy=20), row("decode", 4096, 16, 0.8),
+            row("prefill", 4096, 1, 1.25), row("prefill", 32768, 1, 1.1)]
+    table = {line.split(" | ")[0][2:]: line.split(" | ")[1:]
+             for line in kernels.target_table(rows)[2:]}
+    assert table["follower decode <= 0.6x full, 32K, batch >= 16"] == ["2", "0.58x", "yes |"]
+    assert table["full decode >= 70% of copy bandwidth, 32K, batch >= 16"] == [
+        "2", "78%", "yes |"]
+    assert table["follower decode >= 70% of copy bandwidth, 32K, batch >= 16"] == [
+        "2", "68%", "no |"]
+    assert table["follower prefill <= 1.3x full"] == ["2", "1.25x", "yes |"]
 
 
 def test_step_benchmark_smoke_runs():
