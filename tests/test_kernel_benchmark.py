@@ -39,6 +39,9 @@ def test_kernel_benchmark_smoke_runs():
     for row in measured:
         assert ratio(row[6]) > 0, row  # follower / full
         assert ratio(row[12].split("(")[1].rstrip(")")) > 0, row  # estimated mass / full
+    # the estimated mass with every request completing a mean key: decode rows only
+    assert ratio(measured[0][14].split("(")[1].rstrip(")")) > 0, measured
+    assert measured[1][14] == "-", measured
     # the issue's targets: the smoke shapes have no 32K rows, one prefill row
     assert len(targets) == 6, targets
     assert targets["follower decode <= 0.6x full, 32K, batch >= 16"] == [
@@ -71,10 +74,26 @@ def test_targets_take_the_worst_of_their_rows():
     assert table["follower prefill <= 1.3x full"] == ["2", "1.25x", "yes |"]
 
 
+def test_decode_requests_sit_at_different_points_of_their_mean_key_blocks():
+    """A real decode step has few requests completing a mean-key block (a follower with
+    the estimated mass then writes one): the benchmark's decode batch has one in SUMMARY,
+    its worst case (aligned_lens) all, and prefill the context as asked."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import kernels
+
+    cpu, batch, context = torch.device("cpu"), 70, 2 * kernels.SUMMARY
+    lens = kernels.paged_layer(batch, context, 1, cpu, torch.float32)[-1]
+    assert lens.max() == context and lens.min() == context - kernels.SUMMARY + 1, lens
+    completing = (lens % kernels.SUMMARY == 0).nonzero().flatten().tolist()
+    assert completing == [0, kernels.SUMMARY], lens
+    assert (kernels.aligned_lens(batch, context, cpu) % kernels.SUMMARY == 0).all()
+    assert kernels.paged_layer(1, context, 8, cpu, torch.float32)[-1].tolist() == [context]
+
+
 def test_step_benchmark_smoke_runs():
     """--steps: a group's whole decode step against as many full layers (the CUDA-graph
     columns need a GPU)."""
-    rows = smoke_rows("--steps", starts=("| 200 |",))
+    rows = smoke_rows("--steps", starts=("| 192 |",))
     assert len(rows) == 1, rows
     assert ratio(rows[0][4]) > 0, rows  # group / full, eager
     assert (rows[0][5] == "-") == (not torch.cuda.is_available()), rows
@@ -101,7 +120,7 @@ def test_sweep_writes_the_fastest_shapes_that_the_benchmark_takes(tmp_path):
     config = tuning.from_setting(str(swept))
     assert {field: getattr(config, field) for field in best} == best, (config, best)
     assert len(smoke_rows("--config", str(swept), starts=("| decode",))) == 1
-    steps = smoke_rows("--steps", "--config", str(swept), starts=("| 200 |",))
+    steps = smoke_rows("--steps", "--config", str(swept), starts=("| 192 |",))
     assert len(steps) == 1 and ratio(steps[0][4]) > 0, steps
 
 
