@@ -27,10 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels as bench  # noqa: E402
 
-from vllm_layershare.attention import triton_paged  # noqa: E402
+from vllm_layershare.attention import triton_decode, triton_paged  # noqa: E402
 
 CONTEXT = 4096
-KERNELS = ("_prefill_kernel", "_decode_split_kernel", "_decode_merge_kernel")
+# Each kernel, in the module whose host code launches it.
+KERNELS = {"_prefill_kernel": triton_paged, "_decode_split_kernel": triton_decode,
+           "_decode_merge_kernel": triton_decode}
 
 
 class NoLaunch:
@@ -75,8 +77,8 @@ def main() -> None:
     config = bench.config_from(args.config, torch.device("cuda" if gpu else "cpu"))
     stub = args.stub or not gpu
     if stub:
-        for name in KERNELS:
-            setattr(triton_paged, name, NoLaunch())
+        for name, module in KERNELS.items():
+            setattr(module, name, NoLaunch())
     device = torch.device("cuda" if gpu else "cpu")
     what = "the backend's Python, launches stubbed" if stub else "whole calls"
     print(f"{torch.cuda.get_device_name() if gpu else 'CPU'}; host us per decode call "

@@ -276,11 +276,11 @@ def test_decode_split_lengths_fill_the_gpu_and_no_more(monkeypatch):
     per (request, KV head). A static bound instead of the longest context (a CUDA
     graph's grid) changes no request's number of chunks by more than rounding, and no
     request ever needs more chunks than the grid has."""
-    from vllm_layershare.attention import triton_paged
+    from vllm_layershare.attention import triton_decode
     from vllm_layershare.attention.triton_paged import TritonConfig, chunk_len, decode_splits
 
     sms, kv_heads = 132, 8
-    monkeypatch.setattr(triton_paged, "_multiprocessors", lambda device: sms)
+    monkeypatch.setattr(triton_decode, "_multiprocessors", lambda device: sms)
     gpu = torch.device("cuda")
     config = TritonConfig(programs_per_sm=2, min_split_len=256, decode_block_n=32)
     target = 2 * sms
@@ -364,7 +364,7 @@ def test_triton_decode_chunks_cut_to_whole_waves(monkeypatch, whole_waves):
     outputs still equal the dense reference; without it, decode_splits' count. On a GPU
     the launches also note their compiled kernel's residency (the interpreter has no
     compiled kernel)."""
-    from vllm_layershare.attention import triton_paged
+    from vllm_layershare.attention import triton_decode
     from vllm_layershare.attention.waves import whole_wave_splits
 
     class GridSpy:  # records each launch's grid
@@ -375,11 +375,11 @@ def test_triton_decode_chunks_cut_to_whole_waves(monkeypatch, whole_waves):
             self.grids.append(grid)
             return self.kernel[grid]
 
-    spy = GridSpy(triton_paged._decode_split_kernel)
-    monkeypatch.setattr(triton_paged, "_decode_split_kernel", spy)
-    monkeypatch.setattr(triton_paged, "_multiprocessors", lambda device: 11)
-    monkeypatch.setattr(triton_paged, "_resident_programs", lambda variant: 1)
-    monkeypatch.setattr(triton_paged, "_RESIDENT", {})
+    spy = GridSpy(triton_decode._decode_split_kernel)
+    monkeypatch.setattr(triton_decode, "_decode_split_kernel", spy)
+    monkeypatch.setattr(triton_decode, "_multiprocessors", lambda device: 11)
+    monkeypatch.setattr(triton_decode, "_resident_programs", lambda variant: 1)
+    monkeypatch.setattr(triton_decode, "_RESIDENT", {})
     gen = torch.Generator().manual_seed(6)
     lengths = [37, 20, 51]
     seqs = [random_sequence(n, gen) for n in lengths]
@@ -387,15 +387,15 @@ def test_triton_decode_chunks_cut_to_whole_waves(monkeypatch, whole_waves):
     impl = triton_impl(bound=200, whole_waves=whole_waves, **config)
     outs = run_paged(impl, seqs, [FEEDS["prefill_then_decode"](n) for n in lengths], 4, gen,
                      sink=3, recent=9, share="keys")
-    plain = triton_paged.TritonConfig(decode_block_n=16, **config)
+    plain = triton_decode.TritonConfig(decode_block_n=16, **config)
     cut = 0
     for reqs, _, chunks in spy.grids:
-        splits = triton_paged.decode_splits(reqs, KV_HEADS, 200, torch.device("cpu"), plain)
+        splits = triton_decode.decode_splits(reqs, KV_HEADS, 200, torch.device("cpu"), plain)
         expected = whole_wave_splits(splits, reqs * KV_HEADS, 11) if whole_waves else splits
         assert chunks == expected, (reqs, chunks, splits)
         cut += chunks < splits
     assert (cut > 0) == whole_waves and (5 in {g[2] for g in spy.grids}) == whole_waves
-    noted = triton_paged._RESIDENT.values()
+    noted = triton_decode._RESIDENT.values()
     assert bool(noted) == (whole_waves and torch.cuda.is_available()), noted
     assert all(1 <= programs <= 32 for programs in noted), noted
     for seq, out in zip(seqs, outs, strict=True):
@@ -423,9 +423,9 @@ def test_triton_fused_merge_equals_the_dense_reference(monkeypatch, case):
     programs that reach its context (requests of different lengths: different counts;
     the mass's program counts too). One workspace serves every step, as in a CUDA
     graph: a count not set back to 0 would leave a later step's rows unmerged (0)."""
-    from vllm_layershare.attention import triton_paged
+    from vllm_layershare.attention import triton_decode
 
-    monkeypatch.setattr(triton_paged, "_decode_merge_kernel", NoMergeKernel())
+    monkeypatch.setattr(triton_decode, "_decode_merge_kernel", NoMergeKernel())
     gen = torch.Generator().manual_seed(17)
     lengths = [37, 20, 51]
     seqs = [random_sequence(n, gen) for n in lengths]
@@ -1157,13 +1157,13 @@ def test_host_integer_helpers_match_tritons():
     functions, microseconds a call on the host) and must agree with them."""
     import triton
 
-    from vllm_layershare.attention import triton_paged
+    from vllm_layershare.attention import triton_paging
 
     for a in range(300):
         for b in (1, 2, 3, 7, 16, 256):
-            assert triton_paged._cdiv(a, b) == triton.cdiv(a, b), (a, b)
+            assert triton_paging._cdiv(a, b) == triton.cdiv(a, b), (a, b)
     for n in range(1, 1100):
-        assert triton_paged._pow2(n) == triton.next_power_of_2(n), n
+        assert triton_paging._pow2(n) == triton.next_power_of_2(n), n
 
 
 def test_triton_steps_without_decode_rows_launch_no_decode_kernels(monkeypatch):

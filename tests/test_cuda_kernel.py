@@ -194,7 +194,7 @@ class Shared:
 
 def share_scores(seqs: list[dict], case: Case, scale: float, gen: torch.Generator) -> Shared:
     """What the leader's decode pass leaves its followers for each request's last query
-    (SharedScores, triton_paged._share_tile): per tile of `tile` positions, the softmax
+    (SharedScores, triton_shared._share_tile): per tile of `tile` positions, the softmax
     e^(scale s_n - t) of its distant positions in the cache dtype and their log-sum-exp t
     as float32, in shuffled pages. Every other float is NaN, as is the page that table
     entries past a request's pages point at."""

@@ -9,7 +9,7 @@ import pytest
 
 from vllm_layershare import settings
 from vllm_layershare.attention import tuning
-from vllm_layershare.attention.triton_paged import DEFAULT_CONFIG, TritonConfig
+from vllm_layershare.attention.triton_config import DEFAULT_CONFIG, TritonConfig
 
 
 @pytest.mark.parametrize("text, message", [

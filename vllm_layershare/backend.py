@@ -50,7 +50,7 @@ from vllm_layershare.settings import (
 )
 
 if TYPE_CHECKING:
-    from vllm_layershare.attention.triton_paged import TritonConfig
+    from vllm_layershare.attention.triton_config import TritonConfig
 
 logger = init_logger("vllm." + __name__)  # under vLLM's log handlers
 

@@ -115,7 +115,7 @@ def scores_struct(shared: SharedScores, table: torch.Tensor, group: int, dtype: 
                   tile: int) -> SharedScoresC:
     """The C view of a leader's shared scores as the Triton leader wrote them with key
     tiles of `tile` positions (its decode_block_n): terms in the values' `dtype`, each
-    tile's log-sum-exp after them (triton_paged._shared_args); `table` is its block
+    tile's log-sum-exp after them (triton_shared._shared_args); `table` is its block
     table as int32 (kept alive by the caller)."""
     cells = shared.cache
     lse_first = -(-group * shared.block_size * dtype.itemsize // 4)

@@ -72,7 +72,7 @@ class SharedScores:
     their log-sum-exp, and t. A paged cache of float32 cells [pages, Hkv, cell_floats]:
     for query head kv * group + g, the term of position n sits in page block_table[row,
     n // block_size], cell kv, at g * block_size + n % block_size in the values' dtype,
-    and the tiles' t after the terms (triton_paged._shared_at). Normally vLLM's planned
+    and the tiles' t after the terms (triton_shared._shared_at). Normally vLLM's planned
     scores companion (layout.py), else a buffer over the leader's own pages."""
 
     cache: torch.Tensor

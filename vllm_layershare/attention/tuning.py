@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_layershare.attention.triton_paged import DEFAULT_CONFIG, TritonConfig
+from vllm_layershare.attention.triton_config import DEFAULT_CONFIG, TritonConfig
 
 ENV = "VLLM_LAYERSHARE_TRITON_CONFIG"  # settings.TRITON_CONFIG_ENV (no vLLM imported here)
 TUNED_DIR = Path(__file__).with_name("tuned")
